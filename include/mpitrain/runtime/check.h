@@ -1,0 +1,29 @@
+#pragma once
+// Check macros for calls into MPI (and, in cuda_check.h, CUDA and NCCL). A failed call is not
+// an exception that a caller might swallow while peers wait: it reports what failed, the
+// library's own message, file:line, rank and host, and ends the job through fatal().
+
+#include <mpi.h>
+
+namespace mpitrain::runtime::detail {
+[[noreturn]] void mpi_failed(int code, const char* expr, const char* file, int line);
+[[noreturn]] void library_failed(const char* library, const char* message, const char* expr,
+                                 const char* file, int line);
+}  // namespace mpitrain::runtime::detail
+
+#define MPITRAIN_CHECK_MPI(call)                                                  \
+  do {                                                                            \
+    const int mpitrain_rc_ = (call);                                              \
+    if (mpitrain_rc_ != MPI_SUCCESS)                                              \
+      ::mpitrain::runtime::detail::mpi_failed(mpitrain_rc_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+#include <chrono>
+#include <string>
+
+namespace mpitrain::runtime {
+/// Polls a non-blocking MPI request until it completes; past the timeout the job ends with
+/// ExitCode::comm_timeout and a message naming `what`. For set-up collectives that must not
+/// hang when a peer never arrives.
+void wait_or_die(MPI_Request* request, std::chrono::milliseconds timeout, const std::string& what);
+}  // namespace mpitrain::runtime

@@ -1,0 +1,293 @@
+#include "mpitrain/comm/nccl_communicator.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <list>
+#include <mutex>
+#include <thread>
+
+#include "mpitrain/runtime/cuda_check.h"
+#include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/fatal.h"
+#include "mpitrain/runtime/world.h"
+
+namespace mpitrain::comm {
+namespace {
+
+ncclDataType_t nccl_type(c10::ScalarType type) {
+  switch (type) {
+    case c10::kFloat: return ncclFloat32;
+    case c10::kDouble: return ncclFloat64;
+    case c10::kBFloat16: return ncclBfloat16;
+    case c10::kHalf: return ncclFloat16;
+    case c10::kInt: return ncclInt32;
+    case c10::kLong: return ncclInt64;
+    case c10::kByte: return ncclUint8;
+    default: break;
+  }
+  throw runtime::Error(std::string("no NCCL type for ") + c10::toString(type));
+}
+
+ncclRedOp_t nccl_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::sum: return ncclSum;
+    case ReduceOp::avg: return ncclAvg;
+    case ReduceOp::max: return ncclMax;
+    case ReduceOp::min: return ncclMin;
+  }
+  return ncclSum;
+}
+
+// One launched operation, as the watchdog and the caller see it.
+struct InFlight {
+  std::string what;
+  at::cuda::CUDAEvent done;
+  std::chrono::steady_clock::time_point launched = std::chrono::steady_clock::now();
+};
+
+class NcclWork final : public Work {
+ public:
+  NcclWork(std::shared_ptr<InFlight> op, c10::DeviceIndex device, bool host_blocking,
+           std::chrono::milliseconds timeout)
+      : op_(std::move(op)), device_(device), host_blocking_(host_blocking), timeout_(timeout) {}
+
+  bool is_completed() override { return op_->done.query(); }
+
+  void wait() override {
+    if (!host_blocking_) {
+      op_->done.block(at::cuda::getCurrentCUDAStream(device_));
+      return;
+    }
+    // Poll, never cudaEventSynchronize: the watchdog must stay able to abort us.
+    while (!op_->done.query()) {
+      if (std::chrono::steady_clock::now() - op_->launched > timeout_ + timeout_ / 10)
+        runtime::fatal("NCCL " + op_->what + " did not complete within its timeout on " +
+                           runtime::where(),
+                       runtime::ExitCode::comm_timeout);
+      std::this_thread::yield();
+    }
+  }
+
+ private:
+  std::shared_ptr<InFlight> op_;
+  c10::DeviceIndex device_;
+  bool host_blocking_;
+  std::chrono::milliseconds timeout_;
+};
+
+}  // namespace
+
+class NcclCommunicator::State {
+ public:
+  State(const runtime::World& world, c10::Device device, std::chrono::milliseconds timeout)
+      : device_(device), timeout_(timeout),
+        stream_(at::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index())) {
+    c10::cuda::CUDAGuard guard(device);
+    ncclUniqueId id;
+    if (world.rank() == 0) MPITRAIN_CHECK_NCCL(ncclGetUniqueId(&id));
+    MPI_Request request;
+    MPITRAIN_CHECK_MPI(MPI_Ibcast(&id, sizeof(id), MPI_BYTE, 0, world.comm(), &request));
+    runtime::wait_or_die(&request, timeout, "the NCCL unique id broadcast");
+    // Every rank holds the id before anyone initialises (avoids a deferred-broadcast hang).
+    MPITRAIN_CHECK_MPI(MPI_Ibarrier(world.comm(), &request));
+    runtime::wait_or_die(&request, timeout, "the barrier before NCCL initialisation");
+
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    MPITRAIN_CHECK_NCCL(ncclCommInitRankConfig(&comm_, world.size(), id, world.rank(), &config));
+    wait_ready("ncclCommInitRankConfig");
+
+    abort_handle_ = runtime::add_abort_action([this] { abort(); });
+    watchdog_ = std::thread([this] { watch(); });
+  }
+
+  ~State() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    watchdog_.join();
+    runtime::remove_abort_action(abort_handle_);
+    if (aborted_.load()) return;
+    c10::cuda::CUDAGuard guard(device_);
+    // Finalize flushes outstanding work; both calls are non-blocking here, so poll.
+    MPITRAIN_CHECK_NCCL(ncclCommFinalize(comm_));
+    wait_ready("ncclCommFinalize");
+    ncclCommDestroy(comm_);
+  }
+
+  void abort() noexcept {
+    if (aborted_.exchange(true)) return;
+    ncclCommAbort(comm_);
+  }
+
+  // Launches one NCCL call on the communicator's stream, ordered after the caller's stream.
+  template <typename Launch>
+  WorkPtr launch(std::string what, std::initializer_list<at::Tensor> tensors, bool host_blocking,
+                 Launch&& call) {
+    if (aborted_.load())
+      throw runtime::Error("NCCL communicator on " + runtime::where() + " was aborted");
+    c10::cuda::CUDAGuard guard(device_);
+    auto op = std::make_shared<InFlight>();
+    op->what = std::move(what);
+    std::lock_guard<std::mutex> lock(launch_mutex_);  // one launch order per communicator
+    at::cuda::CUDAEvent ready;
+    ready.record(at::cuda::getCurrentCUDAStream(device_.index()));
+    ready.block(stream_);
+    MPITRAIN_CHECK_NCCL(call(stream_.stream()));
+    wait_ready(op->what.c_str());
+    for (const at::Tensor& t : tensors)
+      if (t.numel() > 0)
+        c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream_);
+    op->done.record(stream_);
+    {
+      std::lock_guard<std::mutex> watch_lock(mutex_);
+      in_flight_.push_back(op);
+    }
+    return std::make_shared<NcclWork>(op, device_.index(), host_blocking, timeout_);
+  }
+
+  ncclComm_t comm() const { return comm_; }
+
+ private:
+  // A non-blocking communicator may answer ncclInProgress; the next call must wait until the
+  // previous one is enqueued. Polled with the same deadline as everything else.
+  void wait_ready(const char* what) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    for (;;) {
+      ncclResult_t state = ncclSuccess;
+      MPITRAIN_CHECK_NCCL(ncclCommGetAsyncError(comm_, &state));
+      if (state == ncclSuccess) return;
+      if (state != ncclInProgress) fail(what, state);
+      if (std::chrono::steady_clock::now() > deadline)
+        runtime::fatal(std::string("NCCL ") + what + " did not finish within " +
+                           std::to_string(timeout_.count()) + " ms on " + runtime::where(),
+                       runtime::ExitCode::comm_timeout);
+      std::this_thread::yield();
+    }
+  }
+
+  [[noreturn]] void fail(const std::string& what, ncclResult_t state) {
+    runtime::fatal("NCCL " + what + " failed on " + runtime::where() + " (device " +
+                   device_.str() + "): " + ncclGetErrorString(state) + ": " +
+                   ncclGetLastError(comm_));
+  }
+
+  // The watchdog: retires completed operations, ends the job on a timeout or an async error.
+  void watch() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!stopping_) {
+      cv_.wait_for(lock, std::chrono::milliseconds(10));
+      for (auto it = in_flight_.begin(); it != in_flight_.end();) {
+        if ((*it)->done.query()) {
+          it = in_flight_.erase(it);
+          continue;
+        }
+        if (std::chrono::steady_clock::now() - (*it)->launched > timeout_)
+          runtime::fatal("NCCL " + (*it)->what + " did not complete within " +
+                             std::to_string(timeout_.count()) + " ms on " + runtime::where() +
+                             ": a peer rank is stalled or dead, or the ranks called collectives "
+                             "in different orders",
+                         runtime::ExitCode::comm_timeout);
+        ++it;
+      }
+      ncclResult_t state = ncclSuccess;
+      if (!aborted_.load() && ncclCommGetAsyncError(comm_, &state) == ncclSuccess &&
+          state != ncclSuccess && state != ncclInProgress)
+        fail("asynchronous error", state);
+    }
+  }
+
+  c10::Device device_;
+  std::chrono::milliseconds timeout_;
+  at::cuda::CUDAStream stream_;
+  ncclComm_t comm_ = nullptr;
+  std::atomic<bool> aborted_{false};
+  int abort_handle_ = 0;
+  std::mutex launch_mutex_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  std::list<std::shared_ptr<InFlight>> in_flight_;
+  std::thread watchdog_;
+};
+
+NcclCommunicator::NcclCommunicator(const runtime::World& world, c10::Device device,
+                                   const CommOptions& options)
+    : Communicator(world.comm(), options),
+      device_(device),
+      state_(std::make_unique<State>(world, device, options.timeout)) {}
+
+NcclCommunicator::~NcclCommunicator() = default;
+
+void NcclCommunicator::abort() noexcept { state_->abort(); }
+
+namespace {
+// Device memory for a possibly empty tensor: NCCL accepts any pointer with a zero count.
+void* data(const at::Tensor& tensor) { return tensor.numel() == 0 ? nullptr : tensor.data_ptr(); }
+}  // namespace
+
+WorkPtr NcclCommunicator::do_all_reduce(at::Tensor& tensor, ReduceOp op) {
+  const auto type = nccl_type(tensor.scalar_type());
+  void* buffer = data(tensor);
+  const auto count = static_cast<std::size_t>(tensor.numel());
+  ncclComm_t comm = state_->comm();
+  return state_->launch(describe("all_reduce", tensor, to_string(op)), {tensor}, false,
+                        [&](cudaStream_t stream) {
+                          return ncclAllReduce(buffer, buffer, count, type, nccl_op(op), comm, stream);
+                        });
+}
+
+WorkPtr NcclCommunicator::do_broadcast(at::Tensor& tensor, int root) {
+  const auto type = nccl_type(tensor.scalar_type());
+  void* buffer = data(tensor);
+  const auto count = static_cast<std::size_t>(tensor.numel());
+  ncclComm_t comm = state_->comm();
+  return state_->launch(describe("broadcast", tensor, ("root " + std::to_string(root)).c_str()),
+                        {tensor}, false, [&](cudaStream_t stream) {
+                          return ncclBroadcast(buffer, buffer, count, type, root, comm, stream);
+                        });
+}
+
+WorkPtr NcclCommunicator::do_all_gather(at::Tensor& output, const at::Tensor& input) {
+  const auto type = nccl_type(input.scalar_type());
+  const auto count = static_cast<std::size_t>(input.numel());
+  void* in = data(input);
+  void* out = data(output);
+  ncclComm_t comm = state_->comm();
+  return state_->launch(describe("all_gather", input), {output, input}, false,
+                        [&](cudaStream_t stream) {
+                          return ncclAllGather(in, out, count, type, comm, stream);
+                        });
+}
+
+WorkPtr NcclCommunicator::do_reduce_scatter(at::Tensor& output, const at::Tensor& input,
+                                            ReduceOp op) {
+  const auto type = nccl_type(input.scalar_type());
+  const auto count = static_cast<std::size_t>(output.numel());
+  void* in = data(input);
+  void* out = data(output);
+  ncclComm_t comm = state_->comm();
+  return state_->launch(describe("reduce_scatter", input, to_string(op)), {output, input}, false,
+                        [&](cudaStream_t stream) {
+                          return ncclReduceScatter(in, out, count, type, nccl_op(op), comm, stream);
+                        });
+}
+
+WorkPtr NcclCommunicator::do_barrier() {
+  auto token = at::zeros({1}, at::TensorOptions().device(device_).dtype(at::kFloat));
+  void* buffer = token.data_ptr();
+  ncclComm_t comm = state_->comm();
+  return state_->launch("barrier", {token}, true, [&](cudaStream_t stream) {
+    return ncclAllReduce(buffer, buffer, 1, ncclFloat32, ncclSum, comm, stream);
+  });
+}
+
+}  // namespace mpitrain::comm

@@ -1,0 +1,54 @@
+#include "mpitrain/runtime/signals.h"
+
+#include <atomic>
+#include <cstring>
+
+#include "mpitrain/runtime/check.h"
+#include "mpitrain/runtime/world.h"
+
+namespace mpitrain::runtime {
+namespace {
+
+constexpr int kSignals[3] = {SIGTERM, SIGUSR1, SIGINT};
+
+// Written from a signal handler: a lock-free atomic is async-signal-safe.
+std::atomic<int> g_first_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free);
+
+extern "C" void on_stop_signal(int signo) {
+  int expected = 0;
+  if (!g_first_signal.compare_exchange_strong(expected, signo) && signo == SIGINT) {
+    // A second Ctrl-C: the user means it. Default action, re-raised.
+    std::signal(SIGINT, SIG_DFL);
+    std::raise(SIGINT);
+  }
+}
+
+}  // namespace
+
+StopSignals::StopSignals() {
+  g_first_signal.store(0);
+  struct sigaction action;
+  std::memset(&action, 0, sizeof(action));
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;  // a signal must not make a blocking read fail with EINTR
+  for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &action, &previous_[i]);
+}
+
+StopSignals::~StopSignals() {
+  for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &previous_[i], nullptr);
+}
+
+bool StopSignals::requested() const { return g_first_signal.load() != 0; }
+
+int StopSignals::signal() const { return g_first_signal.load(); }
+
+bool StopSignals::agree(const World& world) const {
+  int local = requested() ? 1 : 0;
+  int any = 0;
+  MPITRAIN_CHECK_MPI(MPI_Allreduce(&local, &any, 1, MPI_INT, MPI_MAX, world.comm()));
+  return any != 0;
+}
+
+}  // namespace mpitrain::runtime

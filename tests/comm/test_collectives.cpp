@@ -1,0 +1,238 @@
+// Every collective x every dtype x sizes 0, 1, odd and >= 64 MiB, with exact expected values:
+// inputs depend on the rank so that the right answer is known in closed form. The device comes
+// from MPITRAIN_TEST_DEVICE (cpu by default; cuda runs the same cases through NCCL).
+#include <catch2/catch.hpp>
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include "mpitrain/comm/communicator.h"
+#include "mpitrain/runtime/device.h"
+#include "mpitrain/runtime/error.h"
+#include "test_world.h"
+
+using namespace mpitrain;
+using mpitrain::testing::world;
+
+namespace {
+
+c10::Device test_device() {
+  const char* kind = std::getenv("MPITRAIN_TEST_DEVICE");
+  return runtime::choose_device(world(), {runtime::parse_device_kind(kind ? kind : "cpu"), false});
+}
+
+comm::Communicator& communicator() {
+  static std::unique_ptr<comm::Communicator> comm = [] {
+    comm::CommOptions options;
+    options.timeout = std::chrono::seconds(120);
+    options.verify_collectives = true;  // a test that desynchronises fails loudly, not by hanging
+    return comm::make_communicator(world(), test_device(), options);
+  }();
+  return *comm;
+}
+
+const std::vector<c10::ScalarType> kTypes = {c10::kFloat, c10::kDouble, c10::kBFloat16, c10::kHalf,
+                                             c10::kInt,   c10::kLong,   c10::kByte};
+
+// Index pattern i % m as a double tensor on the CPU: small integers, exact in every dtype.
+at::Tensor pattern(std::int64_t n, std::int64_t m) {
+  return at::arange(n, at::kLong).remainder(m).to(at::kDouble);
+}
+
+at::Tensor on_device(const at::Tensor& t, c10::ScalarType type) {
+  return t.to(type).to(communicator().device()).contiguous();
+}
+
+void require_equal(const at::Tensor& actual, const at::Tensor& expected_double) {
+  const at::Tensor expected = expected_double.to(actual.scalar_type());
+  const at::Tensor got = actual.cpu();
+  INFO("dtype " << c10::toString(actual.scalar_type()) << ", " << actual.numel() << " elements");
+  REQUIRE(got.sizes() == expected.sizes());
+  REQUIRE(at::equal(got, expected));
+}
+
+std::vector<std::int64_t> sizes_for(c10::ScalarType type) {
+  // >= 64 MiB for every dtype: 64 MiB / element size elements.
+  const std::int64_t large = (std::int64_t{64} << 20) / c10::elementSize(type);
+  return {0, 1, 17, 1001, large};
+}
+
+}  // namespace
+
+TEST_CASE("all_reduce sum/avg/max/min: exact values", "[comm]") {
+  const int n = communicator().size();
+  const int r = communicator().rank();
+  const double rank_sum = n * (n + 1) / 2.0;
+  for (c10::ScalarType type : kTypes) {
+    for (std::int64_t numel : sizes_for(type)) {
+      const at::Tensor p7 = pattern(numel, 7), p5 = pattern(numel, 5), p3 = pattern(numel, 3);
+      at::Tensor x = on_device(p7 + (r + 1), type);
+      communicator().all_reduce(x, comm::ReduceOp::sum);
+      require_equal(x, p7 * n + rank_sum);
+
+      if (at::isFloatingType(type)) {
+        // (n * p7 + rank_sum) / n is exact in every float type for n in {1, 2, 4}.
+        x = on_device(p7 + (r + 1), type);
+        communicator().all_reduce(x, comm::ReduceOp::avg);
+        require_equal(x, (p7 * n + rank_sum) / n);
+      }
+
+      x = on_device(p5 * r + p3, type);
+      communicator().all_reduce(x, comm::ReduceOp::max);
+      require_equal(x, p5 * (n - 1) + p3);
+
+      x = on_device(p5 * r + p3, type);
+      communicator().all_reduce(x, comm::ReduceOp::min);
+      require_equal(x, p3);
+    }
+  }
+}
+
+TEST_CASE("broadcast from every root", "[comm]") {
+  const int n = communicator().size();
+  for (c10::ScalarType type : kTypes) {
+    for (std::int64_t numel : {std::int64_t{0}, std::int64_t{1}, std::int64_t{17},
+                               (std::int64_t{64} << 20) / static_cast<std::int64_t>(c10::elementSize(type))}) {
+      for (int root = 0; root < n; ++root) {
+        const at::Tensor want = pattern(numel, 11) + root;
+        at::Tensor x = communicator().rank() == root ? on_device(want, type)
+                                                      : on_device(pattern(numel, 3) + 50, type);
+        communicator().broadcast(x, root);
+        require_equal(x, want);
+      }
+    }
+  }
+}
+
+TEST_CASE("all_gather puts rank r's input in slice r", "[comm]") {
+  const int n = communicator().size();
+  const int r = communicator().rank();
+  for (c10::ScalarType type : kTypes) {
+    for (std::int64_t numel : sizes_for(type)) {
+      if (numel * n * static_cast<std::int64_t>(c10::elementSize(type)) > (std::int64_t{256} << 20))
+        numel /= n;  // keep the gathered tensor at <= 256 MiB; still >= 64 MiB in all
+      at::Tensor input = on_device(pattern(numel, 13) + 3 * r, type);
+      at::Tensor output = on_device(at::zeros({numel * n}, at::kDouble), type);
+      communicator().all_gather(output, input);
+      std::vector<at::Tensor> slices;
+      for (int q = 0; q < n; ++q) slices.push_back(pattern(numel, 13) + 3 * q);
+      require_equal(output, at::cat(slices));
+    }
+  }
+}
+
+TEST_CASE("reduce_scatter gives rank r the reduced slice r", "[comm]") {
+  const int n = communicator().size();
+  const int r = communicator().rank();
+  const double rank_sum = n * (n + 1) / 2.0;
+  for (c10::ScalarType type : kTypes) {
+    for (std::int64_t numel : sizes_for(type)) {
+      const std::int64_t per_rank = numel / n + (numel == 0 ? 0 : 1);
+      const at::Tensor full = pattern(per_rank * n, 7);
+      const at::Tensor mine = full.slice(0, r * per_rank, (r + 1) * per_rank);
+      at::Tensor input = on_device(full + (r + 1), type);
+      at::Tensor output = on_device(at::zeros({per_rank}, at::kDouble), type);
+      communicator().reduce_scatter(output, input, comm::ReduceOp::sum);
+      require_equal(output, mine * n + rank_sum);
+
+      input = on_device(full * r, type);
+      communicator().reduce_scatter(output, input, comm::ReduceOp::max);
+      require_equal(output, mine * (n - 1));
+
+      if (at::isFloatingType(type)) {
+        input = on_device(full + (r + 1), type);
+        communicator().reduce_scatter(output, input, comm::ReduceOp::avg);
+        require_equal(output, (mine * n + rank_sum) / n);
+      }
+    }
+  }
+}
+
+TEST_CASE("16-bit reductions agree with the float32 result", "[comm]") {
+  // Random values: bf16/fp16 sums round each partial sum, so compare within their precision.
+  const int r = communicator().rank();
+  at::Tensor reference = at::randn({4099}, at::TensorOptions().dtype(at::kFloat)).mul_(r + 1);
+  at::Tensor exact = reference.to(communicator().device());
+  communicator().all_reduce(exact, comm::ReduceOp::sum);
+  for (c10::ScalarType type : {c10::kBFloat16, c10::kHalf}) {
+    at::Tensor low = reference.to(type).to(communicator().device());
+    communicator().all_reduce(low, comm::ReduceOp::sum);
+    const double eps = type == c10::kBFloat16 ? 1.0 / 128 : 1.0 / 1024;
+    const double tolerance = eps * communicator().size() * 8;  // each hop rounds once
+    const at::Tensor error = (low.to(at::kFloat) - exact).abs().cpu();
+    const at::Tensor scale = exact.abs().cpu() + 1.0;
+    INFO(c10::toString(type));
+    CHECK((error / scale).max().item<double>() < tolerance);
+  }
+}
+
+TEST_CASE("several async operations in flight complete in order", "[comm]") {
+  const int n = communicator().size();
+  const int r = communicator().rank();
+  std::vector<at::Tensor> tensors;
+  std::vector<comm::WorkPtr> works;
+  for (int k = 0; k < 8; ++k) {
+    // Big and small mixed, so a later small one could overtake an earlier big one.
+    const std::int64_t numel = k % 2 == 0 ? (1 << 20) : 3;
+    tensors.push_back(on_device(pattern(numel, 7) + (r + 1) * (k + 1), c10::kFloat));
+    works.push_back(communicator().all_reduce_async(tensors.back(), comm::ReduceOp::sum));
+  }
+  works.back()->wait();
+  if (communicator().device().is_cpu()) {
+    // Completion is in order: once the last is done, every earlier one is too.
+    for (auto& work : works) CHECK(work->is_completed());
+  }
+  for (int k = 0; k < 8; ++k) {
+    works[k]->wait();
+    require_equal(tensors[k], pattern(tensors[k].numel(), 7) * n + (k + 1) * n * (n + 1) / 2.0);
+  }
+  communicator().barrier();
+}
+
+TEST_CASE("bad arguments are clear errors, never a silent wrong answer", "[comm]") {
+  auto& comm = communicator();
+  const auto options = at::TensorOptions().device(comm.device());
+  at::Tensor strided = at::ones({4, 4}, options).t();
+  CHECK_THROWS_WITH(comm.all_reduce(strided), Catch::Contains("not contiguous"));
+
+  at::Tensor bools = at::ones({4}, options.dtype(at::kBool));
+  CHECK_THROWS_WITH(comm.all_reduce(bools), Catch::Contains("is not supported"));
+
+  at::Tensor ints = at::ones({4}, options.dtype(at::kInt));
+  CHECK_THROWS_WITH(comm.all_reduce(ints, comm::ReduceOp::avg),
+                    Catch::Contains("floating-point tensors only"));
+
+  at::Tensor input = at::ones({4}, options);
+  at::Tensor wrong = at::ones({4 * comm.size() + 1}, options);
+  CHECK_THROWS_WITH(comm.all_gather(wrong, input), Catch::Contains("world size"));
+  CHECK_THROWS_WITH(comm.reduce_scatter(input, wrong), Catch::Contains("world size"));
+  at::Tensor doubles = at::ones({4 * comm.size()}, options.dtype(at::kDouble));
+  CHECK_THROWS_WITH(comm.all_gather(doubles, input), Catch::Contains("dtype"));
+
+  CHECK_THROWS_WITH(comm.broadcast(input, comm.size()), Catch::Contains("is not a rank"));
+
+  if (comm.device().is_cpu()) {
+    // A CUDA tensor cannot reach the MPI backend; neither can a meta tensor.
+    at::Tensor meta = at::ones({4}, at::TensorOptions().device(c10::kMeta));
+    CHECK_THROWS_WITH(comm.all_reduce(meta), Catch::Contains("move it first"));
+  } else {
+    at::Tensor host = at::ones({4});
+    CHECK_THROWS_WITH(comm.all_reduce(host), Catch::Contains("move it first"));
+  }
+  // Nothing was sent by any of the above: the next collective still matches on every rank.
+  at::Tensor x = at::ones({3}, options);
+  comm.all_reduce(x);
+  require_equal(x, at::full({3}, comm.size(), at::kDouble));
+}
+
+TEST_CASE("backend choice", "[comm]") {
+  CHECK(comm::parse_backend("mpi") == comm::Backend::mpi);
+  CHECK_THROWS_WITH(comm::parse_backend("gloo"), Catch::Contains("expected auto, mpi or nccl"));
+  CHECK_THROWS_WITH(comm::make_communicator(world(), c10::Device(c10::kCUDA, 0), {}, comm::Backend::mpi),
+                    Catch::Contains("MPI backend works on CPU tensors"));
+  CHECK(comm::format_bytes(16 << 10) == "16.0 KiB");
+  CHECK(comm::format_bytes(3) == "3 B");
+}

@@ -1,0 +1,98 @@
+#include <catch2/catch.hpp>
+
+#include <csignal>
+#include <cstdlib>
+
+#include "mpitrain/runtime/device.h"
+#include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/signals.h"
+#include "test_world.h"
+
+using namespace mpitrain::runtime;
+using mpitrain::testing::world;
+
+namespace {
+int env_int(const char* name) {
+  const char* value = std::getenv(name);
+  return value ? std::atoi(value) : -1;
+}
+}  // namespace
+
+TEST_CASE("world matches MPI_COMM_WORLD and the launcher", "[runtime]") {
+  int rank = -1, size = -1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  CHECK(world().rank() == rank);
+  CHECK(world().size() == size);
+  CHECK_FALSE(world().host().empty());
+  CHECK(world().is_root() == (rank == 0));
+
+  int result = MPI_UNEQUAL;
+  MPI_Comm_compare(world().comm(), MPI_COMM_WORLD, &result);
+  CHECK(result == MPI_CONGRUENT);  // same group, a different communicator: traffic never mixes
+
+  // One machine: every rank is on this node, local rank = world rank.
+  CHECK(world().local_size() == size);
+  CHECK(world().local_rank() == rank);
+  if (env_int("OMPI_COMM_WORLD_LOCAL_RANK") >= 0) {
+    CHECK(launcher_local_rank() == env_int("OMPI_COMM_WORLD_LOCAL_RANK"));
+    CHECK(world().local_rank() == env_int("OMPI_COMM_WORLD_LOCAL_RANK"));
+    CHECK(world().local_size() == env_int("OMPI_COMM_WORLD_LOCAL_SIZE"));
+  }
+}
+
+TEST_CASE("stop flag is agreed across ranks at a step boundary", "[runtime]") {
+  StopSignals signals;
+  CHECK_FALSE(signals.requested());
+  CHECK_FALSE(signals.agree(world()));
+
+  // Only the last rank receives the signal; every rank must see the stop.
+  if (world().rank() == world().size() - 1) std::raise(SIGUSR1);
+  CHECK(signals.requested() == (world().rank() == world().size() - 1));
+  CHECK(signals.signal() == (signals.requested() ? SIGUSR1 : 0));
+  CHECK(signals.agree(world()));
+}
+
+TEST_CASE("SIGTERM and SIGINT are stop requests, not deaths", "[runtime]") {
+  for (int signo : {SIGTERM, SIGINT}) {
+    StopSignals signals;
+    std::raise(signo);
+    CHECK(signals.requested());
+    CHECK(signals.signal() == signo);
+  }
+}
+
+TEST_CASE("handlers are restored when StopSignals ends", "[runtime]") {
+  struct sigaction before;
+  sigaction(SIGTERM, nullptr, &before);
+  { StopSignals signals; }
+  struct sigaction after;
+  sigaction(SIGTERM, nullptr, &after);
+  CHECK(after.sa_handler == before.sa_handler);
+}
+
+TEST_CASE("device choice", "[runtime]") {
+  CHECK(choose_device(world(), {DeviceKind::cpu, false}).is_cpu());
+  if (cuda_device_count() == 0) {
+    CHECK(choose_device(world(), {DeviceKind::automatic, false}).is_cpu());
+    CHECK_THROWS_WITH(choose_device(world(), {DeviceKind::cuda, false}),
+                      Catch::Contains("no CUDA device is usable"));
+  } else {
+    const c10::Device device = choose_device(world(), {DeviceKind::automatic, true});
+    CHECK(device.is_cuda());
+    CHECK(device.index() == world().local_rank() % cuda_device_count());
+  }
+  CHECK(parse_device_kind("cuda") == DeviceKind::cuda);
+  CHECK_THROWS_WITH(parse_device_kind("gpu"), Catch::Contains("expected auto, cpu or cuda"));
+}
+
+TEST_CASE("errors carry their exit code", "[runtime]") {
+  const Error error("bad key", ExitCode::bad_input);
+  CHECK(error.code() == ExitCode::bad_input);
+  CHECK(std::string(error.what()) == "bad key");
+  if (world().size() == 1) {
+    // In a world of one, run_guarded reports and returns the code instead of aborting.
+    CHECK(run_guarded(world(), [] () -> int { throw Error("x", ExitCode::bad_input); }) == 2);
+    CHECK(run_guarded(world(), [] { return 0; }) == 0);
+  }
+}
