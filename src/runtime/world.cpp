@@ -17,11 +17,26 @@ int launcher_local_rank() {
   return -1;
 }
 
+namespace {
+
+// Open MPI's non-blocking all-reduce (libnbc) picks an algorithm that runs at about half the
+// bandwidth of the blocking MPI_Allreduce for buffers of a MiB and more; its ring algorithm
+// matches it (docs/benchmarks.md). MCA parameters are read from the environment at
+// MPI_Init, and a value the user set wins.
+void prefer_ring_allreduce() {
+#ifdef OPEN_MPI
+  setenv("OMPI_MCA_coll_libnbc_iallreduce_algorithm", "1", /*overwrite=*/0);
+#endif
+}
+
+}  // namespace
+
 World::World(int* argc, char*** argv) {
   int initialized = 0;
   MPI_Initialized(&initialized);
   int provided = MPI_THREAD_SINGLE;
   if (!initialized) {
+    prefer_ring_allreduce();
     MPITRAIN_CHECK_MPI(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided));
     owns_mpi_ = true;
   } else {

@@ -1,9 +1,9 @@
 // Every collective x every dtype x sizes 0, 1, odd and >= 64 MiB, with exact expected values:
 // inputs depend on the rank so that the right answer is known in closed form. The device comes
 // from MPITRAIN_TEST_DEVICE (cpu by default; cuda runs the same cases through NCCL).
-#include <catch2/catch.hpp>
-
 #include <ATen/ATen.h>
+// After ATen: c10 defines a CHECK macro of its own that Catch must override.
+#include <catch2/catch.hpp>
 
 #include <cstdlib>
 #include <memory>
@@ -37,17 +37,20 @@ comm::Communicator& communicator() {
 const std::vector<c10::ScalarType> kTypes = {c10::kFloat, c10::kDouble, c10::kBFloat16, c10::kHalf,
                                              c10::kInt,   c10::kLong,   c10::kByte};
 
-// Index pattern i % m as a double tensor on the CPU: small integers, exact in every dtype.
-at::Tensor pattern(std::int64_t n, std::int64_t m) {
-  return at::arange(n, at::kLong).remainder(m).to(at::kDouble);
+// Index pattern i % m on the CPU in the given dtype: small integers, exact in every dtype, and
+// all arithmetic the tests do on them (small integer sums and products, halves) stays exact.
+// Built by repeating one period, so a 64 MiB pattern costs a copy, not 64 Mi divisions.
+at::Tensor pattern(std::int64_t n, std::int64_t m, c10::ScalarType type) {
+  const at::Tensor period = at::arange(m, at::TensorOptions().dtype(type));
+  return period.repeat({(n + m - 1) / m}).narrow(0, 0, n).contiguous();
 }
 
 at::Tensor on_device(const at::Tensor& t, c10::ScalarType type) {
-  return t.to(type).to(communicator().device()).contiguous();
+  return t.to(communicator().device(), type).contiguous();
 }
 
-void require_equal(const at::Tensor& actual, const at::Tensor& expected_double) {
-  const at::Tensor expected = expected_double.to(actual.scalar_type());
+void require_equal(const at::Tensor& actual, const at::Tensor& expected_any) {
+  const at::Tensor expected = expected_any.to(actual.scalar_type());
   const at::Tensor got = actual.cpu();
   INFO("dtype " << c10::toString(actual.scalar_type()) << ", " << actual.numel() << " elements");
   REQUIRE(got.sizes() == expected.sizes());
@@ -65,10 +68,10 @@ std::vector<std::int64_t> sizes_for(c10::ScalarType type) {
 TEST_CASE("all_reduce sum/avg/max/min: exact values", "[comm]") {
   const int n = communicator().size();
   const int r = communicator().rank();
-  const double rank_sum = n * (n + 1) / 2.0;
+  const std::int64_t rank_sum = n * (n + 1) / 2;
   for (c10::ScalarType type : kTypes) {
     for (std::int64_t numel : sizes_for(type)) {
-      const at::Tensor p7 = pattern(numel, 7), p5 = pattern(numel, 5), p3 = pattern(numel, 3);
+      const at::Tensor p7 = pattern(numel, 7, type), p5 = pattern(numel, 5, type), p3 = pattern(numel, 3, type);
       at::Tensor x = on_device(p7 + (r + 1), type);
       communicator().all_reduce(x, comm::ReduceOp::sum);
       require_equal(x, p7 * n + rank_sum);
@@ -97,9 +100,9 @@ TEST_CASE("broadcast from every root", "[comm]") {
     for (std::int64_t numel : {std::int64_t{0}, std::int64_t{1}, std::int64_t{17},
                                (std::int64_t{64} << 20) / static_cast<std::int64_t>(c10::elementSize(type))}) {
       for (int root = 0; root < n; ++root) {
-        const at::Tensor want = pattern(numel, 11) + root;
+        const at::Tensor want = pattern(numel, 11, type) + root;
         at::Tensor x = communicator().rank() == root ? on_device(want, type)
-                                                      : on_device(pattern(numel, 3) + 50, type);
+                                                      : on_device(pattern(numel, 3, type) + 50, type);
         communicator().broadcast(x, root);
         require_equal(x, want);
       }
@@ -114,11 +117,11 @@ TEST_CASE("all_gather puts rank r's input in slice r", "[comm]") {
     for (std::int64_t numel : sizes_for(type)) {
       if (numel * n * static_cast<std::int64_t>(c10::elementSize(type)) > (std::int64_t{256} << 20))
         numel /= n;  // keep the gathered tensor at <= 256 MiB; still >= 64 MiB in all
-      at::Tensor input = on_device(pattern(numel, 13) + 3 * r, type);
-      at::Tensor output = on_device(at::zeros({numel * n}, at::kDouble), type);
+      at::Tensor input = on_device(pattern(numel, 13, type) + 3 * r, type);
+      at::Tensor output = on_device(at::zeros({numel * n}, type), type);
       communicator().all_gather(output, input);
       std::vector<at::Tensor> slices;
-      for (int q = 0; q < n; ++q) slices.push_back(pattern(numel, 13) + 3 * q);
+      for (int q = 0; q < n; ++q) slices.push_back(pattern(numel, 13, type) + 3 * q);
       require_equal(output, at::cat(slices));
     }
   }
@@ -127,14 +130,14 @@ TEST_CASE("all_gather puts rank r's input in slice r", "[comm]") {
 TEST_CASE("reduce_scatter gives rank r the reduced slice r", "[comm]") {
   const int n = communicator().size();
   const int r = communicator().rank();
-  const double rank_sum = n * (n + 1) / 2.0;
+  const std::int64_t rank_sum = n * (n + 1) / 2;
   for (c10::ScalarType type : kTypes) {
     for (std::int64_t numel : sizes_for(type)) {
       const std::int64_t per_rank = numel / n + (numel == 0 ? 0 : 1);
-      const at::Tensor full = pattern(per_rank * n, 7);
+      const at::Tensor full = pattern(per_rank * n, 7, type);
       const at::Tensor mine = full.slice(0, r * per_rank, (r + 1) * per_rank);
       at::Tensor input = on_device(full + (r + 1), type);
-      at::Tensor output = on_device(at::zeros({per_rank}, at::kDouble), type);
+      at::Tensor output = on_device(at::zeros({per_rank}, type), type);
       communicator().reduce_scatter(output, input, comm::ReduceOp::sum);
       require_equal(output, mine * n + rank_sum);
 
@@ -155,17 +158,18 @@ TEST_CASE("16-bit reductions agree with the float32 result", "[comm]") {
   // Random values: bf16/fp16 sums round each partial sum, so compare within their precision.
   const int r = communicator().rank();
   at::Tensor reference = at::randn({4099}, at::TensorOptions().dtype(at::kFloat)).mul_(r + 1);
-  at::Tensor exact = reference.to(communicator().device());
+  at::Tensor exact = reference.to(communicator().device(), /*non_blocking=*/false, /*copy=*/true);
   communicator().all_reduce(exact, comm::ReduceOp::sum);
   for (c10::ScalarType type : {c10::kBFloat16, c10::kHalf}) {
-    at::Tensor low = reference.to(type).to(communicator().device());
+    at::Tensor low = reference.to(communicator().device(), type, false, /*copy=*/true);
     communicator().all_reduce(low, comm::ReduceOp::sum);
     const double eps = type == c10::kBFloat16 ? 1.0 / 128 : 1.0 / 1024;
     const double tolerance = eps * communicator().size() * 8;  // each hop rounds once
     const at::Tensor error = (low.to(at::kFloat) - exact).abs().cpu();
     const at::Tensor scale = exact.abs().cpu() + 1.0;
-    INFO(c10::toString(type));
-    CHECK((error / scale).max().item<double>() < tolerance);
+    const double worst = (error / scale).max().item<double>();
+    INFO(c10::toString(type) << ": worst relative error " << worst);
+    CHECK(worst < tolerance);
   }
 }
 
@@ -177,7 +181,7 @@ TEST_CASE("several async operations in flight complete in order", "[comm]") {
   for (int k = 0; k < 8; ++k) {
     // Big and small mixed, so a later small one could overtake an earlier big one.
     const std::int64_t numel = k % 2 == 0 ? (1 << 20) : 3;
-    tensors.push_back(on_device(pattern(numel, 7) + (r + 1) * (k + 1), c10::kFloat));
+    tensors.push_back(on_device(pattern(numel, 7, c10::kFloat) + (r + 1) * (k + 1), c10::kFloat));
     works.push_back(communicator().all_reduce_async(tensors.back(), comm::ReduceOp::sum));
   }
   works.back()->wait();
@@ -187,7 +191,7 @@ TEST_CASE("several async operations in flight complete in order", "[comm]") {
   }
   for (int k = 0; k < 8; ++k) {
     works[k]->wait();
-    require_equal(tensors[k], pattern(tensors[k].numel(), 7) * n + (k + 1) * n * (n + 1) / 2.0);
+    require_equal(tensors[k], pattern(tensors[k].numel(), 7, c10::kFloat) * n + (k + 1) * n * (n + 1) / 2.0);
   }
   communicator().barrier();
 }
