@@ -1,0 +1,114 @@
+#pragma once
+// DistributedDataParallel: data-parallel training of any torch::nn::Module, one replica per rank.
+//
+// Use:
+//   ddp::DistributedDataParallel ddp(model, communicator, options);
+//   for each optimizer step:
+//     for each micro-step but the last: { auto guard = ddp.no_sync(); forward; loss.backward(); }
+//     ddp.before_forward(); forward; loss.backward(); ddp.finish_backward();
+//     clip, optimizer.step(), optimizer.zero_grad()
+//
+// Contract:
+// - Construction is collective. It compares a fingerprint of the model (every parameter's and
+//   buffer's name, shape, dtype and requires_grad, in order) across ranks — a mismatch is an
+//   error (ExitCode::bad_input) on every rank naming the first differing entry and both sides —
+//   and then broadcasts parameters and buffers from rank 0.
+// - Gradients of parameters that require grad live in per-bucket contiguous buffers; each
+//   `.grad` is a view into its bucket. After finish_backward() each `.grad` holds the average
+//   over ranks of the local gradients, ready for clipping and the optimizer. zero_grad() to
+//   zero or to none both work; a gradient that is not a view when it becomes ready is copied
+//   into its bucket and the view put back.
+// - Outside no_sync(), a bucket's all-reduce starts while backward runs, as soon as every
+//   gradient in it is ready and every earlier bucket has started: every rank starts buckets
+//   in index order, so collectives match across ranks whatever order autograd runs in.
+// - Inside no_sync() nothing is communicated: gradients accumulate locally. The backward that
+//   follows outside no_sync reduces the accumulated gradients.
+// - A parameter that gets no gradient in a synchronised backward is an error naming it, unless
+//   Options::find_unused_parameters, in which case its local gradient counts as zero.
+// - The module must outlive this object; parameters must not be added or replaced meanwhile.
+
+#include <torch/nn/module.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mpitrain/comm/communicator.h"
+
+namespace mpitrain::ddp {
+
+struct Options {
+  /// Upper bound of a bucket's gradient bytes (a single larger parameter gets a bucket alone).
+  std::int64_t bucket_bytes = std::int64_t{25} << 20;
+  /// The first bucket (the last layers' gradients, ready first) is small so reduction starts early.
+  std::int64_t first_bucket_bytes = std::int64_t{1} << 20;
+  bool find_unused_parameters = false;
+  /// Broadcast buffers (e.g. batch-norm statistics) from rank 0 in before_forward().
+  bool broadcast_buffers = true;
+  /// Reduce in this dtype (bf16 or fp16) instead of the gradients' own; unset: no cast.
+  std::optional<c10::ScalarType> wire_dtype;
+};
+
+/// What the communication cost, for the trainer's metrics. Counters accumulate.
+struct Stats {
+  std::int64_t synchronised_backwards = 0;
+  std::int64_t buckets_launched = 0;
+  /// Of those, launched from a gradient hook while backward was still running.
+  std::int64_t buckets_launched_during_backward = 0;
+  std::int64_t bytes_reduced = 0;  // bytes sent into all-reduce, in the wire dtype
+  /// Host time spent in finish_backward() waiting for the reductions (on CUDA the host does not
+  /// block, so this is near zero there and the wait shows in the step time instead).
+  double comm_wait_seconds = 0;
+};
+
+class Reducer;
+
+class DistributedDataParallel {
+ public:
+  DistributedDataParallel(std::shared_ptr<torch::nn::Module> module, comm::Communicator& comm,
+                          Options options = {});
+  ~DistributedDataParallel();
+  DistributedDataParallel(const DistributedDataParallel&) = delete;
+  DistributedDataParallel& operator=(const DistributedDataParallel&) = delete;
+
+  torch::nn::Module& module() const { return *module_; }
+
+  /// Call before each forward that precedes a synchronised backward: broadcasts buffers from
+  /// rank 0 when Options::broadcast_buffers (does nothing inside no_sync()).
+  void before_forward();
+
+  /// Call after each synchronised backward: starts what has not started (unused parameters),
+  /// waits for every bucket and divides by the world size. Inside no_sync() it does nothing.
+  void finish_backward();
+
+  /// RAII scope of a micro-step whose gradients are only accumulated locally.
+  class NoSync {
+   public:
+    explicit NoSync(Reducer& reducer);
+    ~NoSync();
+    NoSync(NoSync&& other) noexcept;
+    NoSync(const NoSync&) = delete;
+    NoSync& operator=(const NoSync&) = delete;
+    NoSync& operator=(NoSync&&) = delete;
+
+   private:
+    Reducer* reducer_;
+    bool previous_;
+  };
+  [[nodiscard]] NoSync no_sync();
+
+  const Stats& stats() const;
+  /// Parameter names per bucket, in launch order (for tests and diagnostics).
+  std::vector<std::vector<std::string>> bucket_layout() const;
+
+ private:
+  std::shared_ptr<torch::nn::Module> module_;
+  comm::Communicator& comm_;
+  Options options_;
+  std::vector<at::Tensor> buffers_;
+  std::unique_ptr<Reducer> reducer_;
+};
+
+}  // namespace mpitrain::ddp

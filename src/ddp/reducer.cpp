@@ -1,0 +1,192 @@
+#include "reducer.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/strides.h>
+
+#include <chrono>
+#include <map>
+#include <stdexcept>
+#include <tuple>
+
+#include "grad_hooks.h"
+#include "mpitrain/runtime/error.h"
+
+namespace mpitrain::ddp {
+
+Reducer::Reducer(std::vector<std::pair<std::string, at::Tensor>> parameters, comm::Communicator& comm,
+                 const Options& options)
+    : comm_(comm), wire_dtype_(options.wire_dtype), find_unused_(options.find_unused_parameters) {
+  for (auto& [name, tensor] : parameters) params_.push_back(Param{name, tensor});
+  build_buckets(options);
+  for (std::size_t i = 0; i < params_.size(); ++i)
+    detail::set_grad_ready_hook(params_[i].tensor, [this, i] { mark_ready(i); });
+}
+
+Reducer::~Reducer() {
+  for (const Param& param : params_) detail::clear_grad_ready_hook(param.tensor);
+}
+
+void Reducer::build_buckets(const Options& options) {
+  // One open bucket per (dtype, device); see the protocol in reducer.h.
+  std::map<std::tuple<c10::ScalarType, c10::DeviceType, c10::DeviceIndex>, std::size_t> open;
+  std::vector<std::int64_t> bytes;  // per bucket
+  std::vector<std::int64_t> numel;
+  for (std::size_t k = params_.size(); k-- > 0;) {
+    Param& param = params_[k];
+    const at::Tensor& t = param.tensor;
+    const auto key = std::make_tuple(t.scalar_type(), t.device().type(), t.device().index());
+    const std::int64_t size = t.numel() * static_cast<std::int64_t>(t.element_size());
+    auto it = open.find(key);
+    if (it != open.end()) {
+      const std::size_t b = it->second;
+      const std::int64_t cap = b == 0 ? options.first_bucket_bytes : options.bucket_bytes;
+      if (bytes[b] + size > cap) open.erase(it), it = open.end();
+    }
+    if (it == open.end()) {
+      buckets_.emplace_back();
+      bytes.push_back(0);
+      numel.push_back(0);
+      it = open.emplace(key, buckets_.size() - 1).first;
+    }
+    const std::size_t b = it->second;
+    param.bucket = b;
+    param.offset = numel[b];
+    numel[b] += t.numel();
+    bytes[b] += size;
+    buckets_[b].params.push_back(k);
+  }
+
+  at::NoGradGuard no_grad;
+  for (std::size_t b = 0; b < buckets_.size(); ++b) {
+    Bucket& bucket = buckets_[b];
+    const at::Tensor& first = params_[bucket.params.front()].tensor;
+    bucket.buffer = at::zeros({numel[b]}, first.options().requires_grad(false));
+    if (wire_dtype_ && *wire_dtype_ != first.scalar_type() && at::isFloatingType(first.scalar_type()))
+      bucket.wire = at::empty({numel[b]}, bucket.buffer.options().dtype(*wire_dtype_));
+    bucket.pending = bucket.params.size();
+  }
+  // Gradients become views into the buckets; an existing gradient is kept (copied in).
+  for (Param& param : params_) rebind_grad(param, /*zero_if_missing=*/true);
+}
+
+at::Tensor Reducer::view_of(const Param& param) const {
+  // Shares the bucket's storage without being an autograd view: optimizers call detach_() on
+  // gradients in zero_grad(), which autograd refuses on views.
+  const at::Tensor& buffer = buckets_[param.bucket].buffer;
+  at::Tensor grad = at::empty({0}, buffer.options());
+  grad.set_(buffer.storage(), buffer.storage_offset() + param.offset, param.tensor.sizes(),
+            c10::contiguous_strides(param.tensor.sizes()));
+  return grad;
+}
+
+void Reducer::rebind_grad(Param& param, bool zero_if_missing) {
+  const at::Tensor view = view_of(param);
+  at::Tensor& grad = param.tensor.mutable_grad();
+  if (grad.defined() && grad.data_ptr() == view.data_ptr() && grad.strides() == view.strides()) return;
+  if (grad.defined()) {
+    view.copy_(grad);
+  } else if (zero_if_missing) {
+    view.zero_();
+  } else {
+    return;  // nothing accumulated and nothing asked: leave .grad undefined
+  }
+  grad = view;
+}
+
+bool Reducer::no_sync() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return no_sync_;
+}
+
+bool Reducer::set_no_sync(bool value) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const bool previous = no_sync_;
+  no_sync_ = value;
+  return previous;
+}
+
+void Reducer::mark_ready(std::size_t index) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (no_sync_) return;
+  mark_ready_locked(index, /*during_backward=*/true);
+}
+
+void Reducer::mark_ready_locked(std::size_t index, bool during_backward) {
+  Param& param = params_[index];
+  if (param.ready)
+    throw runtime::Error("DDP: parameter '" + param.name +
+                         "' received a gradient twice before finish_backward(); call finish_backward() "
+                         "after every synchronised backward, or run extra backwards inside no_sync()");
+  rebind_grad(param, /*zero_if_missing=*/true);
+  param.ready = true;
+  if (--buckets_[param.bucket].pending == 0) launch_ready_buckets(during_backward);
+}
+
+void Reducer::launch_ready_buckets(bool during_backward) {
+  while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
+    Bucket& bucket = buckets_[next_launch_];
+    if (bucket.wire.defined()) bucket.wire.copy_(bucket.buffer);
+    at::Tensor& payload = bucket.wire.defined() ? bucket.wire : bucket.buffer;
+    bucket.work = comm_.all_reduce_async(payload, comm::ReduceOp::sum);
+    launch_order_.push_back(next_launch_);
+    ++stats_.buckets_launched;
+    if (during_backward) ++stats_.buckets_launched_during_backward;
+    stats_.bytes_reduced += payload.numel() * static_cast<std::int64_t>(payload.element_size());
+    ++next_launch_;
+  }
+}
+
+void Reducer::finish() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (no_sync_) return;
+  at::NoGradGuard no_grad;
+
+  std::vector<std::size_t> unready;
+  for (std::size_t i = 0; i < params_.size(); ++i)
+    if (!params_[i].ready) unready.push_back(i);
+  if (!unready.empty()) {
+    if (!find_unused_) {
+      std::string names;
+      for (std::size_t k = 0; k < unready.size() && k < 5; ++k) names += (k ? ", '" : "'") + params_[unready[k]].name + "'";
+      if (unready.size() > 5) names += " and " + std::to_string(unready.size() - 5) + " more";
+      throw runtime::Error("DDP on rank " + std::to_string(comm_.rank()) + ": " + std::to_string(unready.size()) +
+                               " parameter(s) got no gradient in this backward: " + names +
+                               ". If the model leaves parameters unused on purpose, set "
+                               "ddp.find_unused_parameters = true; otherwise make the loss depend on them",
+                           runtime::ExitCode::bad_input);
+    }
+    // Unused here: the local gradient counts as zero (or what earlier no_sync steps accumulated).
+    for (std::size_t i : unready) mark_ready_locked(i, /*during_backward=*/false);
+  }
+
+  // The invariant of reducer.h: every bucket launched once, in index order.
+  bool in_order = launch_order_.size() == buckets_.size() && next_launch_ == buckets_.size();
+  for (std::size_t b = 0; in_order && b < launch_order_.size(); ++b) in_order = launch_order_[b] == b;
+  if (!in_order) throw std::logic_error("DDP reducer: buckets were not launched exactly once in index order");
+
+  const auto start = std::chrono::steady_clock::now();
+  for (Bucket& bucket : buckets_) bucket.work->wait();
+  stats_.comm_wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  for (Bucket& bucket : buckets_) {
+    if (bucket.wire.defined()) bucket.buffer.copy_(bucket.wire);
+    bucket.buffer.div_(comm_.size());
+    bucket.work.reset();
+    bucket.pending = bucket.params.size();
+  }
+  for (Param& param : params_) param.ready = false;
+  next_launch_ = 0;
+  launch_order_.clear();
+  ++stats_.synchronised_backwards;
+}
+
+std::vector<std::vector<std::string>> Reducer::layout() const {
+  std::vector<std::vector<std::string>> names;
+  for (const Bucket& bucket : buckets_) {
+    names.emplace_back();
+    for (std::size_t p : bucket.params) names.back().push_back(params_[p].name);
+  }
+  return names;
+}
+
+}  // namespace mpitrain::ddp

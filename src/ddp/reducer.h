@@ -1,0 +1,98 @@
+#pragma once
+// The gradient reducer: buckets, readiness, launches, wait and average.
+//
+// Protocol, one synchronised backward:
+//  1. Layout (once, at construction). Parameters that require grad are taken in reverse
+//     registration order — roughly the order backward produces their gradients — and packed
+//     into buckets, one open bucket per (dtype, device); a bucket closes when the next gradient
+//     would take it past its cap (first_bucket_bytes for the first bucket, bucket_bytes after).
+//     Buckets are numbered in order of creation. Each bucket owns one flat buffer and every
+//     parameter's `.grad` is set to a view into it.
+//  2. Readiness. Autograd calls mark_ready(p) after accumulating p's gradient. If `.grad` is no
+//     longer the bucket view (zero_grad to none, or a user assigned it), it is copied into the
+//     view and the view put back. The bucket's pending count drops; a parameter ready twice in
+//     one backward is an error.
+//  3. Launch. Buckets launch strictly in index order: when bucket b becomes complete, every
+//     complete bucket from `next_launch_` on is launched, stopping at the first incomplete one.
+//     INVARIANT: every rank launches buckets 0, 1, 2, ... in that order, whatever order its
+//     hooks fire in, so the all-reduces match across ranks. finish() checks that all of them
+//     were launched, in order, exactly once.
+//     A launch casts to the wire dtype if one is set, and starts an asynchronous all-reduce(sum).
+//  4. Finish (after backward returns). Unready parameters are an error, or, with
+//     find_unused_parameters, count as zero gradients and complete their buckets (so every
+//     rank still launches every bucket). Then each bucket is waited on in order, cast back
+//     from the wire dtype, and divided by the world size — after the wait, so the division
+//     cannot race with the collective. State is reset for the next backward.
+//  no_sync: while set, mark_ready() does nothing and finish() is not called by the trainer;
+//  gradients accumulate in `.grad`. The next synchronised backward's hooks see the accumulated
+//  gradients and reduce them.
+//
+// Threading: hooks run on autograd's threads (one per device) while the caller waits in
+// backward(); a mutex guards the state.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "mpitrain/comm/communicator.h"
+#include "mpitrain/ddp/ddp.h"
+
+namespace mpitrain::ddp {
+
+class Reducer {
+ public:
+  /// parameters: (name, tensor) of every parameter that requires grad, in registration order.
+  Reducer(std::vector<std::pair<std::string, at::Tensor>> parameters, comm::Communicator& comm,
+          const Options& options);
+  ~Reducer();
+  Reducer(const Reducer&) = delete;
+  Reducer& operator=(const Reducer&) = delete;
+
+  void finish();
+  bool no_sync() const;
+  /// Returns the previous value.
+  bool set_no_sync(bool value);
+
+  const Stats& stats() const { return stats_; }
+  std::vector<std::vector<std::string>> layout() const;
+
+ private:
+  struct Param {
+    std::string name;
+    at::Tensor tensor;
+    std::size_t bucket = 0;
+    std::int64_t offset = 0;  // elements into the bucket's buffer
+    bool ready = false;
+  };
+  struct Bucket {
+    at::Tensor buffer;            // every gradient of the bucket, flat
+    at::Tensor wire;              // the buffer cast to Options::wire_dtype, when set
+    std::vector<std::size_t> params;
+    std::size_t pending = 0;      // parameters not yet ready in this backward
+    comm::WorkPtr work;
+  };
+
+  void build_buckets(const Options& options);
+  at::Tensor view_of(const Param& param) const;
+  /// Makes param's .grad the bucket view again; zero_if_missing: an undefined grad becomes zeros.
+  void rebind_grad(Param& param, bool zero_if_missing);
+  void mark_ready(std::size_t index);
+  void mark_ready_locked(std::size_t index, bool during_backward);
+  void launch_ready_buckets(bool during_backward);
+
+  comm::Communicator& comm_;
+  std::optional<c10::ScalarType> wire_dtype_;
+  bool find_unused_;
+  std::vector<Param> params_;
+  std::vector<Bucket> buckets_;
+  std::size_t next_launch_ = 0;
+  std::vector<std::size_t> launch_order_;  // this backward's launches, checked in finish()
+  bool no_sync_ = false;
+  Stats stats_;
+  mutable std::mutex mutex_;
+};
+
+}  // namespace mpitrain::ddp
