@@ -170,7 +170,7 @@ void Reducer::finish() {
   stats_.comm_wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   for (Bucket& bucket : buckets_) {
     if (bucket.wire.defined()) bucket.buffer.copy_(bucket.wire);
-    bucket.buffer.div_(comm_.size());
+    if (comm_.size() > 1) bucket.buffer.div_(comm_.size());
     bucket.work.reset();
     bucket.pending = bucket.params.size();
   }
