@@ -1,0 +1,80 @@
+#pragma once
+// Mixed precision: which dtype, an autocast scope, and the fp16 loss scaler.
+//
+// Contract:
+// - resolve_precision(): "auto" means bf16 on GPUs of compute capability >= 8.0, fp16 (with
+//   loss scaling) below that, fp32 on CPU; "fp32" | "bf16" | "fp16" are taken as given.
+// - AutocastScope enables autocast for the device type with the precision's dtype on this thread
+//   and restores the previous state when it ends; when the outermost scope ends it clears the
+//   autocast cache, so a forward after optimizer.step() never reuses stale low-precision weight
+//   copies. fp32: the scope does nothing.
+// - LossScaler (dynamic; enabled for fp16 only, otherwise every call is a no-op that keeps
+//   scale 1): scale(loss) multiplies by the current scale; unscale_and_check(grads) divides the
+//   gradients by it in place and returns whether every rank's gradients were finite — the
+//   found-inf flag is all-reduced (MAX) so every rank skips the same steps; update(found_inf)
+//   halves the scale (backoff) after an overflow and doubles it (growth) after growth_interval
+//   clean steps in a row.
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "mpitrain/comm/communicator.h"
+
+namespace mpitrain::amp {
+
+enum class Precision { fp32, bf16, fp16 };
+
+Precision resolve_precision(const std::string& mode, c10::Device device);
+const char* to_string(Precision precision);
+c10::ScalarType compute_dtype(Precision precision);
+
+class AutocastScope {
+ public:
+  AutocastScope(c10::Device device, Precision precision);
+  ~AutocastScope();
+  AutocastScope(const AutocastScope&) = delete;
+  AutocastScope& operator=(const AutocastScope&) = delete;
+
+ private:
+  bool active_;
+  c10::DeviceType device_type_;
+  bool previous_enabled_ = false;
+  c10::ScalarType previous_dtype_ = c10::kFloat;
+};
+
+struct ScalerOptions {
+  double init_scale = 65536.0;
+  double growth_factor = 2.0;
+  double backoff_factor = 0.5;
+  std::int64_t growth_interval = 2000;
+};
+
+class LossScaler {
+ public:
+  LossScaler(bool enabled, c10::Device device, ScalerOptions options = {});
+
+  bool enabled() const { return enabled_; }
+  at::Tensor scale(const at::Tensor& loss) const;
+  /// Unscales in place; returns true when the gradients of every rank were finite.
+  bool unscale_and_check(const std::vector<at::Tensor>& grads, comm::Communicator& comm);
+  void update(bool found_inf);
+  double current_scale() const;
+
+  /// For checkpoints: {"scale": ..., "growth_tracker": ...}.
+  nlohmann::json state() const;
+  void load_state(const nlohmann::json& state);
+
+ private:
+  bool enabled_;
+  ScalerOptions options_;
+  at::Tensor scale_;           // float32, 1 element, on the device
+  at::Tensor growth_tracker_;  // int32, 1 element, on the device
+};
+
+}  // namespace mpitrain::amp

@@ -1,0 +1,32 @@
+#pragma once
+// Optimizers and learning-rate schedules from the config.
+//
+// Contract:
+// - make_optimizer() builds SGD (momentum, Nesterov) or AdamW over the module's parameters that
+//   require grad, in two groups: group 0 with weight decay (tensors of 2 or more dimensions:
+//   weight matrices, convolution kernels, embeddings), group 1 without (biases and norm weights,
+//   which decay would only pull towards zero). Parameter order within a group is the module's
+//   registration order, so optimizer state maps to parameters the same way on every run.
+// - learning_rate() is the schedule: linear warm-up from lr/warmup_steps to lr over
+//   warmup_steps, then constant, cosine or linear decay to lr * min_lr_ratio at total_steps.
+//   Steps count from 0 (the first optimizer step uses learning_rate(0)).
+// - set_learning_rate() writes it into every group.
+
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "mpitrain/config/config.h"
+
+namespace mpitrain::train {
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerConfig& config,
+                                                        torch::nn::Module& module);
+
+double learning_rate(const config::ScheduleConfig& schedule, double lr, std::int64_t step, std::int64_t total_steps);
+
+void set_learning_rate(torch::optim::Optimizer& optimizer, double lr);
+
+}  // namespace mpitrain::train

@@ -1,0 +1,103 @@
+#include "mpitrain/amp/amp.h"
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+
+#ifdef MPITRAIN_HAVE_NCCL
+#include <ATen/cuda/CUDAContext.h>
+#endif
+
+#include <map>
+
+#include "mpitrain/runtime/error.h"
+
+namespace mpitrain::amp {
+
+Precision resolve_precision(const std::string& mode, c10::Device device) {
+  if (mode == "fp32") return Precision::fp32;
+  if (mode == "bf16") return Precision::bf16;
+  if (mode == "fp16") return Precision::fp16;
+  if (mode != "auto")
+    throw runtime::Error("precision '" + mode + "': expected auto, fp32, bf16 or fp16", runtime::ExitCode::bad_input);
+  if (!device.is_cuda()) return Precision::fp32;
+#ifdef MPITRAIN_HAVE_NCCL
+  // bf16 tensor-core math needs compute capability 8.0 (Ampere) or later.
+  return at::cuda::getDeviceProperties(device.index())->major >= 8 ? Precision::bf16 : Precision::fp16;
+#else
+  return Precision::fp32;
+#endif
+}
+
+const char* to_string(Precision precision) {
+  switch (precision) {
+    case Precision::fp32: return "fp32";
+    case Precision::bf16: return "bf16";
+    case Precision::fp16: return "fp16";
+  }
+  return "?";
+}
+
+c10::ScalarType compute_dtype(Precision precision) {
+  return precision == Precision::bf16 ? c10::kBFloat16 : precision == Precision::fp16 ? c10::kHalf : c10::kFloat;
+}
+
+AutocastScope::AutocastScope(c10::Device device, Precision precision)
+    : active_(precision != Precision::fp32), device_type_(device.type()) {
+  if (!active_) return;
+  previous_enabled_ = at::autocast::is_autocast_enabled(device_type_);
+  previous_dtype_ = at::autocast::get_autocast_dtype(device_type_);
+  at::autocast::set_autocast_enabled(device_type_, true);
+  at::autocast::set_autocast_dtype(device_type_, compute_dtype(precision));
+  at::autocast::increment_nesting();
+}
+
+AutocastScope::~AutocastScope() {
+  if (!active_) return;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+  at::autocast::set_autocast_enabled(device_type_, previous_enabled_);
+  at::autocast::set_autocast_dtype(device_type_, previous_dtype_);
+}
+
+LossScaler::LossScaler(bool enabled, c10::Device device, ScalerOptions options)
+    : enabled_(enabled), options_(options) {
+  const auto on_device = at::TensorOptions().device(device);
+  scale_ = at::full({1}, enabled ? options.init_scale : 1.0, on_device.dtype(at::kFloat));
+  growth_tracker_ = at::zeros({1}, on_device.dtype(at::kInt));
+}
+
+at::Tensor LossScaler::scale(const at::Tensor& loss) const {
+  return enabled_ ? loss * scale_.to(loss.scalar_type()) : loss;
+}
+
+bool LossScaler::unscale_and_check(const std::vector<at::Tensor>& grads, comm::Communicator& comm) {
+  if (!enabled_) return true;
+  at::Tensor found_inf = at::zeros({1}, scale_.options());
+  const at::Tensor inv_scale = scale_.reciprocal();
+  // The fused kernel takes gradients of one dtype per call.
+  std::map<c10::ScalarType, std::vector<at::Tensor>> groups;
+  for (const at::Tensor& grad : grads)
+    if (grad.defined()) groups[grad.scalar_type()].push_back(grad);
+  for (auto& [dtype, group] : groups) at::_amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale);
+  comm.all_reduce(found_inf, comm::ReduceOp::max);
+  return found_inf.item<float>() == 0.0f;
+}
+
+void LossScaler::update(bool found_inf) {
+  if (!enabled_) return;
+  const at::Tensor flag = at::full({1}, found_inf ? 1.0f : 0.0f, scale_.options());
+  at::_amp_update_scale_(scale_, growth_tracker_, flag, options_.growth_factor, options_.backoff_factor,
+                         options_.growth_interval);
+}
+
+double LossScaler::current_scale() const { return scale_.item<double>(); }
+
+nlohmann::json LossScaler::state() const {
+  return {{"enabled", enabled_}, {"scale", current_scale()}, {"growth_tracker", growth_tracker_.item<std::int64_t>()}};
+}
+
+void LossScaler::load_state(const nlohmann::json& state) {
+  scale_.fill_(state.at("scale").get<double>());
+  growth_tracker_.fill_(state.at("growth_tracker").get<std::int64_t>());
+}
+
+}  // namespace mpitrain::amp
