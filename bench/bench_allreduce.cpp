@@ -196,7 +196,8 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return world.is_root() ? app.exit(e) : (e.get_exit_code() == 0 ? 0 : static_cast<int>(runtime::ExitCode::bad_input));
+    const int rc = world.is_root() ? app.exit(e) : e.get_exit_code();
+    return rc == 0 ? 0 : runtime::to_int(runtime::ExitCode::bad_input);
   }
   return runtime::run_guarded(world, [&] { return run(world, options); });
 }

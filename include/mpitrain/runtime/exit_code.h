@@ -10,6 +10,7 @@ enum class ExitCode : int {
   failure = 1,         // an error inside the job (bad state, library failure, peer abort)
   bad_input = 2,       // bad command line, config, data or checkpoint: fix the input and rerun
   comm_timeout = 3,    // a collective did not complete within its timeout
+  stopped = 99,        // a stop signal (SIGTERM, SIGUSR1, SIGINT) ended the run early: requeue it
 };
 
 constexpr int to_int(ExitCode code) { return static_cast<int>(code); }

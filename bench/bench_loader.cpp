@@ -1,0 +1,199 @@
+// Data loader throughput: mpitrain's Loader (shuffled, background prefetch) against a raw
+// sequential read of the same shards through the HDF5 C API, in samples/s and MB/s.
+//
+//   build/bin/bench_loader --out bench/results/loader.json
+//
+// Without --source it makes its shards first, from Fashion-MNIST (the Debian package
+// dataset-fashion-mnist), once per --gzip level. MB/s counts the bytes as stored per sample
+// (uint8 image + uint8 label = 785 B), so both sides are measured on the same bytes. The raw
+// read is one H5Dread per dataset per file (HDF5 decompresses chunk after chunk into one
+// buffer): the fastest way to get every byte out of the file, and the bound for any loader.
+// Each figure is the median of --reps timed passes after one untimed pass; with several ranks
+// a pass takes as long as its slowest rank, and the raw read gives each rank 1/n of the rows.
+#include <CLI/CLI.hpp>
+#include <ATen/ATen.h>
+#include <hdf5.h>
+
+#include <filesystem>
+#include <limits>
+#include <iostream>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "harness.h"
+#include "mpitrain/comm/communicator.h"
+#include "mpitrain/data/loader.h"
+#include "mpitrain/data/shards.h"
+#include "mpitrain/data/sources.h"
+#include "mpitrain/runtime/check.h"
+#include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/world.h"
+
+using namespace mpitrain;
+
+namespace {
+
+struct Options {
+  std::string source;
+  std::string idx_dir = "/usr/share/datasets/fashion-mnist";
+  std::string work = "/tmp/mpitrain-bench-loader";
+  std::vector<int> gzip = {4, 0};
+  std::int64_t chunk_bytes = 1 << 20;
+  std::int64_t batch = 256;
+  int prefetch = 4;
+  std::int64_t window = 16;
+  int reps = 5;
+  double goal = 0.9;
+  std::string out;
+};
+
+// Rows [first, first + count) of a dataset in one H5Dread: the raw reference.
+std::int64_t raw_read(hid_t file, const char* name, double share_first, double share_last, std::vector<char>& buffer) {
+  const hid_t dataset = H5Dopen2(file, name, H5P_DEFAULT);
+  const hid_t space = H5Dget_space(dataset);
+  const hid_t type = H5Dget_type(dataset);
+  const int rank = H5Sget_simple_extent_ndims(space);
+  std::vector<hsize_t> dims(static_cast<std::size_t>(rank));
+  H5Sget_simple_extent_dims(space, dims.data(), nullptr);
+  const auto first = static_cast<hsize_t>(share_first * static_cast<double>(dims[0]));
+  const auto last = static_cast<hsize_t>(share_last * static_cast<double>(dims[0]));
+  std::vector<hsize_t> start(dims.size(), 0), count = dims;
+  start[0] = first;
+  count[0] = last - first;
+  H5Sselect_hyperslab(space, H5S_SELECT_SET, start.data(), nullptr, count.data(), nullptr);
+  const hid_t memory = H5Screate_simple(rank, count.data(), nullptr);
+  const std::size_t bytes =
+      std::accumulate(count.begin(), count.end(), std::size_t{1}, std::multiplies<>()) * H5Tget_size(type);
+  if (buffer.size() < bytes) buffer.resize(bytes);
+  const herr_t rc = H5Dread(dataset, type, memory, space, H5P_DEFAULT, buffer.data());
+  H5Sclose(memory);
+  H5Tclose(type);
+  H5Sclose(space);
+  H5Dclose(dataset);
+  if (rc < 0) throw runtime::Error(std::string("raw read of '") + name + "' failed");
+  return static_cast<std::int64_t>(bytes);
+}
+
+// Shards of Fashion-MNIST train at one gzip level; rank 0 writes, everyone waits.
+std::string make_shards(const runtime::World& world, const Options& options, int gzip) {
+  const std::string dir = options.work + "/gzip" + std::to_string(gzip);
+  if (world.is_root() && !std::filesystem::exists(dir + "/train.json")) {
+    const data::Table table = data::read_idx(options.idx_dir + "/train-images-idx3-ubyte.gz",
+                                             options.idx_dir + "/train-labels-idx1-ubyte.gz");
+    data::ShardOptions shard;
+    shard.gzip = gzip;
+    shard.chunk_bytes = options.chunk_bytes;
+    data::write_shards(dir, "train", {{"inputs", table.inputs}, {"targets", table.targets}}, shard);
+  }
+  world.barrier();
+  return dir + "/train.json";
+}
+
+nlohmann::json figures(double seconds, std::int64_t samples, std::int64_t bytes) {
+  return {{"seconds", seconds}, {"samples_per_s", samples / seconds}, {"mb_per_s", bytes / seconds / 1e6}};
+}
+
+int run(const runtime::World& world, const Options& options) {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  auto comm = comm::make_communicator(world, c10::Device(c10::kCPU));
+  std::vector<std::pair<std::string, std::string>> sources;  // label, source
+  if (!options.source.empty()) sources.emplace_back("given", options.source);
+  else
+    for (const int gzip : options.gzip) sources.emplace_back("gzip " + std::to_string(gzip), make_shards(world, options, gzip));
+
+  nlohmann::json results = nlohmann::json::array();
+  std::vector<std::vector<std::string>> table;
+  double worst = std::numeric_limits<double>::infinity();
+  for (const auto& [label, source] : sources) {
+    data::LoaderOptions loader_options;
+    loader_options.batch_size = options.batch;
+    loader_options.prefetch = options.prefetch;
+    loader_options.shuffle_window = options.window;
+    loader_options.seed = 1;
+    data::Loader loader(data::DatasetSpec::classification(source), loader_options, world.rank(), world.size(), *comm);
+    const data::Dataset& dataset = loader.dataset();
+    const std::int64_t stored_per_sample =
+        std::accumulate(dataset.inputs().shape.begin(), dataset.inputs().shape.end(), std::int64_t{1}, std::multiplies<>()) *
+            static_cast<std::int64_t>(c10::elementSize(dataset.inputs().dtype)) +
+        1;  // the uint8 label as stored
+    const std::int64_t epoch_samples = loader.steps_per_epoch() * loader.global_batch();
+
+    std::vector<char> buffer;
+    const double share_first = static_cast<double>(world.rank()) / world.size();
+    const double share_last = static_cast<double>(world.rank() + 1) / world.size();
+    const double raw = bench::time_collective(world.comm(), 1, options.reps, [&] {
+      for (const auto& path : dataset.files()) {
+        const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+        raw_read(file, "inputs", share_first, share_last, buffer);
+        raw_read(file, "targets", share_first, share_last, buffer);
+        H5Fclose(file);
+      }
+    });
+    const double ours = bench::time_collective(world.comm(), 1, options.reps, [&] {
+      for (std::int64_t step = 0; step < loader.steps_per_epoch(); ++step) loader.next();
+    });
+    const double ratio = raw / ours * static_cast<double>(epoch_samples) / static_cast<double>(dataset.size());
+    worst = std::min(worst, ratio);
+    results.push_back({{"data", label},
+                       {"source", source},
+                       {"samples", dataset.size()},
+                       {"stored_bytes_per_sample", stored_per_sample},
+                       {"raw", figures(raw, dataset.size(), dataset.size() * stored_per_sample)},
+                       {"loader", figures(ours, epoch_samples, epoch_samples * stored_per_sample)},
+                       {"ratio", ratio}});
+    table.push_back({label, bench::fixed(dataset.size() / raw, 0), bench::fixed(dataset.size() * stored_per_sample / raw / 1e6, 1),
+                     bench::fixed(epoch_samples / ours, 0), bench::fixed(epoch_samples * stored_per_sample / ours / 1e6, 1),
+                     bench::fixed(ratio, 3)});
+  }
+  if (!world.is_root()) return 0;
+  std::cout << "Loader (shuffled, window " << options.window << " blocks, prefetch " << options.prefetch << ", batch "
+            << options.batch << " x " << world.size() << " ranks) vs raw sequential H5Dread; samples/s and MB/s of all ranks\n";
+  bench::print_table({"data", "raw samples/s", "raw MB/s", "loader samples/s", "loader MB/s", "ratio"}, table);
+  const bool met = worst >= options.goal;
+  std::cout << "goal: loader >= " << options.goal << "x raw; worst ratio " << bench::fixed(worst, 3)
+            << (met ? " (met)" : " (NOT met)") << '\n';
+  if (!options.out.empty()) {
+    bench::write_json(options.out,
+                      {{"name", "loader_np" + std::to_string(world.size())},
+                       {"what", "samples/s and MB/s of the data Loader (shuffled, prefetch) vs one raw sequential H5Dread "
+                                "per dataset of the same shards; MB counted as stored (785 B per sample)"},
+                       {"settings", {{"batch_per_rank", options.batch}, {"prefetch", options.prefetch},
+                                     {"shuffle_window_blocks", options.window}, {"chunk_bytes", options.chunk_bytes},
+                                     {"reps", options.reps}}},
+                       {"machine", bench::machine_description(world.size(), "")},
+                       {"date", bench::utc_now()},
+                       {"git_commit", bench::git_commit()},
+                       {"goal", {{"ratio_at_least", options.goal}}},
+                       {"worst_ratio", worst},
+                       {"goal_met", met},
+                       {"rows", results}});
+    std::cout << "wrote " << options.out << '\n';
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  runtime::World world(&argc, &argv);
+  CLI::App app{"Data loader throughput vs a raw sequential HDF5 read"};
+  Options options;
+  app.add_option("--source", options.source, "a manifest or glob of classification shards (default: make them)");
+  app.add_option("--idx-dir", options.idx_dir, "folder with Fashion-MNIST's IDX files")->capture_default_str();
+  app.add_option("--work", options.work, "folder for the shards made from it")->capture_default_str();
+  app.add_option("--gzip", options.gzip, "gzip levels to make shards with")->capture_default_str();
+  app.add_option("--chunk-size", options.chunk_bytes, "chunk size of the shards made")->capture_default_str();
+  app.add_option("--batch", options.batch, "batch size per rank")->capture_default_str();
+  app.add_option("--prefetch", options.prefetch, "batches read ahead")->capture_default_str();
+  app.add_option("--window", options.window, "shuffle window in blocks (0: uniform)")->capture_default_str();
+  app.add_option("--reps", options.reps, "timed passes")->capture_default_str();
+  app.add_option("--goal", options.goal, "required loader/raw ratio")->capture_default_str();
+  app.add_option("--out", options.out, "JSON result file (written by rank 0)");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return world.is_root() ? app.exit(e) : (e.get_exit_code() == 0 ? 0 : runtime::to_int(runtime::ExitCode::bad_input));
+  }
+  return runtime::run_guarded(world, [&] { return run(world, options); });
+}

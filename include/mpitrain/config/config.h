@@ -1,0 +1,200 @@
+#pragma once
+// The training run's configuration: one JSON file, `--set key.path=value` overrides, and the
+// typed Config the rest of mpitrain reads.
+//
+// Contract:
+// - settings() is the one definition of every run setting (key, type, default, range, doc);
+//   docs/config.md mirrors it and a test fails when they disagree. Model options live under
+//   model.<model name> and come from each model's own schema (models::option_schemas()), so a
+//   user-registered model's options are validated like the built-in ones.
+// - load() = read_file(), then apply_override() for each --set in order, then validate(). Any
+//   problem with the input (missing or unreadable file, malformed JSON, unknown key, wrong type,
+//   value out of range, inconsistent settings) is runtime::Error with ExitCode::bad_input whose
+//   message names the file or --set argument, the key path and the expected form.
+// - A validated Config holds every setting (defaults filled in). Choice settings hold one of
+//   their listed strings; consumers may switch on them without re-checking.
+// - resolve(config, world_size) is the one step that depends on the world size: it derives
+//   batch.accumulation from batch.global (or batch.global from the others). Call it once per
+//   run, before the resolved config is saved or fingerprinted.
+// - to_json() is canonical and round-trips: validate(to_json(c)) equals c, and a resolved
+//   config re-resolves to itself at the same world size. fingerprint() hashes its compact dump,
+//   so ranks with equal configs (and equal model schemas) get equal fingerprints.
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "mpitrain/config/schema.h"
+
+namespace mpitrain::config {
+
+// The sections of Config mirror the table: one struct per section, one field per key, named as
+// in the file. Field initialisers only avoid indeterminate values; the defaults are settings().
+
+struct RunConfig {
+  std::string name;
+  std::string dir;
+  std::int64_t seed = 0;
+};
+
+struct ModelConfig {
+  std::string name;
+  /// The selected model's resolved options (the model.<name> section, defaults filled in).
+  nlohmann::json options;
+};
+
+struct DataSplit {
+  std::vector<std::string> files;  // globs or paths, as written
+  std::string manifest;
+  bool shuffle = false;
+  std::string remainder;  // "drop" | "wrap"
+
+  /// True when neither files nor a manifest are given (an eval split may be absent).
+  bool empty() const { return files.empty() && manifest.empty(); }
+};
+
+struct DataConfig {
+  std::string kind;  // "auto" | "classification" | "tokens"
+  std::int64_t seq_len = 0;
+  std::int64_t prefetch = 0;
+  bool file_locking = false;
+  DataSplit train;
+  DataSplit eval;
+};
+
+struct BatchConfig {
+  std::int64_t micro_batch = 0;
+  std::int64_t accumulation = 0;
+  std::int64_t global = 0;  // 0 until resolve() when not given
+};
+
+struct OptimizerConfig {
+  std::string name;  // "sgd" | "adamw"
+  double lr = 0;
+  double momentum = 0;
+  bool nesterov = false;
+  std::array<double, 2> betas{};
+  double eps = 0;
+  double weight_decay = 0;
+  double grad_clip = 0;  // 0: off
+};
+
+struct ScheduleConfig {
+  std::string name;  // "constant" | "cosine" | "linear"
+  std::int64_t warmup_steps = 0;
+  double min_lr_ratio = 0;
+};
+
+struct TrainConfig {
+  std::int64_t steps = 0;   // 0: bounded by epochs
+  std::int64_t epochs = 0;  // 0: bounded by steps
+};
+
+struct LossScaleConfig {
+  double init = 0;
+  double growth_factor = 0;
+  double backoff_factor = 0;
+  std::int64_t growth_interval = 0;
+};
+
+struct PrecisionConfig {
+  std::string mode;  // "auto" | "fp32" | "bf16" | "fp16"
+  bool tf32 = false;
+  LossScaleConfig loss_scale;
+};
+
+struct DdpConfig {
+  double bucket_mb = 0;
+  double first_bucket_mb = 0;
+  bool find_unused_parameters = false;
+  bool broadcast_buffers = false;
+  std::string wire_dtype;  // "fp32" | "bf16" | "fp16"
+  double comm_timeout_s = 0;
+};
+
+struct DeviceConfig {
+  std::string kind;  // "auto" | "cpu" | "cuda" (runtime::parse_device_kind)
+  bool allow_shared_gpu = false;
+  double memory_fraction = 0;
+  std::string backend;  // "auto" | "mpi" | "nccl" (comm::parse_backend)
+};
+
+struct CheckpointConfig {
+  std::int64_t every_steps = 0;
+  std::int64_t keep_last = 0;
+  std::int64_t keep_every = 0;
+  std::string dir;  // relative to the run directory
+  bool save_on_stop = false;
+};
+
+struct LogConfig {
+  std::int64_t every_steps = 0;
+  bool console = false;
+  std::string metrics_file;  // in the run directory; "" = none
+};
+
+struct EvalConfig {
+  std::int64_t every_steps = 0;
+  std::int64_t max_batches = 0;
+};
+
+struct Config {
+  RunConfig run;
+  ModelConfig model;
+  DataConfig data;
+  BatchConfig batch;
+  OptimizerConfig optimizer;
+  ScheduleConfig schedule;
+  TrainConfig train;
+  PrecisionConfig precision;
+  DdpConfig ddp;
+  DeviceConfig device;
+  CheckpointConfig checkpoint;
+  LogConfig log;
+  EvalConfig eval;
+};
+
+/// Option schemas of the models a config may name, by model name (models::option_schemas()).
+using ModelSchemas = std::map<std::string, Schema>;
+
+/// The run settings (everything except model options), with the cross-setting checks.
+const Schema& settings();
+
+/// settings() plus each model's options mounted at model.<name>, and model.name restricted to
+/// the given model names. This is what files and --set are checked against.
+Schema full_schema(const ModelSchemas& models);
+
+/// Reads and parses a JSON file; errors: missing/unreadable file, malformed JSON, a key given
+/// twice in one object.
+nlohmann::json read_file(const std::string& path);
+
+/// Applies one "key.path=value" to `tree`. The value is parsed for the key's type: booleans
+/// true/false; numbers as written (1e-3, .5); strings verbatim; lists as JSON ([0.9, 0.95],
+/// ["a.h5", "b.h5"]) or, for numbers, comma-separated (0.9,0.95); a string list also takes one
+/// string. Unknown keys and bad values are errors naming the --set argument.
+void apply_override(nlohmann::json& tree, const std::string& assignment,
+                    const ModelSchemas& models);
+
+/// Checks a whole config tree and returns the typed Config; `source` opens error messages.
+Config validate(const nlohmann::json& tree, const std::string& source, const ModelSchemas& models);
+
+/// read_file(path), the overrides in order, validate().
+Config load(const std::string& path, const std::vector<std::string>& overrides,
+            const ModelSchemas& models);
+
+/// Derives the batch sizes for `world_size` ranks: with batch.global set, accumulation =
+/// global / (micro_batch * world_size), which must divide exactly and agree with an explicit
+/// accumulation other than 1; otherwise global = micro_batch * accumulation * world_size.
+Config resolve(Config config, int world_size);
+
+/// The canonical tree (only the selected model's options under model); see the contract.
+nlohmann::json to_json(const Config& config);
+
+/// FNV-1a 64 of to_json(config).dump(): equal configs give equal values on every rank.
+std::uint64_t fingerprint(const Config& config);
+
+}  // namespace mpitrain::config

@@ -1,0 +1,77 @@
+#pragma once
+// A dataset of HDF5 shards opened for reading: the sample count, what one sample is, and
+// batched reads of arbitrary sample indices.
+//
+// Contract:
+// - The constructor opens and checks every shard (files exist and are HDF5, named datasets
+//   exist, supported dtypes, inputs/targets first dimensions agree, filters available, a
+//   manifest's counts/dtypes/shapes match the files, at least one sample) and throws
+//   runtime::Error(bad_input) naming the file, the dataset and the problem.
+// - Samples are numbered 0..size()-1 shard after shard. A shard's samples are grouped into
+//   blocks that follow its HDF5 chunks (blocks()); the sampler shuffles blocks and then samples
+//   within windows of blocks, so a block's chunk is decompressed once per window, not once
+//   per sample.
+// - read_into() fills a batch in the order of the indices given. Reads are chunk-aligned
+//   hyperslabs (adjacent missing chunks merged into one read) into a cache of decompressed
+//   chunks (least recently used out) of about cache_blocks blocks.
+// - Delivered dtypes: classification inputs keep their stored dtype (uint16/uint32 widen to
+//   int32/int64); integer targets and all tokens are int64; float targets keep their dtype.
+//   Tokens: inputs = window[0, seq_len), targets = window[1, seq_len + 1).
+// - Not thread-safe: one thread at a time (the loader's prefetch thread). HDF5 errors while
+//   reading (a damaged chunk) throw runtime::Error naming the file, dataset and rows.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "mpitrain/data/spec.h"
+
+namespace mpitrain::data {
+
+/// What one sample of a delivered tensor looks like.
+struct Field {
+  std::string name;                 // the HDF5 dataset it comes from
+  c10::ScalarType dtype;            // as delivered
+  std::vector<std::int64_t> shape;  // per sample
+  std::string stored;               // stored dtype ("uint8", ...)
+};
+
+struct Batch {
+  at::Tensor inputs;
+  at::Tensor targets;
+  std::int64_t epoch = 0;  // the global batch this is a slice of (set by the loader)
+  std::int64_t step = 0;
+};
+
+class Dataset {
+ public:
+  explicit Dataset(const DatasetSpec& spec, std::int64_t cache_blocks = 4);
+  ~Dataset();
+  Dataset(const Dataset&) = delete;
+  Dataset& operator=(const Dataset&) = delete;
+
+  const DatasetSpec& spec() const;
+  const std::vector<std::string>& files() const;
+  std::int64_t size() const;
+  const Field& inputs() const;
+  const Field& targets() const;
+  /// Sample counts of the blocks, in sample order (they add up to size()).
+  const std::vector<std::int64_t>& blocks() const;
+  /// One line naming what every rank must agree on (counts, blocks, names, dtypes, shapes).
+  std::string description() const;
+
+  /// Empty CPU tensors of the right shape and dtype for n samples (pinned when asked).
+  Batch allocate(std::int64_t n, bool pinned = false) const;
+  /// Fills out.inputs/targets rows 0..indices.size()-1 with the samples named by indices.
+  void read_into(const std::vector<std::int64_t>& indices, Batch& out);
+  Batch read(const std::vector<std::int64_t>& indices);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace mpitrain::data

@@ -1,0 +1,40 @@
+#pragma once
+// The one interface the trainer sees of any model, built-in or user-registered.
+//
+// Contract:
+// - forward(inputs) returns logits.
+//   classification: inputs are floating-point [N, ...] (one sample per row of the first
+//   dimension), logits are [N, num_classes], trained with cross-entropy against class ids [N].
+//   language_modeling: inputs are token ids [N, T] (int64 or int32) with T <= context_length(),
+//   logits are [N, T, vocab]; the logits at position t predict token t+1 and depend on tokens
+//   0..t only (causal), trained with cross-entropy against the inputs shifted by one.
+// - Inputs that do not fit the model's configured sizes are runtime::Error(bad_input) naming
+//   the option they contradict, never a crash deep inside a kernel.
+// - A model is built on the CPU in float32, initialised from the current torch RNG (seed it
+//   with torch::manual_seed for a reproducible model); the trainer moves it to its device.
+// - Each parameter is registered once: weights are tied by using one module's tensor in two
+//   places in forward(), not by registering it twice, so that parameters() lists every tensor
+//   exactly once (DDP buckets, optimizers and checkpoints rely on it).
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+#include <cstdint>
+
+namespace mpitrain::models {
+
+enum class Task { classification, language_modeling };
+const char* to_string(Task task);  // "classification" | "language_modeling"
+
+class Model : public torch::nn::Module {
+ public:
+  virtual at::Tensor forward(const at::Tensor& inputs) = 0;
+  virtual Task task() const = 0;
+  /// The longest token sequence forward() accepts; 0 for models that do not take sequences.
+  virtual std::int64_t context_length() const { return 0; }
+};
+
+/// Number of scalars in the module's parameters, each distinct tensor counted once.
+std::int64_t count_parameters(const torch::nn::Module& module);
+
+}  // namespace mpitrain::models

@@ -1,0 +1,81 @@
+#pragma once
+// The training loop.
+//
+// Contract:
+// - Construction is collective: it picks the device and communicator, compares the resolved
+//   config's fingerprint across ranks (a mismatch is bad_input on every rank), builds the model
+//   (seeded by run.seed, so every rank builds the same one before DDP broadcasts it anyway),
+//   wraps it in DDP, opens the train (and eval) loaders, and builds the optimizer, scheduler
+//   and loss scaler.
+// - step() runs one optimizer step, the same on every rank: accumulation micro-batches (all but
+//   the last under no_sync), forward under autocast, loss divided by the accumulation count and
+//   scaled (fp16), backward, wait for DDP, unscale (found-inf agreed across ranks), clip,
+//   optimizer step unless skipped, learning rate for the next step.
+// - run() steps until train.steps (or train.epochs) are done or a stop signal is agreed; logs
+//   at log.every_steps and evaluates at eval.every_steps and at the end. Its result says why it
+//   ended.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "mpitrain/config/config.h"
+
+namespace mpitrain::runtime {
+class World;
+class StopSignals;
+}  // namespace mpitrain::runtime
+
+namespace mpitrain::train {
+
+struct StepTimes {
+  double data = 0;      // waiting for batches
+  double compute = 0;   // forward and backward
+  double comm = 0;      // waiting for DDP's reductions after backward
+  double optimizer = 0; // unscale, clip, step
+};
+
+struct StepResult {
+  std::int64_t step = 0;  // optimizer steps done, this one included
+  at::Tensor loss;        // this rank's mean loss over the step's micro-batches (device scalar)
+  bool skipped = false;   // fp16 overflow: no update
+  double grad_norm = 0;   // before clipping; 0 when clipping is off and it was not computed
+  double lr = 0;          // the learning rate this step used
+  StepTimes times;
+};
+
+struct EvalResult {
+  double loss = 0;
+  double accuracy = -1;  // classification only
+  std::int64_t samples = 0;
+};
+
+enum class Outcome { finished, stopped };
+
+class Trainer {
+ public:
+  Trainer(const runtime::World& world, const config::Config& config, const std::string& run_dir,
+          const runtime::StopSignals& signals);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  StepResult step();
+  EvalResult evaluate();
+  Outcome run();
+
+  std::int64_t steps_done() const;
+  std::int64_t total_steps() const;
+  std::int64_t parameter_count() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+/// run.dir/run.name.
+std::string run_directory(const config::Config& config);
+
+}  // namespace mpitrain::train

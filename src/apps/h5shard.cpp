@@ -1,0 +1,212 @@
+// h5shard: makes HDF5 dataset shards from local data and inspects them (docs/data.md).
+//
+//   h5shard idx --images train-images-idx3-ubyte.gz --labels train-labels-idx1-ubyte.gz --out data/fmnist
+//   h5shard text /usr/share/games/fortunes/fortunes --separator % --level char --out data/fortunes
+//   h5shard csv table.csv --label species --out data/table
+//   h5shard inspect data/fmnist/train.json
+//   h5shard verify data/fmnist/train.json
+//
+// Exit codes: 0 done, 2 bad input (one line on stderr saying what and where); nothing is left
+// half-written.
+#include <CLI/CLI.hpp>
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <cstdio>
+#include <iomanip>
+#include <iostream>
+#include <sstream>
+
+#include "mpitrain/comm/communicator.h"
+#include "mpitrain/data/shards.h"
+#include "mpitrain/data/sources.h"
+#include "mpitrain/data/spec.h"
+#include "mpitrain/runtime/error.h"
+
+using namespace mpitrain;
+
+namespace {
+
+struct Output {
+  std::string out;
+  std::string name = "train";
+  std::string val_name = "val";
+  double val = 0.0;
+  std::uint64_t seed = 0;
+  data::ShardOptions shards;
+};
+
+void add_output_options(CLI::App& command, Output& o) {
+  command.add_option("--out", o.out, "output folder (created if missing)")->required();
+  command.add_option("--name", o.name, "name of the training set: <out>/<name>.json and <name>-NNNNN-of-MMMMM.h5")
+      ->capture_default_str();
+  command.add_option("--val", o.val, "fraction of rows (documents for text) held out as the validation set")
+      ->check(CLI::Range(0.0, 0.99))
+      ->capture_default_str();
+  command.add_option("--val-name", o.val_name, "name of the validation set")->capture_default_str();
+  command.add_option("--seed", o.seed, "seed of the train/validation split")->capture_default_str();
+  command.add_option("--shards", o.shards.shards, "number of shards (0: from --shard-size)")->capture_default_str();
+  command.add_option("--shard-size", o.shards.shard_bytes, "target shard size, e.g. 256M")
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
+  command.add_option("--chunk-size", o.shards.chunk_bytes, "target HDF5 chunk size, e.g. 1M")
+      ->transform(CLI::AsSizeValue(false))
+      ->capture_default_str();
+  command.add_option("--gzip", o.shards.gzip, "gzip level, 0 for none (shuffle filter added for multi-byte types)")
+      ->check(CLI::Range(0, 9))
+      ->capture_default_str();
+}
+
+at::Tensor take(const at::Tensor& t, const std::vector<std::int64_t>& rows) {
+  return t.index_select(0, at::tensor(rows, at::kLong));
+}
+
+void report(const data::ShardSet& set) {
+  std::cout << "wrote " << set.manifest << ": " << set.files.size() << " shard(s), " << set.rows << " rows\n";
+}
+
+// Writes the training set and, with --val, the validation set, rows chosen by a seeded split.
+void write_table(const data::Table& table, const Output& o) {
+  const auto [train, validation] = data::split_rows(table.inputs.size(0), o.val, o.seed);
+  if (!validation.empty() && o.val_name == o.name)
+    throw runtime::Error("--name and --val-name are both '" + o.name + "'", runtime::ExitCode::bad_input);
+  nlohmann::json metadata = table.metadata;
+  metadata["split"] = {{"validation", o.val}, {"seed", o.seed}};
+  report(data::write_shards(o.out, o.name, {{"inputs", take(table.inputs, train)}, {"targets", take(table.targets, train)}},
+                            o.shards, metadata));
+  if (!validation.empty())
+    report(data::write_shards(o.out, o.val_name,
+                              {{"inputs", take(table.inputs, validation)}, {"targets", take(table.targets, validation)}},
+                              o.shards, metadata));
+}
+
+void write_text(const std::vector<std::string>& files, const std::string& separator, const std::string& level,
+                const Output& o) {
+  const std::vector<data::Document> documents = data::read_documents(files, separator);
+  // One vocabulary for both parts, so token ids mean the same in each.
+  const data::Vocabulary vocabulary = data::make_vocabulary(documents, data::parse_token_level(level));
+  const auto [train, validation] = data::split_rows(static_cast<std::int64_t>(documents.size()), o.val, o.seed);
+  if (!validation.empty() && o.val_name == o.name)
+    throw runtime::Error("--name and --val-name are both '" + o.name + "'", runtime::ExitCode::bad_input);
+  if (train.empty())
+    throw runtime::Error("only " + std::to_string(documents.size()) + " document(s): nothing left for training after --val",
+                         runtime::ExitCode::bad_input);
+  nlohmann::json metadata = data::describe(vocabulary);
+  metadata["source"] = "text";
+  metadata["files"] = files;
+  metadata["split"] = {{"validation", o.val}, {"seed", o.seed}, {"unit", separator.empty() ? "file" : "document"}};
+  const auto part = [&](const std::vector<std::int64_t>& rows) {
+    std::vector<data::Document> selected;
+    for (const std::int64_t r : rows) selected.push_back(documents[static_cast<std::size_t>(r)]);
+    return data::encode(selected, vocabulary);
+  };
+  report(data::write_shards(o.out, o.name, {{"tokens", part(train)}}, o.shards, metadata));
+  if (!validation.empty()) report(data::write_shards(o.out, o.val_name, {{"tokens", part(validation)}}, o.shards, metadata));
+}
+
+std::string join(const std::vector<std::int64_t>& values) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < values.size(); ++i) out += (i ? "," : "") + std::to_string(values[i]);
+  return out + "]";
+}
+
+void inspect(const std::string& source, bool locking) {
+  if (data::is_manifest(source)) {
+    const data::Manifest manifest = data::read_manifest(source);
+    std::int64_t rows = 0;
+    for (const auto& f : manifest.files) rows += f.rows;
+    std::cout << "manifest " << source << ": " << manifest.files.size() << " file(s), " << rows << " rows\n";
+    for (const auto& d : manifest.datasets) std::cout << "  " << d.name << ": " << d.dtype << " " << join(d.shape) << " per row\n";
+    if (!manifest.metadata.empty()) {
+      std::string text = manifest.metadata.dump();
+      if (text.size() > 300) text = text.substr(0, 300) + "...";
+      std::cout << "  metadata: " << text << '\n';
+    }
+  }
+  for (const auto& path : data::resolve_files(source)) {
+    const data::FileInfo info = data::inspect_file(path, locking);
+    std::cout << info.path << " (" << comm::format_bytes(info.file_bytes) << ")\n";
+    for (const auto& d : info.datasets) {
+      std::ostringstream line;
+      line << "  " << std::left << std::setw(10) << d.name << " " << d.dtype << (d.supported ? "" : " (unsupported)") << " "
+           << join(d.shape) << ", rows " << (d.shape.empty() ? 0 : d.shape[0]) << ", chunks "
+           << (d.chunks.empty() ? "none (contiguous)" : join(d.chunks)) << ", filters ";
+      std::string filters;
+      for (const auto& f : d.filters) filters += (filters.empty() ? "" : "+") + f;
+      line << (filters.empty() ? "none" : filters) << ", " << comm::format_bytes(d.bytes) << " -> "
+           << comm::format_bytes(d.stored_bytes);
+      if (d.stored_bytes > 0) line << " (" << std::fixed << std::setprecision(2) << double(d.bytes) / double(d.stored_bytes) << "x)";
+      std::cout << line.str() << '\n';
+    }
+  }
+}
+
+void verify(const std::string& source, bool locking) {
+  const auto start = std::chrono::steady_clock::now();
+  const data::VerifyReport r = data::verify(source, locking);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::cout << "ok: " << r.files << " file(s), " << r.rows << " rows, " << r.chunks << " chunk reads, "
+            << comm::format_bytes(r.bytes_read) << " read in " << std::fixed << std::setprecision(2) << seconds << " s\n";
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"h5shard: make HDF5 dataset shards from local data, and inspect or verify them"};
+  app.require_subcommand(1);
+  Output output;
+
+  std::vector<std::string> text_files;
+  std::string separator, level = "byte";
+  CLI::App* text = app.add_subcommand("text", "text files -> a byte- or character-level token stream ('tokens')");
+  text->add_option("files", text_files, "text files")->required();
+  text->add_option("--level", level, "byte or char (characters numbered in code point order)")
+      ->check(CLI::IsMember({"byte", "char"}))
+      ->capture_default_str();
+  text->add_option("--separator", separator, "a line that separates documents (fortune files: %); default: one per file");
+  add_output_options(*text, output);
+
+  std::string images, labels;
+  CLI::App* idx = app.add_subcommand("idx", "IDX image/label files (MNIST format, .gz or not) -> 'inputs'/'targets'");
+  idx->add_option("--images", images, "images file, e.g. train-images-idx3-ubyte.gz")->required();
+  idx->add_option("--labels", labels, "labels file, e.g. train-labels-idx1-ubyte.gz")->required();
+  add_output_options(*idx, output);
+
+  std::string csv_file;
+  data::CsvOptions csv_options;
+  CLI::App* csv = app.add_subcommand("csv", "a CSV table -> float32 'inputs' (features) and 'targets' (label column)");
+  csv->add_option("file", csv_file, "CSV file")->required();
+  csv->add_option("--label", csv_options.label, "label column: header name or 0-based index (default: the last)");
+  csv->add_option("--delimiter", csv_options.delimiter, "field delimiter")->capture_default_str();
+  add_output_options(*csv, output);
+
+  std::string source;
+  bool no_locking = false;
+  CLI::App* inspect_cmd = app.add_subcommand("inspect", "datasets, shapes, dtypes, chunking, filters and row counts");
+  inspect_cmd->add_option("source", source, "a manifest (.json) or a glob of .h5 files")->required();
+  inspect_cmd->add_flag("--no-file-locking", no_locking, "open without HDF5 file locking (shared file systems)");
+  CLI::App* verify_cmd = app.add_subcommand("verify", "read every chunk; check counts, dtypes and shapes");
+  verify_cmd->add_option("source", source, "a manifest (.json) or a glob of .h5 files")->required();
+  verify_cmd->add_flag("--no-file-locking", no_locking, "open without HDF5 file locking (shared file systems)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int code = app.exit(e);
+    return code == 0 ? 0 : runtime::to_int(runtime::ExitCode::bad_input);
+  }
+  try {
+    if (text->parsed()) write_text(text_files, separator, level, output);
+    if (idx->parsed()) write_table(data::read_idx(images, labels), output);
+    if (csv->parsed()) write_table(data::read_csv(csv_file, csv_options), output);
+    if (inspect_cmd->parsed()) inspect(source, !no_locking);
+    if (verify_cmd->parsed()) verify(source, !no_locking);
+  } catch (const runtime::Error& e) {
+    std::cerr << "h5shard: error: " << e.what() << '\n';
+    return runtime::to_int(e.code());
+  } catch (const std::exception& e) {
+    std::cerr << "h5shard: error: " << e.what() << '\n';
+    return runtime::to_int(runtime::ExitCode::failure);
+  }
+  return 0;
+}

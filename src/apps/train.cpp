@@ -1,0 +1,95 @@
+// train: mpitrain's training program, one process per GPU (or per CPU rank).
+//
+//   mpirun -np 4 build/bin/train --config run.json [--set key.path=value ...] [--dry-run]
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "mpitrain/config/config.h"
+#include "mpitrain/models/model.h"
+#include "mpitrain/models/registry.h"
+#include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/signals.h"
+#include "mpitrain/runtime/world.h"
+#include "mpitrain/train/trainer.h"
+
+using namespace mpitrain;
+
+namespace {
+
+struct Arguments {
+  std::string config;
+  std::vector<std::string> overrides;
+  bool dry_run = false;
+};
+
+void save_resolved_config(const std::string& run_dir, const config::Config& config) {
+  std::filesystem::create_directories(run_dir);
+  const std::filesystem::path target = std::filesystem::path(run_dir) / "config.json";
+  const std::filesystem::path temporary = target.string() + ".tmp";
+  {
+    std::ofstream out(temporary);
+    out << config::to_json(config).dump(2) << '\n';
+    if (!out) throw runtime::Error("cannot write " + temporary.string() + ": check that run.dir is writable");
+  }
+  std::filesystem::rename(temporary, target);
+}
+
+int run_training(const runtime::World& world, const runtime::StopSignals& signals, const Arguments& args) {
+  const config::Config config =
+      config::resolve(config::load(args.config, args.overrides, models::option_schemas()), world.size());
+  const std::string run_dir = train::run_directory(config);
+
+  if (args.dry_run) {
+    // Builds everything (model, DDP, loaders) to prove the config and data, and writes nothing.
+    train::Trainer trainer(world, config, run_dir, signals);
+    if (world.is_root()) {
+      std::cout << "config " << args.config << " is valid; model " << config.model.name << " has "
+                << trainer.parameter_count() << " parameters; " << trainer.total_steps() << " optimizer steps of "
+                << config.batch.global << " samples on " << world.size() << " rank(s)\n"
+                << "resolved config:\n" << config::to_json(config).dump(2) << '\n';
+    }
+    return 0;
+  }
+
+  if (world.is_root()) save_resolved_config(run_dir, config);
+  world.barrier();
+  train::Trainer trainer(world, config, run_dir, signals);
+  world.log().info("training " + config.model.name + " (" + std::to_string(trainer.parameter_count()) +
+                   " parameters) for " + std::to_string(trainer.total_steps()) + " steps on " +
+                   std::to_string(world.size()) + " rank(s); run directory " + run_dir);
+  const train::Outcome outcome = trainer.run();
+  if (outcome == train::Outcome::stopped) {
+    world.log().info("stopped by a signal after step " + std::to_string(trainer.steps_done()));
+    return runtime::to_int(runtime::ExitCode::stopped);
+  }
+  world.log().info("done: " + std::to_string(trainer.steps_done()) + " steps; metrics in " +
+                   (std::filesystem::path(run_dir) / config.log.metrics_file).string());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  runtime::World world(&argc, &argv);
+  runtime::StopSignals signals;
+  CLI::App app{"mpitrain: data-parallel training of LibTorch models; start one process per GPU with mpirun"};
+  Arguments args;
+  app.add_option("--config", args.config, "the run's JSON config (docs/config.md)")->required()->check(CLI::ExistingFile);
+  app.add_option("--set", args.overrides, "override a config key: --set optimizer.lr=3e-4 (repeatable)");
+  app.add_flag("--dry-run", args.dry_run,
+               "validate the config and data, build the model, print the parameter count and resolved config, exit");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // Every rank parses the same arguments; only rank 0 prints.
+    const int rc = world.is_root() ? app.exit(e) : e.get_exit_code();
+    return rc == 0 ? 0 : runtime::to_int(runtime::ExitCode::bad_input);
+  }
+  return runtime::run_guarded(world, [&] { return run_training(world, signals, args); });
+}

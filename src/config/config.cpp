@@ -1,0 +1,461 @@
+#include "mpitrain/config/config.h"
+
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <utility>
+
+#include "mpitrain/runtime/error.h"
+
+namespace mpitrain::config {
+
+using nlohmann::json;
+
+// Field lists for the JSON conversions. A field missing here, or a key missing from the table,
+// breaks the round-trip test, so the table and the structs cannot drift apart.
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(RunConfig, name, dir, seed)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataSplit, files, manifest, shuffle, remainder)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataConfig, kind, seq_len, prefetch, file_locking, train, eval)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(BatchConfig, micro_batch, accumulation, global)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(OptimizerConfig, name, lr, momentum, nesterov, betas, eps,
+                                   weight_decay, grad_clip)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(ScheduleConfig, name, warmup_steps, min_lr_ratio)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(TrainConfig, steps, epochs)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LossScaleConfig, init, growth_factor, backoff_factor,
+                                   growth_interval)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(PrecisionConfig, mode, tf32, loss_scale)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DdpConfig, bucket_mb, first_bucket_mb, find_unused_parameters,
+                                   broadcast_buffers, wire_dtype, comm_timeout_s)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DeviceConfig, kind, allow_shared_gpu, memory_fraction, backend)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(CheckpointConfig, every_steps, keep_last, keep_every, dir,
+                                   save_on_stop)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LogConfig, every_steps, console, metrics_file)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(EvalConfig, every_steps, max_batches)
+
+// The model section holds every model's options while validating; the Config keeps only the
+// selected model's, so the saved config and the fingerprint do not depend on unused models.
+void to_json(json& j, const ModelConfig& m) { j = json{{"name", m.name}, {m.name, m.options}}; }
+void from_json(const json& j, ModelConfig& m) {
+  m.name = j.at("name").get<std::string>();
+  m.options = j.at(m.name);
+}
+
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Config, run, model, data, batch, optimizer, schedule, train,
+                                   precision, ddp, device, checkpoint, log, eval)
+
+namespace {
+
+[[noreturn]] void fail(const std::string& source, const std::string& message) {
+  throw runtime::Error(source + ": " + message, runtime::ExitCode::bad_input);
+}
+
+std::string in_quotes(const std::string& s) { return "\"" + s + "\""; }
+
+// A name that becomes one folder or file inside the run directory.
+std::function<std::string(const json&)> plain_name(bool allow_empty) {
+  return [allow_empty](const json& v) -> std::string {
+    const auto s = v.get<std::string>();
+    if (s.empty()) return allow_empty ? "" : "it is empty";
+    if (s == "." || s == ".." || s.find('/') != std::string::npos)
+      return "it must name one entry, without '/'";
+    return "";
+  };
+}
+
+std::string check_run(const Section& s) {
+  if (s.integer("train.steps") == 0 && s.integer("train.epochs") == 0)
+    return "set train.steps or train.epochs (both are 0, so the run would have no end)";
+  for (const std::string split : {"train", "eval"}) {
+    const bool files = !s.texts("data." + split + ".files").empty();
+    const bool manifest = !s.text("data." + split + ".manifest").empty();
+    if (files && manifest)
+      return "data." + split + ".files and data." + split + ".manifest are both set; keep one";
+    if (split == "train" && !files && !manifest)
+      return "name the training shards with data.train.files (a glob or a list of files) or "
+             "data.train.manifest";
+  }
+  if (s.text("optimizer.name") == "sgd" && s.boolean("optimizer.nesterov") &&
+      s.number("optimizer.momentum") == 0.0)
+    return "optimizer.nesterov needs optimizer.momentum > 0";
+  return "";
+}
+
+Schema make_settings() {
+  const Range positive = Range::above(0);
+  const Range non_negative = Range::at_least(0);
+  const Range unit = Range::half_open(0, 1);
+  std::vector<Setting> s = {
+      text("run.name", "run", "name of the run; its outputs go to the folder run.dir/run.name")
+          .with_rule("a file name without '/'", plain_name(false)),
+      text("run.dir", "runs", "folder holding the run directories"),
+      integer("run.seed", 0, "seed of initialisation, shuffling and dropout", non_negative),
+
+      text("model.name", "mlp",
+           "model to train: mlp, cnn, gpt or a name registered with models::register_model")
+          .with_rule("the name of a registered model", {}),
+
+      text("data.kind", "auto",
+           "what the shards hold: inputs and class targets, or token ids; auto = from the model",
+           {"auto", "classification", "tokens"}),
+      integer("data.seq_len", 0,
+              "tokens per sample for token data (0 = the model's context length)", non_negative),
+      integer("data.prefetch", 2,
+              "micro-batches read ahead in the background (0 = read on demand)", non_negative),
+      flag("data.file_locking", false,
+           "use HDF5 file locking when opening shards (network file systems often lack it)"),
+      texts("data.train.files", {}, "training shards: a glob or a list of HDF5 files and globs"),
+      text("data.train.manifest", "",
+           "a text file naming the training shards, one per line (instead of files)"),
+      flag("data.train.shuffle", true,
+           "shuffle the training samples each epoch (seeded by run.seed and the epoch)"),
+      text("data.train.remainder", "drop",
+           "samples left after the last full global batch of an epoch: drop, or wrap to the "
+           "epoch's start",
+           {"drop", "wrap"}),
+      texts("data.eval.files", {},
+            "evaluation shards: a glob or a list of HDF5 files and globs (none = no evaluation)"),
+      text("data.eval.manifest", "",
+           "a text file naming the evaluation shards, one per line (instead of files)"),
+      flag("data.eval.shuffle", false, "shuffle the evaluation samples"),
+      text("data.eval.remainder", "drop",
+           "samples left after the last full global batch of the evaluation set: drop or wrap",
+           {"drop", "wrap"}),
+
+      integer("batch.micro_batch", 32, "samples per rank in one forward and backward pass",
+              Range::at_least(1)),
+      integer("batch.accumulation", 1,
+              "micro-batches accumulated per optimizer step (derived when batch.global is set)",
+              Range::at_least(1)),
+      integer("batch.global", 0,
+              "samples per optimizer step over all ranks (0 = micro_batch x accumulation x "
+              "ranks)",
+              non_negative),
+
+      text("optimizer.name", "adamw", "update rule: SGD (with momentum) or AdamW",
+           {"sgd", "adamw"}),
+      number("optimizer.lr", 1e-3, "peak learning rate", positive),
+      number("optimizer.momentum", 0.9, "SGD momentum", unit),
+      flag("optimizer.nesterov", false, "SGD with Nesterov momentum"),
+      numbers("optimizer.betas", {0.9, 0.999}, "AdamW's beta1 and beta2", unit).items(2, 2),
+      number("optimizer.eps", 1e-8, "AdamW's epsilon", positive),
+      number("optimizer.weight_decay", 0.01,
+             "decoupled weight decay (AdamW) or L2 penalty (SGD)", non_negative),
+      number("optimizer.grad_clip", 0.0,
+             "clip the global gradient norm to this value (0 = no clipping)", non_negative),
+
+      text("schedule.name", "constant",
+           "learning rate after warm-up: constant, or cosine or linear decay to min_lr_ratio x "
+           "lr at the last step",
+           {"constant", "cosine", "linear"}),
+      integer("schedule.warmup_steps", 0,
+              "optimizer steps of linear warm-up from 0 to optimizer.lr", non_negative),
+      number("schedule.min_lr_ratio", 0.1,
+             "final learning rate of the decaying schedules, as a fraction of optimizer.lr",
+             Range::closed(0, 1)),
+
+      integer("train.steps", 0, "optimizer steps to train (0 = as many as train.epochs take)",
+              non_negative),
+      integer("train.epochs", 0,
+              "passes over the training data (0 = no limit); with both set, the first reached "
+              "ends the run",
+              non_negative),
+
+      text("precision.mode", "auto",
+           "compute precision; auto = bf16 on GPUs that have it, else fp16; fp32 on CPU",
+           {"auto", "fp32", "bf16", "fp16"}),
+      flag("precision.tf32", true, "allow TF32 tensor cores for fp32 matmuls and convolutions"),
+      number("precision.loss_scale.init", 65536.0, "initial fp16 loss scale", positive),
+      number("precision.loss_scale.growth_factor", 2.0,
+             "loss scale multiplier after growth_interval steps without overflow",
+             Range::above(1)),
+      number("precision.loss_scale.backoff_factor", 0.5,
+             "loss scale multiplier after a step that overflowed", Range::open(0, 1)),
+      integer("precision.loss_scale.growth_interval", 2000,
+              "overflow-free steps before the loss scale grows", Range::at_least(1)),
+
+      number("ddp.bucket_mb", 25.0, "gradient bucket size in MiB", positive),
+      number("ddp.first_bucket_mb", 1.0,
+             "size of the first gradient bucket in MiB (small, so communication starts early)",
+             positive),
+      flag("ddp.find_unused_parameters", false,
+           "allow parameters that get no gradient in a step (costs a scan of the graph)"),
+      flag("ddp.broadcast_buffers", true,
+           "copy rank 0's buffers (such as batch-norm statistics) to every rank before each "
+           "forward"),
+      text("ddp.wire_dtype", "fp32",
+           "dtype of gradients on the wire; bf16 and fp16 halve the traffic",
+           {"fp32", "bf16", "fp16"}),
+      number("ddp.comm_timeout_s", 600.0,
+             "seconds a collective may take before the job is ended", positive),
+
+      text("device.kind", "auto",
+           "auto = the GPU of the rank's node-local index when one is usable, else the CPU",
+           {"auto", "cpu", "cuda"}),
+      flag("device.allow_shared_gpu", false,
+           "let ranks of one node share GPUs (MPI backend or debugging only)"),
+      number("device.memory_fraction", 1.0,
+             "fraction of each GPU's memory the caching allocator may use", Range::open_closed(0, 1)),
+      text("device.backend", "auto", "collective backend; auto = nccl on GPUs, mpi on CPU",
+           {"auto", "mpi", "nccl"}),
+
+      integer("checkpoint.every_steps", 1000,
+              "save a checkpoint every N optimizer steps (0 = only at the end and on stop)",
+              non_negative),
+      integer("checkpoint.keep_last", 3, "newest checkpoints kept (0 = keep all)",
+              non_negative),
+      integer("checkpoint.keep_every", 0,
+              "also keep every checkpoint whose step is a multiple of N (0 = none)",
+              non_negative),
+      text("checkpoint.dir", "checkpoints", "checkpoint folder, relative to the run directory")
+          .with_rule("a non-empty path", [](const json& v) -> std::string {
+            return v.get<std::string>().empty() ? "it is empty" : "";
+          }),
+      flag("checkpoint.save_on_stop", true,
+           "save a checkpoint when a signal (SIGTERM, SIGUSR1, SIGINT) stops the run"),
+
+      integer("log.every_steps", 10, "log metrics every N optimizer steps", Range::at_least(1)),
+      flag("log.console", true, "print a progress line (rank 0)"),
+      text("log.metrics_file", "metrics.jsonl",
+           "JSON Lines metrics file in the run directory (empty = none)")
+          .with_rule("a file name without '/', or empty", plain_name(true)),
+
+      integer("eval.every_steps", 1000,
+              "evaluate every N optimizer steps and at the end (0 = only at the end)",
+              non_negative),
+      integer("eval.max_batches", 0, "micro-batches per rank per evaluation (0 = all)",
+              non_negative),
+  };
+  return Schema{std::move(s), check_run};
+}
+
+// nlohmann's what() starts with "[json.exception.parse_error.101] "; the rest says where and why.
+std::string parse_error_text(const json::parse_error& e) {
+  std::string why = e.what();
+  if (const auto end = why.find("] "); end != std::string::npos) why = why.substr(end + 2);
+  return why;
+}
+
+// Numbers as people type them on a command line: 3, 1e-3, .5 (JSON would refuse the last).
+std::optional<json> parse_number(const std::string& text) {
+  if (text.empty()) return {};
+  errno = 0;
+  char* end = nullptr;
+  const long long i = std::strtoll(text.c_str(), &end, 10);
+  if (*end == '\0' && errno == 0) return json(static_cast<std::int64_t>(i));
+  errno = 0;
+  const double d = std::strtod(text.c_str(), &end);
+  if (*end == '\0' && errno == 0 && std::isfinite(d)) return json(d);
+  return {};
+}
+
+json override_value(const Setting& s, const std::string& text, const std::string& source,
+                    const std::string& key) {
+  // A number when it reads as one, else the text, which normalize() then reports.
+  const auto number_or_text = [](const std::string& t) {
+    auto v = parse_number(t);
+    return v ? *v : json(t);
+  };
+  switch (s.type) {
+    case Type::string:
+      return text;
+    case Type::boolean:
+      return text == "true" ? json(true) : text == "false" ? json(false) : json(text);
+    case Type::integer:
+    case Type::number:
+      return number_or_text(text);
+    case Type::integer_list:
+    case Type::number_list:
+    case Type::string_list:
+      break;
+  }
+  if (!text.empty() && text.front() == '[') {
+    try {
+      return json::parse(text);
+    } catch (const json::parse_error& e) {
+      fail(source, in_quotes(key) + " must be " + describe(s) +
+                       "; the value is not a JSON list (" + parse_error_text(e) + ")");
+    }
+  }
+  if (s.type == Type::string_list) return text;
+  json items = json::array();
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) items.push_back(number_or_text(item));
+  return items;
+}
+
+}  // namespace
+
+const Schema& settings() {
+  static const Schema table = make_settings();
+  return table;
+}
+
+Schema full_schema(const ModelSchemas& models) {
+  Schema full = settings();
+  for (Setting& s : full.settings) {
+    if (s.path != "model.name") continue;
+    s.form.clear();
+    for (const auto& entry : models) s.choices.push_back(entry.first);
+  }
+  for (const auto& [name, schema] : models)
+    for (Setting s : schema.settings) {
+      s.path = "model." + name + "." + s.path;
+      full.settings.push_back(std::move(s));
+    }
+  full.check = [models](const Section& s) -> std::string {
+    if (std::string problem = settings().check(s); !problem.empty()) return problem;
+    const std::string name = s.text("model.name");
+    const Schema& model = models.at(name);
+    if (!model.check) return "";
+    const std::string path = "model." + name;
+    if (std::string problem = model.check(Section(s.json().at("model").at(name), path));
+        !problem.empty())
+      return "in " + in_quotes(path) + ": " + problem;
+    return "";
+  };
+  return full;
+}
+
+json read_file(const std::string& path) {
+  const std::string source = "config file " + in_quotes(path);
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    fail(source, "is a directory; pass the JSON file to --config");
+  std::ifstream in(path);
+  if (!in)
+    fail(source,
+         std::string("cannot be read (") + std::strerror(errno) + "); check the --config path");
+  std::stringstream content;
+  content << in.rdbuf();
+
+  // nlohmann keeps the last of two equal keys silently; a duplicated key is almost always an
+  // edit gone wrong, so say so. Each open object remembers its path and the keys seen.
+  struct Open {
+    std::string path;
+    bool object;
+    std::set<std::string> keys;
+  };
+  std::vector<Open> open;
+  std::string last_key;
+  const json::parser_callback_t on_event = [&](int, json::parse_event_t event, json& parsed) {
+    switch (event) {
+      case json::parse_event_t::object_start:
+      case json::parse_event_t::array_start: {
+        std::string p;
+        if (!open.empty())
+          p = open.back().object ? (open.back().path.empty() ? last_key
+                                                             : open.back().path + "." + last_key)
+                                 : open.back().path + "[]";
+        open.push_back({p, event == json::parse_event_t::object_start, {}});
+        break;
+      }
+      case json::parse_event_t::key:
+        last_key = parsed.get<std::string>();
+        if (!open.back().keys.insert(last_key).second)
+          fail(source, "key " +
+                           in_quotes(open.back().path.empty() ? last_key
+                                                           : open.back().path + "." + last_key) +
+                           " appears twice in one object; keep one");
+        break;
+      case json::parse_event_t::object_end:
+      case json::parse_event_t::array_end:
+        open.pop_back();
+        break;
+      case json::parse_event_t::value:
+        break;
+    }
+    return true;
+  };
+  try {
+    return json::parse(content.str(), on_event);
+  } catch (const json::parse_error& e) {
+    fail(source, "is not valid JSON: " + parse_error_text(e) +
+                     " (JSON allows no comments and no trailing commas)");
+  }
+}
+
+void apply_override(json& tree, const std::string& assignment, const ModelSchemas& models) {
+  const std::string source = "--set " + in_quotes(assignment);
+  const std::size_t eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0)
+    fail(source, "expected key.path=value, e.g. --set optimizer.lr=3e-4");
+  const std::string key = assignment.substr(0, eq);
+  const Schema full = full_schema(models);
+  const Setting& setting = lookup(full, key, source);
+  const json value = normalize(setting, override_value(setting, assignment.substr(eq + 1), source, key),
+                               source, key);
+
+  if (!tree.is_object()) fail(source, "the configuration is not a JSON object");
+  json* node = &tree;
+  std::size_t start = 0;
+  for (std::size_t dot; (dot = key.find('.', start)) != std::string::npos; start = dot + 1) {
+    json& child = (*node)[key.substr(start, dot - start)];
+    if (child.is_null()) child = json::object();
+    if (!child.is_object())
+      fail(source, in_quotes(key.substr(0, dot)) + " in the config file is not a JSON object, so " +
+                       in_quotes(key) + " cannot be set in it");
+    node = &child;
+  }
+  (*node)[key.substr(start)] = value;
+}
+
+Config validate(const json& tree, const std::string& source, const ModelSchemas& models) {
+  return resolve(full_schema(models), tree, source).get<Config>();
+}
+
+Config load(const std::string& path, const std::vector<std::string>& overrides,
+            const ModelSchemas& models) {
+  json tree = read_file(path);
+  for (const std::string& assignment : overrides) apply_override(tree, assignment, models);
+  std::string source = "config file " + in_quotes(path);
+  if (!overrides.empty()) source += " with --set";
+  return validate(tree, source, models);
+}
+
+Config resolve(Config config, int world_size) {
+  if (world_size < 1) throw std::invalid_argument("resolve(): world_size must be >= 1");
+  BatchConfig& b = config.batch;
+  const std::int64_t ranks = world_size;
+  const std::int64_t per_micro_step = b.micro_batch * ranks;
+  const std::string source = "batch settings for " + std::to_string(ranks) + " rank(s)";
+  if (b.global == 0) {
+    b.global = per_micro_step * b.accumulation;
+    return config;
+  }
+  if (b.global % per_micro_step != 0)
+    fail(source, "batch.global (" + std::to_string(b.global) +
+                     ") must be a multiple of batch.micro_batch x ranks = " +
+                     std::to_string(b.micro_batch) + " x " + std::to_string(ranks) + " = " +
+                     std::to_string(per_micro_step) + "; change batch.global or batch.micro_batch");
+  const std::int64_t accumulation = b.global / per_micro_step;
+  if (b.accumulation != 1 && b.accumulation != accumulation)
+    fail(source, "batch.accumulation (" + std::to_string(b.accumulation) +
+                     ") disagrees with batch.global (" + std::to_string(b.global) + " = " +
+                     std::to_string(b.micro_batch) + " x " + std::to_string(ranks) + " x " +
+                     std::to_string(accumulation) + "); set only one of them");
+  b.accumulation = accumulation;
+  return config;
+}
+
+json to_json(const Config& config) {
+  json j;
+  to_json(j, config);
+  return j;
+}
+
+std::uint64_t fingerprint(const Config& config) {
+  std::uint64_t h = 14695981039346656037ull;  // FNV-1a 64: offset basis and prime
+  for (const unsigned char c : to_json(config).dump()) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
+
+}  // namespace mpitrain::config

@@ -1,0 +1,450 @@
+#include "mpitrain/data/dataset.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstring>
+#include <list>
+#include <numeric>
+#include <tuple>
+#include <unordered_map>
+
+#include "hdf5.h"
+#include "mpitrain/runtime/error.h"
+
+namespace mpitrain::data {
+namespace {
+
+using runtime::Error;
+using runtime::ExitCode;
+
+// A contiguous (unchunked) dataset is read in pieces of about this size, as if it were chunked.
+constexpr std::int64_t kVirtualChunkBytes = std::int64_t{1} << 20;
+// Adjacent missing chunks are read with one hyperslab up to this size.
+constexpr std::int64_t kMaxRunBytes = std::int64_t{16} << 20;
+
+// One HDF5 dataset of one shard.
+struct Column {
+  std::string where;  // "file 'a.h5', dataset 'inputs'" for messages
+  h5::Handle dataset;
+  h5::Element stored = h5::Element::u8;
+  h5::Element cached = h5::Element::u8;  // element type of the rows kept in the cache
+  std::int64_t rows = 0;
+  std::vector<std::int64_t> row_shape;
+  std::int64_t row_elements = 1;
+  std::int64_t chunk_rows = 1;  // rows per cache entry: the HDF5 chunk's first dimension
+
+  std::int64_t row_bytes() const { return row_elements * static_cast<std::int64_t>(h5::element_bytes(cached)); }
+};
+
+struct Shard {
+  std::string path;
+  h5::Handle file;
+  std::vector<Column> columns;  // classification: inputs, targets; tokens: tokens
+  std::int64_t first = 0;       // global index of its first sample
+  std::int64_t samples = 0;
+  std::int64_t block = 1;       // samples per block
+};
+
+struct ChunkKey {
+  std::int64_t shard, column, chunk;
+  bool operator==(const ChunkKey& o) const { return shard == o.shard && column == o.column && chunk == o.chunk; }
+};
+struct ChunkKeyHash {
+  std::size_t operator()(const ChunkKey& k) const {
+    return std::hash<std::int64_t>()((k.chunk * 8 + k.column) * 1000003 + k.shard);
+  }
+};
+
+// Decompressed rows of one chunk. Chunks read together share one buffer.
+struct Chunk {
+  std::shared_ptr<char[]> buffer;
+  const char* rows = nullptr;
+  std::int64_t bytes = 0;
+};
+
+template <class T>
+void widen_to_int64(const char* source, std::int64_t* out, std::int64_t n) {
+  T value;
+  for (std::int64_t i = 0; i < n; ++i) {
+    std::memcpy(&value, source + i * static_cast<std::int64_t>(sizeof(T)), sizeof(T));
+    out[i] = static_cast<std::int64_t>(value);
+  }
+}
+
+void to_int64(h5::Element e, const char* source, std::int64_t* out, std::int64_t n) {
+  switch (e) {
+    case h5::Element::i8: return widen_to_int64<std::int8_t>(source, out, n);
+    case h5::Element::u8: return widen_to_int64<std::uint8_t>(source, out, n);
+    case h5::Element::i16: return widen_to_int64<std::int16_t>(source, out, n);
+    case h5::Element::u16: return widen_to_int64<std::uint16_t>(source, out, n);
+    case h5::Element::i32: return widen_to_int64<std::int32_t>(source, out, n);
+    case h5::Element::u32: return widen_to_int64<std::uint32_t>(source, out, n);
+    case h5::Element::i64: return widen_to_int64<std::int64_t>(source, out, n);
+    default: break;
+  }
+  throw Error(std::string("internal: cannot widen ") + h5::element_name(e) + " to int64");
+}
+
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) out += (i ? "," : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+}  // namespace
+
+struct Dataset::Impl {
+  DatasetSpec spec;
+  std::vector<std::string> files;
+  std::vector<Shard> shards;
+  std::vector<std::int64_t> firsts;  // shards[i].first, for the binary search
+  std::vector<std::int64_t> blocks;
+  std::int64_t samples = 0;
+  Field inputs, targets;
+
+  // The cache: most recently used first.
+  std::unordered_map<ChunkKey, std::pair<Chunk, std::list<ChunkKey>::iterator>, ChunkKeyHash> cache;
+  std::list<ChunkKey> lru;
+  std::int64_t cache_bytes = 0;
+  std::int64_t cache_capacity = 0;
+
+  bool tokens() const { return spec.kind == Kind::tokens; }
+
+  Column open_column(const Shard& shard, const std::string& name) {
+    Column c;
+    c.where = h5::place(shard.path, name);
+    c.dataset = h5::open_dataset(shard.file, shard.path, name);
+    const std::vector<std::int64_t> dims = h5::dims(c.dataset, c.where);
+    if (dims.empty())
+      throw Error(c.where + " is a scalar: its first dimension must be the sample index", ExitCode::bad_input);
+    c.rows = dims[0];
+    c.row_shape.assign(dims.begin() + 1, dims.end());
+    c.row_elements = std::accumulate(c.row_shape.begin(), c.row_shape.end(), std::int64_t{1}, std::multiplies<>());
+    const h5::Handle type = h5::file_type(c.dataset, c.where);
+    c.stored = h5::classify(type.get(), c.where);
+    for (const auto& filter : h5::filters(c.dataset, c.where)) {
+      if (!filter.available)
+        throw Error(c.where + ": compressed with filter '" + filter.name + "' (id " + std::to_string(filter.id) +
+                        "), which this HDF5 build cannot decode: rewrite the file with gzip (h5py: "
+                        "compression='gzip'), or make the filter's plugin available through HDF5_PLUGIN_PATH",
+                    ExitCode::bad_input);
+    }
+    return c;
+  }
+
+  // Sets the cached element type and the cache unit of a column once its role is known.
+  static void settle(Column& c, h5::Element cached) {
+    c.cached = cached;
+    const std::vector<std::int64_t> chunk = h5::chunk_dims(c.dataset, c.where);
+    c.chunk_rows = chunk.empty() ? std::max<std::int64_t>(1, kVirtualChunkBytes / std::max<std::int64_t>(1, c.row_bytes()))
+                                 : std::max<std::int64_t>(1, chunk[0]);
+  }
+
+  void open() {
+    if (tokens() && spec.seq_len < 1)
+      throw Error("seq_len is " + std::to_string(spec.seq_len) + ": a token dataset needs seq_len >= 1",
+                  ExitCode::bad_input);
+    files = resolve_files(spec.source);
+    for (const auto& path : files) {
+      Shard shard;
+      shard.path = path;
+      shard.file = h5::open_file(path, spec.file_locking);
+      if (tokens()) open_tokens(shard);
+      else open_classification(shard);
+      shard.first = samples;
+      samples += shard.samples;
+      shards.push_back(std::move(shard));
+    }
+    if (is_manifest(spec.source)) check_manifest();
+    if (samples == 0) throw Error(no_samples(), ExitCode::bad_input);
+    for (const auto& shard : shards) {
+      firsts.push_back(shard.first);
+      for (std::int64_t start = 0; start < shard.samples; start += shard.block)
+        blocks.push_back(std::min(shard.block, shard.samples - start));
+    }
+  }
+
+  void open_classification(Shard& shard) {
+    Column in = open_column(shard, spec.inputs);
+    Column tg = open_column(shard, spec.targets);
+    if (in.rows != tg.rows)
+      throw Error(h5::place(shard.path) + ": '" + spec.inputs + "' has " + std::to_string(in.rows) + " rows but '" +
+                      spec.targets + "' has " + std::to_string(tg.rows) +
+                      ": their first dimensions must agree (one target per sample)",
+                  ExitCode::bad_input);
+    settle(in, h5::widened(in.stored));
+    // Integer targets stay compact in the cache and are widened to int64 when a batch is made.
+    settle(tg, tg.stored);
+    const Field fin{spec.inputs, h5::torch_type(in.cached), in.row_shape, h5::element_name(in.stored)};
+    const Field ftg{spec.targets, h5::is_integer(tg.stored) ? c10::kLong : h5::torch_type(tg.stored), tg.row_shape,
+                    h5::element_name(tg.stored)};
+    agree_fields(shard, fin, ftg);
+    shard.samples = in.rows;
+    shard.block = in.chunk_rows;
+    shard.columns.push_back(std::move(in));
+    shard.columns.push_back(std::move(tg));
+  }
+
+  void open_tokens(Shard& shard) {
+    Column tk = open_column(shard, spec.tokens);
+    if (!tk.row_shape.empty())
+      throw Error(tk.where + " has shape " + shape_text(h5::dims(tk.dataset, tk.where)) +
+                      ": a token stream must be 1-D",
+                  ExitCode::bad_input);
+    if (!h5::is_integer(tk.stored))
+      throw Error(tk.where + " holds " + h5::element_name(tk.stored) + ": tokens must be integers", ExitCode::bad_input);
+    settle(tk, tk.stored);
+    const Field fin{spec.tokens, c10::kLong, {spec.seq_len}, h5::element_name(tk.stored)};
+    agree_fields(shard, fin, fin);
+    shard.samples = tk.rows > 0 ? (tk.rows - 1) / spec.seq_len : 0;
+    shard.block = std::max<std::int64_t>(1, tk.chunk_rows / spec.seq_len);
+    shard.columns.push_back(std::move(tk));
+  }
+
+  // Every shard must deliver the same dtypes and shapes, or batches could not be stacked.
+  void agree_fields(const Shard& shard, const Field& in, const Field& tg) {
+    if (shards.empty()) {
+      inputs = in;
+      targets = tg;
+      return;
+    }
+    for (const auto& [mine, first] : {std::pair(&in, &inputs), std::pair(&tg, &targets)}) {
+      if (mine->stored != first->stored || mine->shape != first->shape)
+        throw Error(h5::place(shard.path, mine->name) + " holds " + mine->stored + shape_text(mine->shape) +
+                        " per sample but " + h5::place(shards.front().path, first->name) + " holds " + first->stored +
+                        shape_text(first->shape) + ": every shard must store the same dtype and shape",
+                    ExitCode::bad_input);
+    }
+  }
+
+  void check_manifest() {
+    const Manifest manifest = read_manifest(spec.source);
+    const auto mismatch = [&](const std::string& what) {
+      throw Error("manifest '" + spec.source + "' does not match the files: " + what +
+                      ": regenerate the manifest (h5shard) or fix it",
+                  ExitCode::bad_input);
+    };
+    for (std::size_t i = 0; i < shards.size(); ++i) {
+      for (const auto& column : shards[i].columns) {
+        if (column.rows != manifest.files[i].rows)
+          mismatch(column.where + " has " + std::to_string(column.rows) + " rows, the manifest says " +
+                   std::to_string(manifest.files[i].rows));
+      }
+    }
+    for (const auto& d : manifest.datasets) {
+      for (const Field* f : {&inputs, &targets}) {
+        if (f->name != d.name) continue;
+        const std::vector<std::int64_t> shape = tokens() ? std::vector<std::int64_t>{} : f->shape;
+        if (f->stored != d.dtype || shape != d.shape)
+          mismatch("dataset '" + d.name + "' is " + f->stored + shape_text(shape) + ", the manifest says " + d.dtype +
+                   shape_text(d.shape));
+      }
+    }
+  }
+
+  std::string no_samples() const {
+    if (tokens()) {
+      std::int64_t longest = 0;
+      std::string where;
+      for (const auto& shard : shards) {
+        if (shard.columns[0].rows >= longest) {
+          longest = shard.columns[0].rows;
+          where = shard.columns[0].where;
+        }
+      }
+      return "seq_len " + std::to_string(spec.seq_len) + " needs a token stream of at least " +
+             std::to_string(spec.seq_len + 1) + " tokens, but the longest one (" + where + ") has " +
+             std::to_string(longest) + ": use a shorter seq_len or more text";
+    }
+    std::string names;
+    for (const auto& shard : shards) names += (names.empty() ? "'" : ", '") + shard.path + "'";
+    return "the dataset has no samples: '" + spec.inputs + "' has 0 rows in " + names +
+           ": check the files were written completely";
+  }
+
+  std::int64_t block_bytes() const {
+    // What the chunks covering one block take in the cache, at most, over all shards.
+    std::int64_t most = 0;
+    for (const auto& shard : shards) {
+      std::int64_t bytes = 0;
+      for (const auto& c : shard.columns) {
+        const std::int64_t rows = tokens() ? shard.block * spec.seq_len + 1 : shard.block;
+        bytes += (rows + c.chunk_rows) * c.row_bytes();
+      }
+      most = std::max(most, bytes);
+    }
+    return most;
+  }
+
+  // Rows [first, last) of column c in shard s: the chunks that hold them.
+  void need(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t last,
+            std::unordered_map<ChunkKey, Chunk, ChunkKeyHash>& pinned,
+            std::vector<ChunkKey>& missing) {
+    const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
+    for (std::int64_t k = first / column.chunk_rows; k <= (last - 1) / column.chunk_rows; ++k) {
+      const ChunkKey key{s, c, k};
+      if (pinned.count(key)) continue;
+      const auto hit = cache.find(key);
+      if (hit != cache.end()) {
+        lru.splice(lru.begin(), lru, hit->second.second);
+        pinned.emplace(key, hit->second.first);
+      } else {
+        pinned.emplace(key, Chunk{});
+        missing.push_back(key);
+      }
+    }
+  }
+
+  // Reads the missing chunks, merging runs of adjacent ones into one hyperslab each.
+  void fetch(std::vector<ChunkKey>& missing, std::unordered_map<ChunkKey, Chunk, ChunkKeyHash>& pinned) {
+    std::sort(missing.begin(), missing.end(), [](const ChunkKey& a, const ChunkKey& b) {
+      return std::tie(a.shard, a.column, a.chunk) < std::tie(b.shard, b.column, b.chunk);
+    });
+    for (std::size_t i = 0; i < missing.size();) {
+      const ChunkKey head = missing[i];
+      const Column& column = shards[static_cast<std::size_t>(head.shard)].columns[static_cast<std::size_t>(head.column)];
+      const std::int64_t chunk_bytes = column.chunk_rows * column.row_bytes();
+      const std::int64_t max_run = std::max<std::int64_t>(1, kMaxRunBytes / std::max<std::int64_t>(1, chunk_bytes));
+      std::size_t j = i + 1;
+      while (j < missing.size() && missing[j].shard == head.shard && missing[j].column == head.column &&
+             missing[j].chunk == missing[j - 1].chunk + 1 && static_cast<std::int64_t>(j - i) < max_run)
+        ++j;
+      const std::int64_t first = head.chunk * column.chunk_rows;
+      const std::int64_t last = std::min(column.rows, missing[j - 1].chunk * column.chunk_rows + column.chunk_rows);
+      std::shared_ptr<char[]> buffer(new char[static_cast<std::size_t>((last - first) * column.row_bytes())]);
+      h5::read_rows(column.dataset, column.cached, first, last - first, buffer.get(), column.where);
+      for (std::size_t k = i; k < j; ++k) {
+        const std::int64_t row = missing[k].chunk * column.chunk_rows;
+        Chunk chunk{buffer, buffer.get() + (row - first) * column.row_bytes(),
+                    (std::min(column.rows, row + column.chunk_rows) - row) * column.row_bytes()};
+        pinned[missing[k]] = chunk;
+        lru.push_front(missing[k]);
+        cache.emplace(missing[k], std::make_pair(chunk, lru.begin()));
+        cache_bytes += chunk.bytes;
+      }
+      i = j;
+    }
+  }
+
+  void trim() {
+    while (cache_bytes > cache_capacity && !lru.empty()) {
+      const auto entry = cache.find(lru.back());
+      cache_bytes -= entry->second.first.bytes;
+      cache.erase(entry);
+      lru.pop_back();
+    }
+  }
+
+  // Copies rows [first, first + n) of a column, crossing chunks, as raw bytes or widened to int64.
+  void copy_rows(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t n, bool widen, char* out,
+                 const std::unordered_map<ChunkKey, Chunk, ChunkKeyHash>& pinned) const {
+    const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
+    const std::int64_t row_bytes = column.row_bytes();
+    const std::int64_t out_row_bytes = widen ? column.row_elements * 8 : row_bytes;
+    while (n > 0) {
+      const std::int64_t k = first / column.chunk_rows;
+      const std::int64_t offset = first - k * column.chunk_rows;
+      const std::int64_t take = std::min(n, column.chunk_rows - offset);
+      const char* source = pinned.at(ChunkKey{s, c, k}).rows + offset * row_bytes;
+      if (widen) to_int64(column.cached, source, reinterpret_cast<std::int64_t*>(out), take * column.row_elements);
+      else std::memcpy(out, source, static_cast<std::size_t>(take * row_bytes));
+      out += take * out_row_bytes;
+      first += take;
+      n -= take;
+    }
+  }
+
+  void read_into(const std::vector<std::int64_t>& indices, Batch& out) {
+    h5::quiet();
+    const auto n = static_cast<std::int64_t>(indices.size());
+    if (!out.inputs.defined() || out.inputs.size(0) != n || out.targets.size(0) != n ||
+        out.inputs.scalar_type() != inputs.dtype || out.targets.scalar_type() != targets.dtype ||
+        !out.inputs.is_contiguous() || !out.targets.is_contiguous())
+      throw Error("Dataset::read_into: the batch was not made by allocate(" + std::to_string(n) + ")");
+    // Where each sample lives: shard and index within it.
+    std::vector<std::pair<std::int64_t, std::int64_t>> located(indices.size());
+    std::unordered_map<ChunkKey, Chunk, ChunkKeyHash> pinned;
+    std::vector<ChunkKey> missing;
+    for (std::size_t p = 0; p < indices.size(); ++p) {
+      const std::int64_t index = indices[p];
+      if (index < 0 || index >= samples)
+        throw Error("sample " + std::to_string(index) + " is out of range (the dataset has " + std::to_string(samples) + ")");
+      const auto s = static_cast<std::int64_t>(std::upper_bound(firsts.begin(), firsts.end(), index) - firsts.begin()) - 1;
+      const std::int64_t local = index - shards[static_cast<std::size_t>(s)].first;
+      located[p] = {s, local};
+      if (tokens()) {
+        need(s, 0, local * spec.seq_len, local * spec.seq_len + spec.seq_len + 1, pinned, missing);
+      } else {
+        need(s, 0, local, local + 1, pinned, missing);
+        need(s, 1, local, local + 1, pinned, missing);
+      }
+    }
+    fetch(missing, pinned);
+    char* in = static_cast<char*>(out.inputs.data_ptr());
+    char* tg = static_cast<char*>(out.targets.data_ptr());
+    const std::int64_t in_bytes = out.inputs.numel() / std::max<std::int64_t>(1, n) * static_cast<std::int64_t>(out.inputs.element_size());
+    const std::int64_t tg_bytes = out.targets.numel() / std::max<std::int64_t>(1, n) * static_cast<std::int64_t>(out.targets.element_size());
+    for (std::int64_t p = 0; p < n; ++p) {
+      const auto [s, local] = located[static_cast<std::size_t>(p)];
+      if (tokens()) {
+        const std::int64_t start = local * spec.seq_len;
+        copy_rows(s, 0, start, spec.seq_len, true, in + p * in_bytes, pinned);
+        copy_rows(s, 0, start + 1, spec.seq_len, true, tg + p * tg_bytes, pinned);
+      } else {
+        copy_rows(s, 0, local, 1, false, in + p * in_bytes, pinned);
+        copy_rows(s, 1, local, 1, targets.dtype == c10::kLong, tg + p * tg_bytes, pinned);
+      }
+    }
+    trim();
+  }
+};
+
+Dataset::Dataset(const DatasetSpec& spec, std::int64_t cache_blocks) : impl_(std::make_unique<Impl>()) {
+  h5::quiet();
+  impl_->spec = spec;
+  impl_->open();
+  impl_->cache_capacity = std::max<std::int64_t>(1, cache_blocks) * impl_->block_bytes();
+}
+
+Dataset::~Dataset() = default;
+
+const DatasetSpec& Dataset::spec() const { return impl_->spec; }
+const std::vector<std::string>& Dataset::files() const { return impl_->files; }
+std::int64_t Dataset::size() const { return impl_->samples; }
+const Field& Dataset::inputs() const { return impl_->inputs; }
+const Field& Dataset::targets() const { return impl_->targets; }
+const std::vector<std::int64_t>& Dataset::blocks() const { return impl_->blocks; }
+
+std::string Dataset::description() const {
+  std::string out = std::string(to_string(impl_->spec.kind)) + " samples=" + std::to_string(impl_->samples);
+  if (impl_->tokens()) out += " seq_len=" + std::to_string(impl_->spec.seq_len);
+  for (const Field* f : {&impl_->inputs, &impl_->targets})
+    out += " " + f->name + "=" + f->stored + shape_text(f->shape) + "->" + c10::toString(f->dtype);
+  out += " shards=";
+  for (const auto& shard : impl_->shards)
+    out += std::to_string(shard.samples) + "/" + std::to_string(shard.block) + ";";
+  return out;
+}
+
+Batch Dataset::allocate(std::int64_t n, bool pinned) const {
+  const auto shape = [n](const Field& f) {
+    std::vector<std::int64_t> s{n};
+    s.insert(s.end(), f.shape.begin(), f.shape.end());
+    return s;
+  };
+  Batch batch;
+  batch.inputs = at::empty(shape(impl_->inputs), at::TensorOptions().dtype(impl_->inputs.dtype).pinned_memory(pinned));
+  batch.targets = at::empty(shape(impl_->targets), at::TensorOptions().dtype(impl_->targets.dtype).pinned_memory(pinned));
+  return batch;
+}
+
+void Dataset::read_into(const std::vector<std::int64_t>& indices, Batch& out) { impl_->read_into(indices, out); }
+
+Batch Dataset::read(const std::vector<std::int64_t>& indices) {
+  Batch batch = allocate(static_cast<std::int64_t>(indices.size()));
+  read_into(indices, batch);
+  return batch;
+}
+
+}  // namespace mpitrain::data

@@ -1,0 +1,295 @@
+#include "mpitrain/data/loader.h"
+
+#include <ATen/ATen.h>
+
+#include <condition_variable>
+#include <deque>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#ifdef MPITRAIN_HAVE_NCCL
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "mpitrain/comm/communicator.h"
+#include "mpitrain/runtime/error.h"
+
+namespace mpitrain::data {
+namespace {
+
+using runtime::Error;
+using runtime::ExitCode;
+
+std::int64_t fnv1a(const std::string& text) {
+  std::uint64_t hash = 0xcbf29ce484222325ull;
+  for (unsigned char c : text) hash = (hash ^ c) * 0x100000001b3ull;
+  return static_cast<std::int64_t>(hash);
+}
+
+std::string ranks_text(const std::vector<int>& ranks) {
+  std::string out;
+  for (int r : ranks) out += (out.empty() ? "" : ", ") + std::to_string(r);
+  return out;
+}
+
+// A batch read ahead, or the error that stopped the reading.
+struct Ready {
+  Batch batch;
+  std::exception_ptr error;
+#ifdef MPITRAIN_HAVE_NCCL
+  std::unique_ptr<at::cuda::CUDAEvent> copied;  // recorded on the copy stream after the copy
+#endif
+};
+
+}  // namespace
+
+struct Loader::Impl {
+  LoaderOptions options;
+  int rank = 0;
+  int world = 1;
+  std::unique_ptr<Dataset> dataset;
+  std::unique_ptr<Sampler> sampler;
+  LoaderState position;  // what the consumer has been handed
+
+  std::mutex mutex;
+  std::condition_variable changed;  // the queue or stop changed
+  std::deque<Ready> queue;
+  bool stop = false;
+  std::thread reader;
+#ifdef MPITRAIN_HAVE_NCCL
+  std::optional<c10::cuda::CUDAStream> copy_stream;
+#endif
+
+  // One all-gather of a fixed-size summary; every rank reaches the same verdict.
+  void agree(comm::Communicator& comm, const std::string& open_error) {
+    const std::string order = "batch=" + std::to_string(options.batch_size) + " world=" + std::to_string(world) +
+                              " seed=" + std::to_string(options.seed) + " shuffle=" + std::to_string(options.shuffle) +
+                              " window=" + std::to_string(options.shuffle_window) + " remainder=" +
+                              to_string(options.remainder);
+    const bool ok = open_error.empty();
+    constexpr std::int64_t kFields = 4;
+    const std::vector<std::int64_t> mine = {ok ? 1 : 0, ok ? dataset->size() : -1,
+                                            ok ? fnv1a(dataset->description()) : 0, fnv1a(order)};
+    const auto device_long = at::TensorOptions().dtype(at::kLong).device(comm.device());
+    at::Tensor input = at::tensor(mine, at::kLong).to(comm.device());
+    at::Tensor gathered = at::empty({kFields * comm.size()}, device_long);
+    comm.all_gather(gathered, input);
+    gathered = gathered.cpu();
+    const std::int64_t* all = gathered.data_ptr<std::int64_t>();
+    std::vector<int> failed, other_data, other_order;
+    for (int r = 0; r < comm.size(); ++r) {
+      const std::int64_t* theirs = all + r * kFields;
+      if (theirs[0] == 0) failed.push_back(r);
+      else if (ok && (theirs[1] != mine[1] || theirs[2] != mine[2])) other_data.push_back(r);
+      if (theirs[3] != mine[3]) other_order.push_back(r);
+    }
+    if (!ok) throw Error(open_error, ExitCode::bad_input);
+    if (!failed.empty())
+      throw Error("the data loader could not open the dataset on rank(s) " + ranks_text(failed) +
+                      " (see their errors): every rank must be able to read '" + dataset->spec().source + "'",
+                  ExitCode::bad_input);
+    if (!other_data.empty())
+      throw Error("ranks see different datasets: rank " + std::to_string(comm.rank()) + " sees " +
+                      dataset->description() + ", rank(s) " + ranks_text(other_data) +
+                      " see something else: every rank must read the same shards (one shared copy, or "
+                      "identical copies)",
+                  ExitCode::bad_input);
+    if (!other_order.empty())
+      throw Error("ranks disagree on the data loader options: rank " + std::to_string(comm.rank()) + " has " + order +
+                      ", rank(s) " + ranks_text(other_order) + " differ: every rank must pass the same",
+                  ExitCode::bad_input);
+  }
+
+  void start(std::int64_t epoch, std::int64_t step) {
+    stop = false;
+    reader = std::thread([this, epoch, step] { read_ahead(epoch, step); });
+  }
+
+  void halt() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      stop = true;
+    }
+    changed.notify_all();
+    if (reader.joinable()) reader.join();
+    queue.clear();
+  }
+
+  // The reader thread: batch after batch in order, until stopped or an error.
+  void read_ahead(std::int64_t epoch, std::int64_t step) {
+    try {
+      const bool cuda = options.device.is_cuda();
+      std::vector<std::int64_t> order = sampler->order(epoch);
+      for (;;) {
+        {
+          std::unique_lock<std::mutex> lock(mutex);
+          changed.wait(lock, [&] { return stop || queue.size() < static_cast<std::size_t>(options.prefetch); });
+          if (stop) return;
+        }
+        Ready ready;
+        try {
+          ready.batch = dataset->allocate(options.batch_size, /*pinned=*/cuda);
+          dataset->read_into(Sampler::slice(sampler->global_batch(order, step), rank, world), ready.batch);
+          ready.batch.epoch = epoch;
+          ready.batch.step = step;
+          if (cuda) to_device(ready);
+        } catch (const Error& e) {
+          throw Error("data loader, rank " + std::to_string(rank) + ", epoch " + std::to_string(epoch) + " step " +
+                          std::to_string(step) + ": " + e.what(),
+                      e.code());
+        }
+        {
+          std::lock_guard<std::mutex> lock(mutex);
+          queue.push_back(std::move(ready));
+        }
+        changed.notify_all();
+        if (++step == sampler->steps_per_epoch()) {
+          step = 0;
+          order = sampler->order(++epoch);
+        }
+      }
+    } catch (...) {
+      Ready failure;
+      failure.error = std::current_exception();
+      {
+        std::lock_guard<std::mutex> lock(mutex);
+        queue.push_back(std::move(failure));
+      }
+      changed.notify_all();
+    }
+  }
+
+  void to_device(Ready& ready) {
+#ifdef MPITRAIN_HAVE_NCCL
+    // The copy runs on the loader's own stream so it overlaps the training step; the event
+    // lets next() order the consumer's stream after it.
+    c10::cuda::CUDAStreamGuard guard(*copy_stream);
+    ready.batch.inputs = ready.batch.inputs.to(options.device, /*non_blocking=*/true);
+    ready.batch.targets = ready.batch.targets.to(options.device, /*non_blocking=*/true);
+    ready.copied = std::make_unique<at::cuda::CUDAEvent>();
+    ready.copied->record(*copy_stream);
+#else
+    (void)ready;
+#endif
+  }
+
+  void hand_over(Ready& ready) {
+#ifdef MPITRAIN_HAVE_NCCL
+    if (ready.copied) {
+      const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(options.device.index());
+      ready.copied->block(current);
+      // The memory was allocated on the copy stream; keep the allocator from reusing it
+      // before the consumer's stream is done with it.
+      ready.batch.inputs.record_stream(current);
+      ready.batch.targets.record_stream(current);
+    }
+#else
+    (void)ready;
+#endif
+  }
+};
+
+Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, int world_size,
+               comm::Communicator& comm)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.options = options;
+  m.rank = rank;
+  m.world = world_size;
+  if (options.batch_size < 1 || options.prefetch < 1 || world_size < 1 || rank < 0 || rank >= world_size)
+    throw Error("data loader: batch_size (" + std::to_string(options.batch_size) + ") and prefetch (" +
+                    std::to_string(options.prefetch) + ") must be >= 1, and rank " + std::to_string(rank) +
+                    " must lie in a world of " + std::to_string(world_size),
+                ExitCode::bad_input);
+  if (options.device.is_cuda()) {
+#ifdef MPITRAIN_HAVE_NCCL
+    m.copy_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, options.device.index());
+#else
+    throw Error("data loader: device " + options.device.str() + " asked for, but this build has no CUDA path",
+                ExitCode::bad_input);
+#endif
+  }
+  // A window's blocks and the next window's stay cached (the least recently used go first).
+  const std::int64_t cache_blocks =
+      options.shuffle_window == 0 ? std::numeric_limits<std::int64_t>::max() : 2 * options.shuffle_window + 2;
+  std::string open_error;
+  try {
+    m.dataset = std::make_unique<Dataset>(spec, cache_blocks);
+  } catch (const Error& e) {
+    open_error = e.what();
+  }
+  m.agree(comm, open_error);
+  SamplerOptions sampling;
+  sampling.global_batch = options.batch_size * world_size;
+  sampling.seed = options.seed;
+  sampling.shuffle = options.shuffle;
+  sampling.window = options.shuffle_window;
+  sampling.remainder = options.remainder;
+  try {
+    m.sampler = std::make_unique<Sampler>(m.dataset->blocks(), sampling);
+  } catch (const Error& e) {
+    throw Error("data loader, '" + spec.source + "' (" + std::to_string(m.dataset->files().size()) + " file(s)), " +
+                    std::to_string(options.batch_size) + " per rank x " + std::to_string(world_size) + " ranks: " + e.what(),
+                e.code());
+  }
+  m.position = {0, 0, options.seed, sampling.global_batch, m.dataset->size()};
+  m.start(0, 0);
+}
+
+Loader::~Loader() { impl_->halt(); }
+
+Batch Loader::next() {
+  Impl& m = *impl_;
+  Ready ready;
+  {
+    std::unique_lock<std::mutex> lock(m.mutex);
+    m.changed.wait(lock, [&] { return !m.queue.empty(); });
+    // An error stays at the front: the loader cannot go on, and every later call says why.
+    if (m.queue.front().error) std::rethrow_exception(m.queue.front().error);
+    ready = std::move(m.queue.front());
+    m.queue.pop_front();
+  }
+  m.changed.notify_all();
+  m.hand_over(ready);
+  m.position.epoch = ready.batch.epoch;
+  m.position.step = ready.batch.step + 1;
+  if (m.position.step == m.sampler->steps_per_epoch()) {
+    m.position.step = 0;
+    ++m.position.epoch;
+  }
+  return std::move(ready.batch);
+}
+
+LoaderState Loader::state() const { return impl_->position; }
+
+void Loader::restore(const LoaderState& state) {
+  Impl& m = *impl_;
+  const LoaderState& here = m.position;
+  if (state.seed != here.seed || state.global_batch != here.global_batch || state.samples != here.samples)
+    throw Error("data loader state (seed " + std::to_string(state.seed) + ", global batch " +
+                    std::to_string(state.global_batch) + ", " + std::to_string(state.samples) +
+                    " samples) is from a different run than this loader (seed " + std::to_string(here.seed) +
+                    ", global batch " + std::to_string(here.global_batch) + ", " + std::to_string(here.samples) +
+                    " samples): resume with the same seed, data and batch_size x world size",
+                ExitCode::bad_input);
+  if (state.epoch < 0 || state.step < 0 || state.step >= m.sampler->steps_per_epoch())
+    throw Error("data loader state epoch " + std::to_string(state.epoch) + " step " + std::to_string(state.step) +
+                    " is out of range (" + std::to_string(m.sampler->steps_per_epoch()) + " steps per epoch)",
+                ExitCode::bad_input);
+  m.halt();
+  m.position = state;
+  m.start(state.epoch, state.step);
+}
+
+std::int64_t Loader::steps_per_epoch() const { return impl_->sampler->steps_per_epoch(); }
+std::int64_t Loader::global_batch() const { return impl_->sampler->options().global_batch; }
+const Dataset& Loader::dataset() const { return *impl_->dataset; }
+const Sampler& Loader::sampler() const { return *impl_->sampler; }
+
+}  // namespace mpitrain::data

@@ -1,0 +1,147 @@
+#include "mpitrain/data/sampler.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "mpitrain/runtime/error.h"
+
+namespace mpitrain::data {
+namespace {
+
+using runtime::Error;
+using runtime::ExitCode;
+
+std::uint64_t mix(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// splitmix64: tiny, fast, well distributed, and fully specified here, unlike std::
+// distributions whose output differs between standard libraries.
+class Rng {
+ public:
+  Rng(std::uint64_t seed, std::uint64_t stream) : state_(mix(seed) ^ mix(stream + 0x632BE59BD9B4E019ull)) {}
+
+  std::uint64_t next() { return mix(state_ += 0x9E3779B97F4A7C15ull); }
+
+  // Uniform in [0, n) without modulo bias: reject the few draws below 2^64 mod n.
+  std::uint64_t below(std::uint64_t n) {
+    const std::uint64_t threshold = (0 - n) % n;
+    for (;;) {
+      const std::uint64_t x = next();
+      if (x >= threshold) return x % n;
+    }
+  }
+
+  template <class T>
+  void shuffle(T* first, std::size_t n) {
+    for (std::size_t i = n; i > 1; --i) std::swap(first[i - 1], first[below(i)]);
+  }
+
+ private:
+  std::uint64_t state_;
+};
+
+}  // namespace
+
+Remainder parse_remainder(const std::string& text) {
+  if (text == "drop") return Remainder::drop;
+  if (text == "wrap") return Remainder::wrap;
+  throw Error("unknown remainder policy '" + text + "': expected drop or wrap", ExitCode::bad_input);
+}
+
+const char* to_string(Remainder remainder) { return remainder == Remainder::wrap ? "wrap" : "drop"; }
+
+void to_json(nlohmann::json& json, const LoaderState& state) {
+  json = {{"epoch", state.epoch},
+          {"step", state.step},
+          {"seed", state.seed},
+          {"global_batch", state.global_batch},
+          {"samples", state.samples}};
+}
+
+void from_json(const nlohmann::json& json, LoaderState& state) {
+  try {
+    state.epoch = json.at("epoch").get<std::int64_t>();
+    state.step = json.at("step").get<std::int64_t>();
+    state.seed = json.at("seed").get<std::uint64_t>();
+    state.global_batch = json.at("global_batch").get<std::int64_t>();
+    state.samples = json.at("samples").get<std::int64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(std::string("data loader state ") + json.dump() + " is not valid (" + e.what() +
+                    "): it needs epoch, step, seed, global_batch and samples",
+                ExitCode::bad_input);
+  }
+}
+
+std::vector<std::int64_t> permutation(std::int64_t n, std::uint64_t seed) {
+  std::vector<std::int64_t> order(static_cast<std::size_t>(std::max<std::int64_t>(0, n)));
+  std::iota(order.begin(), order.end(), std::int64_t{0});
+  Rng rng(seed, /*stream=*/~std::uint64_t{0});
+  rng.shuffle(order.data(), order.size());
+  return order;
+}
+
+Sampler::Sampler(std::vector<std::int64_t> blocks, const SamplerOptions& options)
+    : blocks_(std::move(blocks)), options_(options) {
+  samples_ = std::accumulate(blocks_.begin(), blocks_.end(), std::int64_t{0});
+  if (options_.global_batch < 1)
+    throw Error("global batch " + std::to_string(options_.global_batch) + ": it must be at least 1", ExitCode::bad_input);
+  if (samples_ < options_.global_batch)
+    throw Error("the dataset has " + std::to_string(samples_) + " samples, fewer than one global batch of " +
+                    std::to_string(options_.global_batch) + ": use a smaller batch or more data",
+                ExitCode::bad_input);
+  if (options_.window < 0)
+    throw Error("shuffle window " + std::to_string(options_.window) + ": it must be >= 0 (0: all blocks)",
+                ExitCode::bad_input);
+}
+
+std::int64_t Sampler::steps_per_epoch() const {
+  const std::int64_t g = options_.global_batch;
+  return options_.remainder == Remainder::wrap ? (samples_ + g - 1) / g : samples_ / g;
+}
+
+std::vector<std::int64_t> Sampler::order(std::int64_t epoch) const {
+  std::vector<std::int64_t> order(static_cast<std::size_t>(samples_));
+  if (!options_.shuffle) {
+    std::iota(order.begin(), order.end(), std::int64_t{0});
+    return order;
+  }
+  std::vector<std::int64_t> starts(blocks_.size());
+  std::exclusive_scan(blocks_.begin(), blocks_.end(), starts.begin(), std::int64_t{0});
+  std::vector<std::size_t> permuted(blocks_.size());
+  std::iota(permuted.begin(), permuted.end(), std::size_t{0});
+  Rng rng(options_.seed, static_cast<std::uint64_t>(epoch));
+  rng.shuffle(permuted.data(), permuted.size());
+  const std::size_t window = options_.window == 0 ? permuted.size() : static_cast<std::size_t>(options_.window);
+  std::size_t filled = 0;
+  for (std::size_t w = 0; w < permuted.size(); w += window) {
+    const std::size_t begin = filled;
+    for (std::size_t b = w; b < std::min(permuted.size(), w + window); ++b) {
+      const std::size_t block = permuted[b];
+      for (std::int64_t i = 0; i < blocks_[block]; ++i) order[filled++] = starts[block] + i;
+    }
+    rng.shuffle(order.data() + begin, filled - begin);
+  }
+  return order;
+}
+
+std::vector<std::int64_t> Sampler::global_batch(const std::vector<std::int64_t>& order, std::int64_t step) const {
+  const std::int64_t g = options_.global_batch;
+  std::vector<std::int64_t> batch(static_cast<std::size_t>(g));
+  for (std::int64_t k = 0; k < g; ++k) batch[static_cast<std::size_t>(k)] = order[static_cast<std::size_t>((step * g + k) % samples_)];
+  return batch;
+}
+
+std::vector<std::int64_t> Sampler::slice(const std::vector<std::int64_t>& global_batch, int rank, int world) {
+  const auto g = static_cast<std::int64_t>(global_batch.size());
+  if (world < 1 || rank < 0 || rank >= world || g % world != 0)
+    throw Error("rank " + std::to_string(rank) + " of " + std::to_string(world) + " cannot take an equal slice of a global batch of " +
+                    std::to_string(g),
+                ExitCode::bad_input);
+  const std::int64_t per_rank = g / world;
+  return std::vector<std::int64_t>(global_batch.begin() + rank * per_rank, global_batch.begin() + (rank + 1) * per_rank);
+}
+
+}  // namespace mpitrain::data

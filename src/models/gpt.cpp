@@ -1,0 +1,206 @@
+// gpt: a GPT-2 style decoder-only transformer for language modelling.
+//
+//   x = dropout(wte[tokens] + wpe[positions])
+//   per block:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))     (pre-norm)
+//     attn: c_attn (C -> 3C), causal scaled-dot-product attention over n_head heads, c_proj
+//     mlp:  c_fc (C -> 4C), GELU, c_proj (4C -> C)
+//   logits = ln_f(x) @ wte^T     (the output head is the token embedding: weights tied)
+//
+// Initialisation as GPT-2: weights of linear layers and embeddings ~ N(0, 0.02), biases 0,
+// layer norms 1 and 0, and the two residual projections (attn.c_proj, mlp.c_proj) ~ N(0, 0.02 /
+// sqrt(2 n_layer)) so that the residual stream's variance does not grow with depth.
+// Parameter names follow GPT-2's (wte, wpe, h.<i>.attn.c_attn, ..., ln_f).
+#include <ATen/ops/arange.h>
+#include <ATen/ops/dropout.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/layer_norm.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <ATen/ops/zeros.h>
+#include <torch/nn/init.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+
+#include <c10/util/StringUtil.h>
+
+#include <cmath>
+
+#include "builtin.h"
+#include "mpitrain/runtime/error.h"
+
+namespace mpitrain::models::builtin {
+
+namespace {
+
+constexpr double kInitStd = 0.02;
+
+torch::nn::Linear linear(std::int64_t in, std::int64_t out, bool bias, double std) {
+  torch::nn::Linear layer(torch::nn::LinearOptions(in, out).bias(bias));
+  torch::nn::init::normal_(layer->weight, 0.0, std);
+  if (bias) torch::nn::init::zeros_(layer->bias);
+  return layer;
+}
+
+// LibTorch's LayerNorm has a bias whenever it has a weight; GPT's `bias: false` needs none.
+class LayerNorm : public torch::nn::Module {
+ public:
+  LayerNorm(std::int64_t dim, bool bias) : dim_(dim) {
+    weight_ = register_parameter("weight", at::ones({dim}));
+    if (bias) bias_ = register_parameter("bias", at::zeros({dim}));
+  }
+  at::Tensor forward(const at::Tensor& x) { return at::layer_norm(x, {dim_}, weight_, bias_); }
+
+ private:
+  std::int64_t dim_;
+  at::Tensor weight_, bias_;
+};
+
+class CausalSelfAttention : public torch::nn::Module {
+ public:
+  CausalSelfAttention(std::int64_t n_embd, std::int64_t n_head, double dropout, bool bias,
+                      double proj_std)
+      : n_head_(n_head), dropout_(dropout) {
+    c_attn_ = register_module("c_attn", linear(n_embd, 3 * n_embd, bias, kInitStd));
+    c_proj_ = register_module("c_proj", linear(n_embd, n_embd, bias, proj_std));
+  }
+
+  at::Tensor forward(const at::Tensor& x) {
+    const std::int64_t batch = x.size(0), time = x.size(1), channels = x.size(2);
+    const auto heads = [&](const at::Tensor& t) {
+      return t.view({batch, time, n_head_, channels / n_head_}).transpose(1, 2);
+    };
+    const std::vector<at::Tensor> qkv = c_attn_->forward(x).split(channels, 2);
+    const at::Tensor y = at::scaled_dot_product_attention(
+        heads(qkv[0]), heads(qkv[1]), heads(qkv[2]), /*attn_mask=*/{},
+        /*dropout_p=*/is_training() ? dropout_ : 0.0, /*is_causal=*/true);
+    const at::Tensor merged = y.transpose(1, 2).contiguous().view({batch, time, channels});
+    return at::dropout(c_proj_->forward(merged), dropout_, is_training());
+  }
+
+ private:
+  std::int64_t n_head_;
+  double dropout_;
+  torch::nn::Linear c_attn_{nullptr}, c_proj_{nullptr};
+};
+
+class FeedForward : public torch::nn::Module {
+ public:
+  FeedForward(std::int64_t n_embd, double dropout, bool bias, double proj_std) : dropout_(dropout) {
+    c_fc_ = register_module("c_fc", linear(n_embd, 4 * n_embd, bias, kInitStd));
+    c_proj_ = register_module("c_proj", linear(4 * n_embd, n_embd, bias, proj_std));
+  }
+
+  at::Tensor forward(const at::Tensor& x) {
+    return at::dropout(c_proj_->forward(at::gelu(c_fc_->forward(x))), dropout_, is_training());
+  }
+
+ private:
+  double dropout_;
+  torch::nn::Linear c_fc_{nullptr}, c_proj_{nullptr};
+};
+
+class Block : public torch::nn::Module {
+ public:
+  Block(std::int64_t n_embd, std::int64_t n_head, double dropout, bool bias, double proj_std) {
+    ln_1_ = register_module("ln_1", std::make_shared<LayerNorm>(n_embd, bias));
+    attn_ = register_module("attn", std::make_shared<CausalSelfAttention>(n_embd, n_head, dropout,
+                                                                          bias, proj_std));
+    ln_2_ = register_module("ln_2", std::make_shared<LayerNorm>(n_embd, bias));
+    mlp_ = register_module("mlp", std::make_shared<FeedForward>(n_embd, dropout, bias, proj_std));
+  }
+
+  at::Tensor forward(at::Tensor x) {
+    x = x + attn_->forward(ln_1_->forward(x));
+    return x + mlp_->forward(ln_2_->forward(x));
+  }
+
+ private:
+  std::shared_ptr<LayerNorm> ln_1_, ln_2_;
+  std::shared_ptr<CausalSelfAttention> attn_;
+  std::shared_ptr<FeedForward> mlp_;
+};
+
+struct GptOptions {
+  std::int64_t vocab_size, seq_len, n_layer, n_head, n_embd;
+  double dropout;
+  bool bias;
+};
+
+class Gpt : public Model {
+ public:
+  explicit Gpt(const GptOptions& o) : seq_len_(o.seq_len), dropout_(o.dropout) {
+    wte_ = register_module("wte", torch::nn::Embedding(o.vocab_size, o.n_embd));
+    wpe_ = register_module("wpe", torch::nn::Embedding(o.seq_len, o.n_embd));
+    torch::nn::init::normal_(wte_->weight, 0.0, kInitStd);
+    torch::nn::init::normal_(wpe_->weight, 0.0, kInitStd);
+    const double proj_std = kInitStd / std::sqrt(2.0 * static_cast<double>(o.n_layer));
+    torch::nn::ModuleList h;
+    for (std::int64_t i = 0; i < o.n_layer; ++i) {
+      blocks_.push_back(std::make_shared<Block>(o.n_embd, o.n_head, o.dropout, o.bias, proj_std));
+      h->push_back(blocks_.back());
+    }
+    register_module("h", h);
+    ln_f_ = register_module("ln_f", std::make_shared<LayerNorm>(o.n_embd, o.bias));
+  }
+
+  at::Tensor forward(const at::Tensor& tokens) override {
+    if (tokens.dim() != 2 || !(tokens.scalar_type() == at::kLong || tokens.scalar_type() == at::kInt))
+      throw runtime::Error("gpt: inputs must be token ids of shape [N, T] (int64 or int32), got " +
+                               std::string(tokens.dtype().name()) + " " + c10::str(tokens.sizes()),
+                           runtime::ExitCode::bad_input);
+    const std::int64_t time = tokens.size(1);
+    if (time > seq_len_)
+      throw runtime::Error("gpt: a sequence of " + std::to_string(time) +
+                               " tokens is longer than the context length " +
+                               std::to_string(seq_len_) + " (model.gpt.seq_len)",
+                           runtime::ExitCode::bad_input);
+    const at::Tensor positions = at::arange(time, tokens.options().dtype(at::kLong));
+    at::Tensor x = at::dropout(wte_->forward(tokens) + wpe_->forward(positions), dropout_, is_training());
+    for (const auto& block : blocks_) x = block->forward(x);
+    return at::linear(ln_f_->forward(x), wte_->weight);
+  }
+
+  Task task() const override { return Task::language_modeling; }
+  std::int64_t context_length() const override { return seq_len_; }
+
+ private:
+  std::int64_t seq_len_;
+  double dropout_;
+  torch::nn::Embedding wte_{nullptr}, wpe_{nullptr};
+  std::vector<std::shared_ptr<Block>> blocks_;
+  std::shared_ptr<LayerNorm> ln_f_;
+};
+
+}  // namespace
+
+ModelSpec gpt() {
+  using namespace config;
+  Schema options{
+      {
+          integer("vocab_size", 50257, "tokens in the vocabulary", Range::at_least(1)),
+          integer("seq_len", 1024, "context length: the longest input sequence",
+                  Range::at_least(1)),
+          integer("n_layer", 12, "transformer blocks", Range::at_least(1)),
+          integer("n_head", 12, "attention heads per block", Range::at_least(1)),
+          integer("n_embd", 768, "embedding width (a multiple of n_head)", Range::at_least(1)),
+          number("dropout", 0.0, "dropout probability on embeddings, attention and residuals",
+                 Range::half_open(0, 1)),
+          flag("bias", true, "biases in the linear layers and layer norms"),
+      },
+      [](const Section& o) -> std::string {
+        if (o.integer("n_embd") % o.integer("n_head") != 0)
+          return "n_embd (" + std::to_string(o.integer("n_embd")) +
+                 ") must be a multiple of n_head (" + std::to_string(o.integer("n_head")) + ")";
+        return "";
+      }};
+  return {"gpt", std::move(options), [](const Section& o) -> std::shared_ptr<Model> {
+            return std::make_shared<Gpt>(GptOptions{o.integer("vocab_size"), o.integer("seq_len"),
+                                                    o.integer("n_layer"), o.integer("n_head"),
+                                                    o.integer("n_embd"), o.number("dropout"),
+                                                    o.boolean("bias")});
+          }};
+}
+
+}  // namespace mpitrain::models::builtin

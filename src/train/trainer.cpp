@@ -1,0 +1,382 @@
+#include "mpitrain/train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/optim/optimizer.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <limits>
+
+#ifdef MPITRAIN_HAVE_NCCL
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#include "mpitrain/amp/amp.h"
+#include "mpitrain/comm/communicator.h"
+#include "mpitrain/data/loader.h"
+#include "mpitrain/ddp/ddp.h"
+#include "mpitrain/models/registry.h"
+#include "mpitrain/runtime/device.h"
+#include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/signals.h"
+#include "mpitrain/runtime/world.h"
+#include "mpitrain/train/metrics.h"
+#include "mpitrain/train/optim.h"
+
+namespace mpitrain::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
+
+data::DatasetSpec dataset_spec(const config::Config& config, const config::DataSplit& split, const char* which,
+                               models::Task task, std::int64_t context_length) {
+  if (split.files.size() > 1 && split.manifest.empty())
+    throw runtime::Error(std::string("data.") + which + ".files: give one glob (e.g. \"shards/train-*.h5\") or a "
+                             "manifest; lists of several patterns are not supported",
+                         runtime::ExitCode::bad_input);
+  data::DatasetSpec spec;
+  spec.source = split.manifest.empty() ? split.files.front() : split.manifest;
+  const std::string kind = config.data.kind != "auto" ? config.data.kind
+                           : task == models::Task::language_modeling ? "tokens" : "classification";
+  spec.kind = data::parse_kind(kind);
+  spec.seq_len = config.data.seq_len > 0 ? config.data.seq_len : context_length;
+  spec.file_locking = config.data.file_locking;
+  return spec;
+}
+
+// Inputs as the model takes them: integer images (uint8) become floats in [0, 1].
+at::Tensor model_inputs(const at::Tensor& inputs, models::Task task) {
+  if (task == models::Task::classification && !at::isFloatingType(inputs.scalar_type()))
+    return inputs.scalar_type() == at::kByte ? inputs.to(at::kFloat).div_(255.0) : inputs.to(at::kFloat);
+  return inputs;
+}
+
+at::Tensor loss_of(const at::Tensor& logits, const at::Tensor& targets, models::Task task) {
+  if (task == models::Task::language_modeling)
+    return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), targets.reshape({-1}).to(at::kLong));
+  return at::cross_entropy_loss(logits.to(at::kFloat), targets.reshape({-1}).to(at::kLong));
+}
+
+}  // namespace
+
+std::string run_directory(const config::Config& config) {
+  return (std::filesystem::path(config.run.dir) / config.run.name).string();
+}
+
+struct Trainer::Impl {
+  const runtime::World& world;
+  config::Config config;
+  std::string run_dir;
+  const runtime::StopSignals& signals;
+
+  c10::Device device{c10::kCPU};
+  std::unique_ptr<comm::Communicator> comm;
+  amp::Precision precision = amp::Precision::fp32;
+  std::shared_ptr<models::Model> model;
+  std::int64_t parameters = 0;
+  std::unique_ptr<ddp::DistributedDataParallel> ddp;
+  std::unique_ptr<data::Loader> train_loader;
+  std::unique_ptr<data::Loader> eval_loader;
+  data::LoaderState eval_start;
+  std::unique_ptr<torch::optim::Optimizer> optimizer;
+  std::unique_ptr<amp::LossScaler> scaler;
+  std::int64_t steps_done = 0;
+  std::int64_t total_steps = 0;
+  std::int64_t epoch = 0;
+  std::int64_t seq_len = 0;  // tokens per sample (language models)
+
+  // What happened since the last log line.
+  at::Tensor window_loss;
+  std::int64_t window_steps = 0;
+  std::int64_t window_skipped = 0;
+  StepTimes window_times;
+  Clock::time_point window_start = Clock::now();
+
+  Impl(const runtime::World& w, const config::Config& c, std::string dir, const runtime::StopSignals& s)
+      : world(w), config(c), run_dir(std::move(dir)), signals(s) {}
+
+  void check_same_config() {
+    const auto fingerprint = static_cast<std::int64_t>(config::fingerprint(config));
+    const auto options = at::TensorOptions().device(comm->device()).dtype(at::kLong);
+    at::Tensor all = at::empty({comm->size()}, options);
+    comm->all_gather(all, at::full({1}, fingerprint, options));
+    const at::Tensor host = all.cpu();
+    for (int r = 0; r < comm->size(); ++r)
+      if (host[r].item<std::int64_t>() != fingerprint)
+        throw runtime::Error("the resolved config differs between rank " + std::to_string(r) + " and rank " +
+                                 std::to_string(comm->rank()) + ": start every rank with the same --config and --set "
+                                 "arguments",
+                             runtime::ExitCode::bad_input);
+  }
+
+  data::LoaderOptions loader_options(const config::DataSplit& split, bool shuffle) const {
+    data::LoaderOptions options;
+    options.batch_size = config.batch.micro_batch;
+    options.seed = static_cast<std::uint64_t>(config.run.seed);
+    options.shuffle = shuffle && split.shuffle;
+    options.remainder = data::parse_remainder(split.remainder);
+    options.prefetch = static_cast<int>(std::max<std::int64_t>(1, config.data.prefetch));
+    options.device = device;
+    return options;
+  }
+
+  void setup_device() {
+    device = runtime::choose_device(world, {runtime::parse_device_kind(config.device.kind), config.device.allow_shared_gpu});
+#ifdef MPITRAIN_HAVE_NCCL
+    if (device.is_cuda()) {
+      at::cuda::set_device(device.index());
+      if (config.device.memory_fraction > 0)
+        c10::cuda::CUDACachingAllocator::setMemoryFraction(config.device.memory_fraction, device.index());
+      at::globalContext().setAllowTF32CuBLAS(config.precision.tf32);
+      at::globalContext().setAllowTF32CuDNN(config.precision.tf32);
+    }
+#endif
+  }
+
+  void setup() {
+    setup_device();
+    comm::CommOptions comm_options;
+    comm_options.timeout = std::chrono::milliseconds(static_cast<std::int64_t>(config.ddp.comm_timeout_s * 1000));
+    comm = comm::make_communicator(world, device, comm_options, comm::parse_backend(config.device.backend));
+    check_same_config();
+    precision = amp::resolve_precision(config.precision.mode, device);
+
+    at::manual_seed(static_cast<std::uint64_t>(config.run.seed));
+    model = models::create(config.model.name, config.model.options);
+    parameters = models::count_parameters(*model);
+    model->to(device);
+
+    ddp::Options ddp_options;
+    ddp_options.bucket_bytes = static_cast<std::int64_t>(config.ddp.bucket_mb * (1 << 20));
+    ddp_options.first_bucket_bytes = static_cast<std::int64_t>(config.ddp.first_bucket_mb * (1 << 20));
+    ddp_options.find_unused_parameters = config.ddp.find_unused_parameters;
+    ddp_options.broadcast_buffers = config.ddp.broadcast_buffers;
+    if (config.ddp.wire_dtype == "bf16") ddp_options.wire_dtype = at::kBFloat16;
+    if (config.ddp.wire_dtype == "fp16") ddp_options.wire_dtype = at::kHalf;
+    ddp = std::make_unique<ddp::DistributedDataParallel>(model, *comm, ddp_options);
+
+    const auto task = model->task();
+    const data::DatasetSpec train_spec = dataset_spec(config, config.data.train, "train", task, model->context_length());
+    seq_len = train_spec.seq_len;
+    train_loader = std::make_unique<data::Loader>(train_spec, loader_options(config.data.train, true), world.rank(),
+                                                  world.size(), *comm);
+    if (!config.data.eval.empty()) {
+      eval_loader = std::make_unique<data::Loader>(
+          dataset_spec(config, config.data.eval, "eval", task, model->context_length()),
+          loader_options(config.data.eval, false), world.rank(), world.size(), *comm);
+      eval_start = eval_loader->state();
+    }
+    const std::int64_t per_epoch = train_loader->steps_per_epoch() / config.batch.accumulation;
+    // train.steps and train.epochs: whichever is reached first (0 = that bound is off).
+    total_steps = config.train.steps > 0 ? config.train.steps : std::numeric_limits<std::int64_t>::max();
+    if (config.train.epochs > 0) total_steps = std::min(total_steps, config.train.epochs * per_epoch);
+    if (total_steps == std::numeric_limits<std::int64_t>::max()) total_steps = 0;
+    if (total_steps <= 0)
+      throw runtime::Error("nothing to train: the data gives " + std::to_string(per_epoch) +
+                               " optimizer steps per epoch at batch.global " + std::to_string(config.batch.global) +
+                               "; set train.steps, or use more data or a smaller batch",
+                           runtime::ExitCode::bad_input);
+
+    optimizer = make_optimizer(config.optimizer, *model);
+    amp::ScalerOptions scaler_options;
+    scaler_options.init_scale = config.precision.loss_scale.init;
+    scaler_options.growth_factor = config.precision.loss_scale.growth_factor;
+    scaler_options.backoff_factor = config.precision.loss_scale.backoff_factor;
+    scaler_options.growth_interval = config.precision.loss_scale.growth_interval;
+    scaler = std::make_unique<amp::LossScaler>(precision == amp::Precision::fp16, device, scaler_options);
+    window_loss = at::zeros({}, at::TensorOptions().device(device));
+  }
+
+  // One micro-batch: forward under autocast, backward of the scaled loss. Returns the loss.
+  at::Tensor forward_backward(const data::Batch& batch, bool last_micro_step) {
+    const auto task = model->task();
+    at::Tensor loss;
+    {
+      amp::AutocastScope autocast(device, precision);
+      loss = loss_of(model->forward(model_inputs(batch.inputs, task)), batch.targets, task);
+    }
+    if (last_micro_step) {
+      scaler->scale(loss / config.batch.accumulation).backward();
+    } else {
+      auto no_sync = ddp->no_sync();
+      scaler->scale(loss / config.batch.accumulation).backward();
+    }
+    return loss.detach();
+  }
+
+  StepResult step() {
+    StepResult result;
+    result.lr = learning_rate(config.schedule, config.optimizer.lr, steps_done, total_steps);
+    set_learning_rate(*optimizer, result.lr);
+
+    at::Tensor loss_sum = at::zeros({}, at::TensorOptions().device(device));
+    for (std::int64_t micro = 0; micro < config.batch.accumulation; ++micro) {
+      const bool last = micro + 1 == config.batch.accumulation;
+      auto start = Clock::now();
+      const data::Batch batch = train_loader->next();
+      epoch = batch.epoch;
+      result.times.data += seconds_since(start);
+
+      start = Clock::now();
+      if (last) ddp->before_forward();
+      loss_sum += forward_backward(batch, last);
+      result.times.compute += seconds_since(start);
+    }
+
+    auto start = Clock::now();
+    ddp->finish_backward();
+    result.times.comm = seconds_since(start);
+
+    start = Clock::now();
+    std::vector<at::Tensor> grads;
+    for (const auto& parameter : model->parameters()) grads.push_back(parameter.grad());
+    const bool finite = scaler->unscale_and_check(grads, *comm);
+    if (finite) {
+      if (config.optimizer.grad_clip > 0)
+        result.grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), config.optimizer.grad_clip);
+      optimizer->step();
+    }
+    scaler->update(!finite);
+    // Zero in place: gradients stay DDP bucket views, so no copy into the buckets next step.
+    optimizer->zero_grad(/*set_to_none=*/false);
+    result.times.optimizer = seconds_since(start);
+
+    result.skipped = !finite;
+    result.loss = loss_sum / config.batch.accumulation;
+    result.step = ++steps_done;
+    return result;
+  }
+
+  EvalResult evaluate() {
+    EvalResult result;
+    if (!eval_loader) return result;
+    eval_loader->restore(eval_start);  // the same eval samples every time
+    std::int64_t batches = eval_loader->steps_per_epoch();
+    if (config.eval.max_batches > 0) batches = std::min(batches, config.eval.max_batches);
+    const auto task = model->task();
+    const auto options = at::TensorOptions().device(device).dtype(at::kDouble);
+    at::Tensor totals = at::zeros({3}, options);  // loss * samples, correct, samples
+    model->eval();
+    {
+      at::NoGradGuard no_grad;
+      for (std::int64_t b = 0; b < batches; ++b) {
+        const data::Batch batch = eval_loader->next();
+        amp::AutocastScope autocast(device, precision);
+        const at::Tensor logits = model->forward(model_inputs(batch.inputs, task));
+        const at::Tensor loss = loss_of(logits, batch.targets, task);
+        const std::int64_t n = batch.targets.numel();  // samples, or tokens for a language model
+        totals[0] += loss.to(at::kDouble) * static_cast<double>(n);
+        if (task == models::Task::classification)
+          totals[1] += logits.argmax(-1).eq(batch.targets.reshape({-1}).to(at::kLong)).sum().to(at::kDouble);
+        totals[2] += static_cast<double>(n);
+      }
+    }
+    model->train();
+    comm->all_reduce(totals, comm::ReduceOp::sum);
+    const at::Tensor host = totals.cpu();
+    result.samples = static_cast<std::int64_t>(host[2].item<double>());
+    result.loss = result.samples > 0 ? host[0].item<double>() / static_cast<double>(result.samples) : 0.0;
+    if (task == models::Task::classification && result.samples > 0)
+      result.accuracy = host[1].item<double>() / static_cast<double>(result.samples);
+    return result;
+  }
+
+  nlohmann::json log_record(const StepResult& last) {
+    // The one cross-rank reduction of metrics, at logging cadence only.
+    at::Tensor loss = window_loss / static_cast<double>(std::max<std::int64_t>(window_steps, 1));
+    comm->all_reduce(loss, comm::ReduceOp::avg);
+    const double elapsed = seconds_since(window_start);
+    const double samples = static_cast<double>(window_steps * config.batch.global);
+    nlohmann::json record = {{"step", last.step},
+                             {"epoch", epoch},
+                             {"loss", loss.item<double>()},
+                             {"lr", last.lr},
+                             {"grad_norm", last.grad_norm},
+                             {"loss_scale", scaler->current_scale()},
+                             {"skipped_steps", window_skipped},
+                             {"samples_per_s", samples / elapsed},
+                             {"step_time_s", elapsed / static_cast<double>(window_steps)},
+                             {"time_data_s", window_times.data / static_cast<double>(window_steps)},
+                             {"time_compute_s", window_times.compute / static_cast<double>(window_steps)},
+                             {"time_comm_s", window_times.comm / static_cast<double>(window_steps)},
+                             {"time_optimizer_s", window_times.optimizer / static_cast<double>(window_steps)}};
+    if (model->task() == models::Task::language_modeling) record["tokens_per_s"] = samples * static_cast<double>(seq_len) / elapsed;
+#ifdef MPITRAIN_HAVE_NCCL
+    if (device.is_cuda()) {
+      const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+      const auto all = static_cast<std::size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+      record["gpu_mem_allocated_bytes"] = stats.allocated_bytes[all].current;
+      record["gpu_mem_reserved_bytes"] = stats.reserved_bytes[all].current;
+      record["gpu_mem_peak_bytes"] = stats.allocated_bytes[all].peak;
+    }
+#endif
+    window_loss.zero_();
+    window_steps = 0;
+    window_skipped = 0;
+    window_times = {};
+    window_start = Clock::now();
+    return record;
+  }
+};
+
+Trainer::Trainer(const runtime::World& world, const config::Config& config, const std::string& run_dir,
+                 const runtime::StopSignals& signals)
+    : impl_(std::make_unique<Impl>(world, config, run_dir, signals)) {
+  impl_->setup();
+}
+
+Trainer::~Trainer() = default;
+
+StepResult Trainer::step() {
+  try {
+    return impl_->step();
+  } catch (const c10::OutOfMemoryError& e) {
+    throw runtime::Error(std::string("out of GPU memory at batch.micro_batch ") + std::to_string(impl_->config.batch.micro_batch) +
+                         ": lower batch.micro_batch and raise batch.accumulation (or set batch.global), or use "
+                         "precision.mode bf16/fp16. " + e.what_without_backtrace());
+  }
+}
+
+EvalResult Trainer::evaluate() { return impl_->evaluate(); }
+
+Outcome Trainer::run() {
+  Impl& s = *impl_;
+  MetricsLog metrics(s.world.is_root(),
+                     s.config.log.metrics_file.empty() ? "" : (std::filesystem::path(s.run_dir) / s.config.log.metrics_file).string(),
+                     s.config.log.console, s.steps_done, s.total_steps);
+  auto log_eval = [&] {
+    const EvalResult eval = s.evaluate();
+    if (eval.samples == 0) return;
+    nlohmann::json record = {{"step", s.steps_done}, {"epoch", s.epoch}, {"eval_loss", eval.loss}, {"eval_samples", eval.samples}};
+    if (eval.accuracy >= 0) record["eval_accuracy"] = eval.accuracy;
+    metrics.write(record);
+  };
+  while (s.steps_done < s.total_steps) {
+    const StepResult result = step();
+    s.window_loss += result.loss;
+    ++s.window_steps;
+    s.window_skipped += result.skipped ? 1 : 0;
+    s.window_times.data += result.times.data;
+    s.window_times.compute += result.times.compute;
+    s.window_times.comm += result.times.comm;
+    s.window_times.optimizer += result.times.optimizer;
+    const bool last = s.steps_done == s.total_steps;
+    if (last || s.steps_done % s.config.log.every_steps == 0) metrics.write(s.log_record(result));
+    if (!last && s.config.eval.every_steps > 0 && s.steps_done % s.config.eval.every_steps == 0) log_eval();
+    // Every rank asks at the same step boundary, so all stop at the same step.
+    if (!last && s.signals.agree(s.world)) return Outcome::stopped;
+  }
+  log_eval();
+  return Outcome::finished;
+}
+
+std::int64_t Trainer::steps_done() const { return impl_->steps_done; }
+std::int64_t Trainer::total_steps() const { return impl_->total_steps; }
+std::int64_t Trainer::parameter_count() const { return impl_->parameters; }
+
+}  // namespace mpitrain::train

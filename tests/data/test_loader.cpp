@@ -1,0 +1,400 @@
+// The data layer's behaviour with exact expected values: reading h5py- and h5shard-written
+// shards, the order (seed, epoch, world size), rank slices, remainder policies, exact resume
+// across world sizes, the agreement at start, and errors raised on the prefetch thread.
+#include <ATen/ATen.h>
+// After ATen: c10 defines a CHECK macro of its own that Catch must override.
+#include <catch2/catch.hpp>
+
+#include <hdf5.h>
+
+#include <fstream>
+#include <numeric>
+#include <optional>
+#include <set>
+
+#include "data_support.h"
+#include "mpitrain/data/dataset.h"
+#include "mpitrain/data/loader.h"
+#include "mpitrain/data/sampler.h"
+#include "mpitrain/runtime/error.h"
+
+using namespace mpitrain;
+using namespace mpitrain::testing;
+using Catch::Contains;
+
+namespace {
+
+std::vector<std::int64_t> to_vector(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kLong).contiguous();
+  return std::vector<std::int64_t>(c.data_ptr<std::int64_t>(), c.data_ptr<std::int64_t>() + c.numel());
+}
+
+std::vector<std::int64_t> iota(std::int64_t n) {
+  std::vector<std::int64_t> v(static_cast<std::size_t>(n));
+  std::iota(v.begin(), v.end(), std::int64_t{0});
+  return v;
+}
+
+data::LoaderOptions options(std::int64_t batch, std::uint64_t seed = 5, std::int64_t window = 2) {
+  data::LoaderOptions o;
+  o.batch_size = batch;
+  o.seed = seed;
+  o.shuffle_window = window;
+  o.prefetch = 3;
+  return o;
+}
+
+// The UTF-8 text as code points.
+std::u32string code_points(const std::string& text) {
+  std::u32string out;
+  for (std::size_t i = 0; i < text.size();) {
+    const auto c = static_cast<unsigned char>(text[i]);
+    const int extra = c < 0x80 ? 0 : c < 0xE0 ? 1 : c < 0xF0 ? 2 : 3;
+    char32_t value = extra == 0 ? c : c & (0x3F >> extra);
+    for (int k = 1; k <= extra; ++k) value = (value << 6) | (static_cast<unsigned char>(text[i + k]) & 0x3F);
+    out += value;
+    i += static_cast<std::size_t>(extra) + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("an h5py file with chunks, gzip and shuffle reads as written", "[data]") {
+  data::Dataset dataset(data::DatasetSpec::classification(fixture("h5py_gzip.h5")));
+  REQUIRE(dataset.size() == 103);
+  CHECK(dataset.inputs().dtype == at::kFloat);
+  CHECK(dataset.inputs().shape == std::vector<std::int64_t>{3, 5});
+  CHECK(dataset.targets().dtype == at::kLong);  // int16 labels are delivered as int64
+  CHECK(dataset.targets().stored == "int16");
+  CHECK(dataset.blocks() == std::vector<std::int64_t>{16, 16, 16, 16, 16, 16, 7});  // the h5py chunks
+
+  const at::Tensor i = at::arange(103, at::kFloat).view({103, 1, 1});
+  const at::Tensor inputs = 100 * i + 10 * at::arange(3, at::kFloat).view({1, 3, 1}) + at::arange(5, at::kFloat).view({1, 1, 5});
+  const at::Tensor targets = (at::arange(103, at::kLong) * 37).remainder(1000) - 500;
+  const data::Batch all = dataset.read(iota(103));
+  CHECK(at::equal(all.inputs, inputs));
+  CHECK(at::equal(all.targets, targets));
+
+  // Any order, repeats, across chunks: row p is sample indices[p].
+  const std::vector<std::int64_t> picks = {102, 0, 17, 16, 50, 17};
+  const data::Batch some = dataset.read(picks);
+  const at::Tensor index = at::tensor(picks, at::kLong);
+  CHECK(at::equal(some.inputs, inputs.index_select(0, index)));
+  CHECK(at::equal(some.targets, targets.index_select(0, index)));
+}
+
+TEST_CASE("float16 inputs and uint16 targets from h5py", "[data]") {
+  data::Dataset dataset(data::DatasetSpec::classification(fixture("h5py_half.h5")));
+  REQUIRE(dataset.size() == 40);
+  CHECK(dataset.inputs().dtype == at::kHalf);
+  const data::Batch all = dataset.read(iota(40));
+  const at::Tensor expected = at::arange(40, at::kFloat).view({40, 1}) + at::arange(2, at::kFloat).view({1, 2}) / 2;
+  CHECK(at::equal(all.inputs.to(at::kFloat), expected));
+  CHECK(at::equal(all.targets, at::arange(40, at::kLong) + 60000));  // uint16 widened, not wrapped
+}
+
+TEST_CASE("a token stream is cut into windows of seq_len + 1", "[data]") {
+  data::Dataset dataset(data::DatasetSpec::token_stream(fixture("h5py_tokens.h5"), 10));
+  REQUIRE(dataset.size() == 100);  // (1001 - 1) / 10
+  CHECK(dataset.inputs().shape == std::vector<std::int64_t>{10});
+  // Blocks follow the 64-token chunks: 6 windows each.
+  const auto& blocks = dataset.blocks();
+  CHECK(blocks.size() == 17);
+  CHECK(std::accumulate(blocks.begin(), blocks.end(), std::int64_t{0}) == 100);
+  const data::Batch batch = dataset.read({0, 99, 37, 6});
+  for (std::int64_t p = 0; p < 4; ++p) {
+    const std::int64_t sample = std::vector<std::int64_t>{0, 99, 37, 6}[static_cast<std::size_t>(p)];
+    for (std::int64_t j = 0; j < 10; ++j) {
+      CHECK(batch.inputs[p][j].item<std::int64_t>() == (7 * (10 * sample + j)) % 65536);
+      CHECK(batch.targets[p][j].item<std::int64_t>() == (7 * (10 * sample + j + 1)) % 65536);
+    }
+  }
+}
+
+TEST_CASE("round trip: h5shard output read by the data layer equals the source", "[data]") {
+  SECTION("IDX images and labels (3 shards, 3-row chunks)") {
+    data::Dataset dataset(data::DatasetSpec::classification(fixture("tool/idx/train.json")));
+    REQUIRE(dataset.size() == 50);
+    CHECK(dataset.files().size() == 3);
+    CHECK(dataset.inputs().dtype == at::kByte);
+    const at::Tensor expected = (12 * at::arange(50, at::kLong).view({50, 1, 1}) + 3 * at::arange(4, at::kLong).view({1, 4, 1}) +
+                                 at::arange(3, at::kLong).view({1, 1, 3}))
+                                    .remainder(256)
+                                    .to(at::kByte);
+    const data::Batch all = dataset.read(iota(50));
+    CHECK(at::equal(all.inputs, expected));
+    CHECK(at::equal(all.targets, at::arange(50, at::kLong).remainder(10)));
+  }
+  SECTION("CSV with a header and text labels") {
+    data::Dataset dataset(data::DatasetSpec::classification(fixture("tool/csv/train.json")));
+    REQUIRE(dataset.size() == 30);
+    const data::Batch all = dataset.read(iota(30));
+    const at::Tensor r = at::arange(30, at::kFloat);
+    CHECK(at::equal(all.inputs, at::stack({r / 4, -r}, 1)));
+    CHECK(at::equal(all.targets, at::arange(30, at::kLong).remainder(3)));  // cat, dog, emu
+    const data::Manifest manifest = data::read_manifest(fixture("tool/csv/train.json"));
+    CHECK(manifest.metadata["classes"] == nlohmann::json({"cat", "dog", "emu"}));
+  }
+  SECTION("text, character level, through the loader") {
+    const std::string text = [] {
+      std::string s;
+      for (int k = 0; k < 20; ++k) s += "hello world\n";
+      for (int k = 0; k < 20; ++k) s += "h\xC3\xA9llo w\xC3\xB6rld\n";
+      return s;
+    }();
+    const std::u32string stream = code_points(text);
+    const data::Manifest manifest = data::read_manifest(fixture("tool/text/train.json"));
+    const std::u32string vocab = code_points(manifest.metadata["vocab"].get<std::string>());
+    CHECK(vocab == U"\n dehlorw\u00E9\u00F6");
+    data::LoaderOptions o = options(2);
+    o.shuffle = false;
+    const int n = communicator().size();
+    o.batch_size = 4 / n;
+    data::Loader loader(data::DatasetSpec::token_stream(fixture("tool/text/train.json"), 16), o, communicator().rank(), n,
+                        communicator());
+    REQUIRE(loader.dataset().size() == (480 - 1) / 16);
+    for (std::int64_t step = 0; step < loader.steps_per_epoch(); ++step) {
+      const data::Batch batch = loader.next();
+      for (std::int64_t p = 0; p < o.batch_size; ++p) {
+        const std::int64_t sample = step * 4 + communicator().rank() * o.batch_size + p;
+        for (std::int64_t j = 0; j < 16; ++j) {
+          CHECK(vocab[static_cast<std::size_t>(batch.inputs[p][j].item<std::int64_t>())] == stream[static_cast<std::size_t>(16 * sample + j)]);
+          CHECK(vocab[static_cast<std::size_t>(batch.targets[p][j].item<std::int64_t>())] == stream[static_cast<std::size_t>(16 * sample + j + 1)]);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("the order is a function of seed and epoch, and groups samples by chunk", "[data]") {
+  const std::vector<std::int64_t> blocks = {8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 5};  // 85 samples
+  data::SamplerOptions o;
+  o.global_batch = 5;
+  o.seed = 11;
+  o.window = 3;
+  const data::Sampler sampler(blocks, o);
+  const std::vector<std::int64_t> e0 = sampler.order(0);
+  std::vector<std::int64_t> sorted = e0;
+  std::sort(sorted.begin(), sorted.end());
+  CHECK(sorted == iota(85));                       // a permutation
+  CHECK(data::Sampler(blocks, o).order(0) == e0);  // same seed, same epoch: same order
+  CHECK(sampler.order(1) != e0);                   // next epoch: another order
+  o.seed = 12;
+  CHECK(data::Sampler(blocks, o).order(0) != e0);  // another seed: another order
+  // With a window of one block, the order is a run of whole blocks: each chunk is needed by
+  // one stretch of consecutive batches, so it is read once.
+  o.window = 1;
+  const std::vector<std::int64_t> runs = data::Sampler(blocks, o).order(0);
+  for (std::size_t k = 0; k < runs.size();) {
+    const std::int64_t block = runs[k] / 8;
+    const auto size = static_cast<std::size_t>(blocks[static_cast<std::size_t>(block)]);
+    std::set<std::int64_t> members(runs.begin() + static_cast<std::ptrdiff_t>(k), runs.begin() + static_cast<std::ptrdiff_t>(k + size));
+    CHECK(members.size() == size);
+    CHECK((*members.begin() == block * 8 && *members.rbegin() == block * 8 + static_cast<std::int64_t>(size) - 1));
+    k += size;
+  }
+  // Pinned values: the generator is mpitrain's own, so an order is the same on every platform
+  // (a changed generator would silently change every resumed run).
+  o.seed = 1;
+  o.window = 0;
+  CHECK(data::Sampler({4, 4}, o).order(0) == std::vector<std::int64_t>{2, 4, 6, 3, 0, 5, 7, 1});
+  o.shuffle = false;
+  CHECK(data::Sampler(blocks, o).order(3) == iota(85));
+}
+
+TEST_CASE("remainder policy: drop runs N / G steps, wrap fills the last batch from the start", "[data]") {
+  data::SamplerOptions o;
+  o.global_batch = 4;
+  o.seed = 3;
+  o.remainder = data::Remainder::drop;
+  const data::Sampler drop({10}, o);
+  CHECK(drop.steps_per_epoch() == 2);
+  o.remainder = data::Remainder::wrap;
+  const data::Sampler wrap({10}, o);
+  CHECK(wrap.steps_per_epoch() == 3);
+  const auto order = wrap.order(0);
+  CHECK(wrap.global_batch(order, 2) == std::vector<std::int64_t>{order[8], order[9], order[0], order[1]});
+  // Rank slices are contiguous and partition the global batch.
+  const auto batch = wrap.global_batch(order, 1);
+  CHECK(data::Sampler::slice(batch, 1, 2) == std::vector<std::int64_t>{order[6], order[7]});
+  CHECK(data::Sampler::slice(batch, 3, 4) == std::vector<std::int64_t>{order[7]});
+  CHECK_THROWS_WITH(data::Sampler::slice(batch, 0, 3), Contains("equal slice"));
+  CHECK_THROWS_WITH(data::Sampler({3}, o), Contains("fewer than one global batch"));
+}
+
+TEST_CASE("every sample exactly once per epoch across ranks, in the world-size-free order", "[data][mpi]") {
+  const int n = communicator().size(), rank = communicator().rank();
+  const std::string source = write_ids(scratch("once"), 96, 3, 8);
+  data::Loader loader(data::DatasetSpec::classification(source), options(8 / n), rank, n, communicator());
+  REQUIRE(loader.steps_per_epoch() == 12);
+  REQUIRE(loader.global_batch() == 8);
+  std::vector<std::vector<std::int64_t>> orders;
+  for (std::int64_t epoch = 0; epoch < 2; ++epoch) {
+    const std::vector<std::int64_t> order = loader.sampler().order(epoch);
+    std::vector<int> seen(96, 0);
+    for (std::int64_t step = 0; step < 12; ++step) {
+      const data::Batch batch = loader.next();
+      CHECK(batch.epoch == epoch);
+      CHECK(batch.step == step);
+      CHECK(at::equal(batch.inputs, at::stack({batch.targets, -batch.targets}, 1).to(at::kFloat)));
+      const std::vector<std::int64_t> global = gather(batch.targets);
+      CHECK(global == std::vector<std::int64_t>(order.begin() + step * 8, order.begin() + step * 8 + 8));
+      for (const std::int64_t id : global) ++seen[static_cast<std::size_t>(id)];
+    }
+    CHECK(std::all_of(seen.begin(), seen.end(), [](int count) { return count == 1; }));
+    orders.push_back(order);
+  }
+  CHECK(orders[0] != orders[1]);
+  // The order does not depend on the world size: a one-rank sampler gives the same.
+  data::SamplerOptions o;
+  o.global_batch = 8;
+  o.seed = 5;
+  o.window = 2;
+  CHECK(data::Sampler(loader.dataset().blocks(), o).order(0) == orders[0]);
+}
+
+TEST_CASE("drop and wrap across ranks", "[data][mpi]") {
+  const int n = communicator().size(), rank = communicator().rank();
+  const std::string source = write_ids(scratch("remainder"), 96, 2, 8);
+  for (const data::Remainder policy : {data::Remainder::drop, data::Remainder::wrap}) {
+    data::LoaderOptions o = options(40 / n);
+    o.remainder = policy;
+    data::Loader loader(data::DatasetSpec::classification(source), o, rank, n, communicator());
+    const std::vector<std::int64_t> order = loader.sampler().order(0);
+    std::vector<int> seen(96, 0);
+    for (std::int64_t step = 0; step < loader.steps_per_epoch(); ++step)
+      for (const std::int64_t id : gather(loader.next().targets)) ++seen[static_cast<std::size_t>(id)];
+    for (std::size_t k = 0; k < 96; ++k) {
+      const int expected = policy == data::Remainder::drop ? (k < 80 ? 1 : 0) : (k < 24 ? 2 : 1);
+      CHECK(seen[static_cast<std::size_t>(order[k])] == expected);
+    }
+    CHECK(loader.next().epoch == 1);  // the epoch rolls over
+  }
+}
+
+TEST_CASE("resume mid-epoch gives the batches of an uninterrupted run, also 4 ranks -> 2 ranks", "[data][mpi]") {
+  const std::string source = write_ids(scratch("resume"), 96, 3, 8);
+  const auto spec = data::DatasetSpec::classification(source);
+  // Runs `steps` global batches as a world of `ranks` simulated in this process (each Loader
+  // construction is collective over the real communicator, in the same order on every rank).
+  struct Run {
+    std::vector<std::vector<std::int64_t>> batches;
+    data::LoaderState state;
+  };
+  const auto run = [&](int ranks, std::int64_t steps, const std::optional<data::LoaderState>& from) {
+    std::vector<std::unique_ptr<data::Loader>> loaders;
+    for (int r = 0; r < ranks; ++r)
+      loaders.push_back(std::make_unique<data::Loader>(spec, options(8 / ranks), r, ranks, communicator()));
+    if (from)
+      for (auto& loader : loaders) loader->restore(*from);
+    Run out;
+    for (std::int64_t s = 0; s < steps; ++s) {
+      std::vector<std::int64_t> global;
+      for (auto& loader : loaders) {
+        const auto mine = to_vector(loader->next().targets);
+        global.insert(global.end(), mine.begin(), mine.end());
+      }
+      out.batches.push_back(global);
+    }
+    out.state = loaders.front()->state();
+    for (auto& loader : loaders) CHECK(nlohmann::json(loader->state()) == nlohmann::json(out.state));
+    return out;
+  };
+  const Run reference = run(1, 20, std::nullopt);  // 12 steps per epoch: crosses into epoch 1
+
+  for (const std::int64_t stop : {7, 12}) {  // mid-epoch, and exactly at the epoch's end
+    const Run first = run(4, stop, std::nullopt);
+    CHECK(first.state.epoch == stop / 12);
+    CHECK(first.state.step == stop % 12);
+    // Through JSON, as a checkpoint stores it.
+    const data::LoaderState saved = nlohmann::json::parse(nlohmann::json(first.state).dump()).get<data::LoaderState>();
+    const Run second = run(2, 20 - stop, saved);
+    std::vector<std::vector<std::int64_t>> joined = first.batches;
+    joined.insert(joined.end(), second.batches.begin(), second.batches.end());
+    CHECK(joined == reference.batches);
+  }
+}
+
+TEST_CASE("loader state: JSON, and a state from another run is refused", "[data]") {
+  const data::LoaderState state{3, 7, 42, 64, 1000};
+  const data::LoaderState back = nlohmann::json(state).get<data::LoaderState>();
+  CHECK((back.epoch == 3 && back.step == 7 && back.seed == 42 && back.global_batch == 64 && back.samples == 1000));
+  CHECK_THROWS_WITH(nlohmann::json({{"epoch", 1}}).get<data::LoaderState>(), Contains("is not valid"));
+
+  const int n = communicator().size();
+  data::Loader loader(data::DatasetSpec::classification(fixture("ids.h5")), options(4 / n, 9), communicator().rank(), n,
+                      communicator());
+  data::LoaderState other = loader.state();
+  other.seed = 10;
+  CHECK_THROWS_WITH(loader.restore(other), Contains("from a different run"));
+  other = loader.state();
+  other.step = loader.steps_per_epoch();
+  CHECK_THROWS_WITH(loader.restore(other), Contains("out of range"));
+  loader.next();
+  CHECK(loader.state().step == 1);
+}
+
+TEST_CASE("an error on the prefetch thread reaches next() with its message", "[data]") {
+  const std::string dir = scratch("corrupt");
+  const std::string source = write_ids(dir, 96, 1, 8);
+  const std::string file = dir + "/ids-00000-of-00001.h5";
+  if (world().is_root()) {
+    // Overwrite chunk 5 of 'inputs' (samples 40..47) on disk with bytes gzip cannot inflate.
+    haddr_t address = 0;
+    hsize_t size = 0;
+    {
+      const hid_t f = H5Fopen(file.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+      const hid_t d = H5Dopen2(f, "inputs", H5P_DEFAULT);
+      hsize_t offset[2];
+      unsigned mask = 0;
+      REQUIRE(H5Dget_chunk_info(d, H5S_ALL, 5, offset, &mask, &address, &size) >= 0);
+      REQUIRE(offset[0] == 40);
+      H5Dclose(d);
+      H5Fclose(f);
+    }
+    std::fstream out(file, std::ios::in | std::ios::out | std::ios::binary);
+    out.seekp(static_cast<std::streamoff>(address));
+    const std::string garbage(size, '\xff');
+    out.write(garbage.data(), static_cast<std::streamsize>(garbage.size()));
+  }
+  world().barrier();
+  const int n = communicator().size();
+  data::LoaderOptions o = options(8 / n);
+  o.shuffle = false;  // global batch k is chunk k
+  o.prefetch = 2;
+  data::Loader loader(data::DatasetSpec::classification(source), o, communicator().rank(), n, communicator());
+  for (int step = 0; step < 5; ++step) CHECK(loader.next().step == step);
+  try {
+    loader.next();
+    FAIL("next() should have thrown");
+  } catch (const runtime::Error& e) {
+    CHECK(e.code() == runtime::ExitCode::bad_input);
+    CHECK_THAT(e.what(), Contains("ids-00000-of-00001.h5") && Contains("dataset 'inputs'") &&
+                             Contains("epoch 0 step 5") && Contains("rows 40..47"));
+  }
+  // The loader stays failed, and destroying it stops the thread cleanly.
+  CHECK_THROWS_WITH(loader.next(), Contains("epoch 0 step 5"));
+}
+
+TEST_CASE("ranks agree on the dataset and options with one collective, or all fail", "[data][mpi]") {
+  const int n = communicator().size(), rank = communicator().rank();
+  if (n == 1) return;  // needs peers
+  const auto good = data::DatasetSpec::classification(fixture("h5py_gzip.h5"));
+  const auto other = data::DatasetSpec::classification(fixture("h5py_half.h5"));
+  CHECK_THROWS_WITH(data::Loader(rank == 1 ? other : good, options(1), rank, n, communicator()),
+                    Contains("ranks see different datasets"));
+  CHECK_THROWS_WITH(data::Loader(good, options(1, rank == 1 ? 2 : 1), rank, n, communicator()),
+                    Contains("disagree on the data loader options"));
+  const auto missing = data::DatasetSpec::classification(fixture("only-on-rank-0.h5"));
+  CHECK_THROWS_WITH(data::Loader(rank == 1 ? missing : good, options(1), rank, n, communicator()),
+                    rank == 1 ? Contains("only-on-rank-0.h5") : Contains("could not open the dataset on rank(s) 1"));
+}
+
+TEST_CASE("file locking can be turned off", "[data]") {
+  data::DatasetSpec spec = data::DatasetSpec::classification(fixture("h5py_gzip.h5"));
+  spec.file_locking = false;
+  data::Dataset dataset(spec);
+  CHECK(dataset.read({5}).targets.item<std::int64_t>() == (37 * 5) % 1000 - 500);
+  CHECK(data::inspect_file(fixture("h5py_gzip.h5"), false).datasets.size() == 2);
+}
