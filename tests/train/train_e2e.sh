@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# End to end under mpirun -np 2: shards made by h5shard from Fashion-MNIST's test set, an MLP
+# trained for 40 steps. Checks: --dry-run writes nothing; config errors exit 2 with their
+# message and write nothing; the real run's loss falls and metrics.jsonl has every documented
+# field; the resolved config is saved in the run directory.
+# Environment (set by CTest): MPIEXEC, BIN.
+set -euo pipefail
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+images=/usr/share/datasets/fashion-mnist
+"$BIN/h5shard" idx --images "$images/t10k-images-idx3-ubyte.gz" --labels "$images/t10k-labels-idx1-ubyte.gz" \
+  --out "$work/data" --name train --val 0.2 --shards 2 >/dev/null
+cat > "$work/run.json" <<JSON
+{
+  "run": {"name": "e2e", "dir": "$work/runs", "seed": 3},
+  "model": {"name": "mlp", "mlp": {"input_dim": 784, "hidden": 64, "layers": 1, "num_classes": 10}},
+  "data": {"train": {"manifest": "$work/data/train.json"}, "eval": {"manifest": "$work/data/val.json"}},
+  "batch": {"micro_batch": 16, "global": 64},
+  "optimizer": {"name": "adamw", "lr": 0.003, "grad_clip": 1.0},
+  "schedule": {"name": "cosine", "warmup_steps": 5},
+  "train": {"steps": 40},
+  "log": {"every_steps": 10},
+  "eval": {"every_steps": 20, "max_batches": 10}
+}
+JSON
+train() { "$MPIEXEC" -np 2 --oversubscribe --bind-to none "$BIN/train" --config "$work/run.json" "$@"; }
+
+echo "--- dry run"
+train --dry-run > "$work/dry.txt"
+grep -q "model mlp has 50890 parameters; 40 optimizer steps of 64 samples on 2 rank(s)" "$work/dry.txt"
+[ ! -e "$work/runs" ] || { echo "FAIL: --dry-run wrote $work/runs"; exit 1; }
+
+echo "--- config errors"
+expect_bad_input() {
+  local message=$1; shift
+  set +e
+  train "$@" > "$work/out.txt" 2>&1
+  local rc=$?
+  set -e
+  cat "$work/out.txt"
+  [ "$rc" -eq 2 ] || { echo "FAIL: exit $rc, want 2 (bad input)"; exit 1; }
+  grep -q -- "$message" "$work/out.txt" || { echo "FAIL: no message '$message'"; exit 1; }
+  [ ! -e "$work/runs" ] || { echo "FAIL: a failed start wrote $work/runs"; exit 1; }
+}
+expect_bad_input 'did you mean "optimizer.lr"' --set optimizer.lrr=0.1
+expect_bad_input "batch.micro_batch" --set batch.micro_batch=zero
+expect_bad_input "optimizer.lr" --set optimizer.lr=-1
+
+echo "--- training"
+train
+run=$work/runs/e2e
+[ -f "$run/config.json" ]
+python3 - "$run/metrics.jsonl" <<'PY'
+import json, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+train = [r for r in records if "loss" in r]
+evals = [r for r in records if "eval_loss" in r]
+fields = {"step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "samples_per_s",
+          "step_time_s", "time_data_s", "time_compute_s", "time_comm_s", "time_optimizer_s"}
+for r in train:
+    missing = fields - r.keys()
+    assert not missing, f"step {r.get('step')}: missing {sorted(missing)}"
+assert [r["step"] for r in train] == [10, 20, 30, 40], [r["step"] for r in train]
+assert [r["step"] for r in evals] == [20, 40], [r["step"] for r in evals]
+for r in evals:
+    assert {"eval_loss", "eval_accuracy", "eval_samples"} <= r.keys(), r
+assert train[-1]["loss"] < 0.7 * train[0]["loss"], f"loss did not fall: {train[0]['loss']} -> {train[-1]['loss']}"
+assert evals[-1]["eval_accuracy"] > 0.5, evals[-1]
+print(f"PASS: loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, eval accuracy {evals[-1]['eval_accuracy']:.3f}")
+PY
