@@ -37,9 +37,7 @@ class ResMlp : public mpitrain::models::Model {
     return head_->forward(norm_f_->forward(x));
   }
 
-  mpitrain::models::Task task() const override {
-    return mpitrain::models::Task::classification;
-  }
+  mpitrain::models::Task task() const override { return mpitrain::models::Task::classification; }
 
  private:
   std::int64_t input_dim_;
@@ -54,8 +52,7 @@ const bool registered = mpitrain::models::register_model({
     "resmlp",
     {{
          mpitrain::config::integer("input_dim", 64, "features per sample", Range::at_least(1)),
-         mpitrain::config::integer("width", 32, "width of the residual stream",
-                                   Range::at_least(1)),
+         mpitrain::config::integer("width", 32, "width of the residual stream", Range::at_least(1)),
          mpitrain::config::integer("depth", 2, "residual blocks", Range::at_least(0)),
          mpitrain::config::integer("num_classes", 10, "output classes", Range::at_least(1)),
      },

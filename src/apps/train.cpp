@@ -1,6 +1,9 @@
 // train: mpitrain's training program, one process per GPU (or per CPU rank).
 //
-//   mpirun -np 4 build/bin/train --config run.json [--set key.path=value ...] [--dry-run]
+//   mpirun -np 4 build/bin/train --config run.json [--set key.path=value ...] [--resume auto|DIR]
+//                                [--allow-config-change] [--dry-run]
+// Exit codes: 0 done, 2 bad input, 3 communication timeout, 99 stopped by a signal after
+// saving a checkpoint (requeue with --resume auto), 1 anything else.
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
@@ -10,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "mpitrain/checkpoint/checkpoint.h"
 #include "mpitrain/config/config.h"
 #include "mpitrain/models/model.h"
 #include "mpitrain/models/registry.h"
@@ -26,7 +30,25 @@ struct Arguments {
   std::string config;
   std::vector<std::string> overrides;
   bool dry_run = false;
+  std::string resume;  // "", "auto" or a checkpoint directory
+  bool allow_config_change = false;
 };
+
+// Drops metrics lines of steps after the checkpoint a run resumes from: a run killed after its
+// last checkpoint logged steps that the resumed run will log again.
+void truncate_metrics(const std::string& path, std::int64_t step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    const auto record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!record.is_discarded() && record.value("step", std::int64_t{0}) <= step) kept += line + '\n';
+  }
+  in.close();
+  const std::string temporary = path + ".tmp";
+  std::ofstream(temporary) << kept;
+  std::filesystem::rename(temporary, path);
+}
 
 void save_resolved_config(const std::string& run_dir, const config::Config& config) {
   std::filesystem::create_directories(run_dir);
@@ -57,9 +79,27 @@ int run_training(const runtime::World& world, const runtime::StopSignals& signal
     return 0;
   }
 
-  if (world.is_root()) save_resolved_config(run_dir, config);
-  world.barrier();
+  // Every rank looks for the checkpoint itself (the run directory is on a shared file system
+  // when ranks span nodes); rank 0 decides, so all ranks load the same one.
+  std::string checkpoint;
+  if (args.resume == "auto") {
+    const auto latest = checkpoint::find_latest((std::filesystem::path(run_dir) / config.checkpoint.dir).string(), world.log());
+    if (latest) checkpoint = *latest;
+    else world.log().info("--resume auto: no complete checkpoint in " + run_dir + ", starting from step 0");
+  } else if (!args.resume.empty()) {
+    if (!std::filesystem::is_directory(args.resume))
+      throw runtime::Error("--resume " + args.resume + ": no such checkpoint directory", runtime::ExitCode::bad_input);
+    checkpoint = args.resume;
+  }
+
   train::Trainer trainer(world, config, run_dir, signals);
+  if (!checkpoint.empty()) trainer.restore(checkpoint, args.allow_config_change);
+  if (world.is_root()) {
+    save_resolved_config(run_dir, config);
+    if (!config.log.metrics_file.empty())
+      truncate_metrics((std::filesystem::path(run_dir) / config.log.metrics_file).string(), trainer.steps_done());
+  }
+  world.barrier();
   world.log().info("training " + config.model.name + " (" + std::to_string(trainer.parameter_count()) +
                    " parameters) for " + std::to_string(trainer.total_steps()) + " steps on " +
                    std::to_string(world.size()) + " rank(s); run directory " + run_dir);
@@ -82,6 +122,10 @@ int main(int argc, char** argv) {
   Arguments args;
   app.add_option("--config", args.config, "the run's JSON config (docs/config.md)")->required()->check(CLI::ExistingFile);
   app.add_option("--set", args.overrides, "override a config key: --set optimizer.lr=3e-4 (repeatable)");
+  app.add_option("--resume", args.resume,
+                 "auto: continue from the newest complete checkpoint of the run (if any); or a checkpoint directory");
+  app.add_flag("--allow-config-change", args.allow_config_change,
+               "resume even though settings that change the run (model, data, batch, optimizer...) differ");
   app.add_flag("--dry-run", args.dry_run,
                "validate the config and data, build the model, print the parameter count and resolved config, exit");
   try {

@@ -105,13 +105,13 @@ Schema make_settings() {
            {"auto", "classification", "tokens"}),
       integer("data.seq_len", 0,
               "tokens per sample for token data (0 = the model's context length)", non_negative),
-      integer("data.prefetch", 2,
-              "micro-batches read ahead in the background (0 = read on demand)", non_negative),
+      integer("data.prefetch", 2, "micro-batches read ahead in the background (0 = read on demand)",
+              non_negative),
       flag("data.file_locking", false,
            "use HDF5 file locking when opening shards (network file systems often lack it)"),
       texts("data.train.files", {}, "training shards: a glob or a list of HDF5 files and globs"),
       text("data.train.manifest", "",
-           "a text file naming the training shards, one per line (instead of files)"),
+           "a JSON shard manifest written by h5shard (docs/data.md) naming the training shards (instead of files)"),
       flag("data.train.shuffle", true,
            "shuffle the training samples each epoch (seeded by run.seed and the epoch)"),
       text("data.train.remainder", "drop",
@@ -121,7 +121,7 @@ Schema make_settings() {
       texts("data.eval.files", {},
             "evaluation shards: a glob or a list of HDF5 files and globs (none = no evaluation)"),
       text("data.eval.manifest", "",
-           "a text file naming the evaluation shards, one per line (instead of files)"),
+           "a JSON shard manifest written by h5shard (docs/data.md) naming the evaluation shards (instead of files)"),
       flag("data.eval.shuffle", false, "shuffle the evaluation samples"),
       text("data.eval.remainder", "drop",
            "samples left after the last full global batch of the evaluation set: drop or wrap",
@@ -144,8 +144,8 @@ Schema make_settings() {
       flag("optimizer.nesterov", false, "SGD with Nesterov momentum"),
       numbers("optimizer.betas", {0.9, 0.999}, "AdamW's beta1 and beta2", unit).items(2, 2),
       number("optimizer.eps", 1e-8, "AdamW's epsilon", positive),
-      number("optimizer.weight_decay", 0.01,
-             "decoupled weight decay (AdamW) or L2 penalty (SGD)", non_negative),
+      number("optimizer.weight_decay", 0.01, "decoupled weight decay (AdamW) or L2 penalty (SGD)",
+             non_negative),
       number("optimizer.grad_clip", 0.0,
              "clip the global gradient norm to this value (0 = no clipping)", non_negative),
 
@@ -172,8 +172,7 @@ Schema make_settings() {
       flag("precision.tf32", true, "allow TF32 tensor cores for fp32 matmuls and convolutions"),
       number("precision.loss_scale.init", 65536.0, "initial fp16 loss scale", positive),
       number("precision.loss_scale.growth_factor", 2.0,
-             "loss scale multiplier after growth_interval steps without overflow",
-             Range::above(1)),
+             "loss scale multiplier after growth_interval steps without overflow", Range::above(1)),
       number("precision.loss_scale.backoff_factor", 0.5,
              "loss scale multiplier after a step that overflowed", Range::open(0, 1)),
       integer("precision.loss_scale.growth_interval", 2000,
@@ -184,15 +183,15 @@ Schema make_settings() {
              "size of the first gradient bucket in MiB (small, so communication starts early)",
              positive),
       flag("ddp.find_unused_parameters", false,
-           "allow parameters that get no gradient in a step (costs a scan of the graph)"),
+           "allow parameters that get no gradient in a step (their buckets are reduced after backward, with less overlap)"),
       flag("ddp.broadcast_buffers", true,
            "copy rank 0's buffers (such as batch-norm statistics) to every rank before each "
            "forward"),
       text("ddp.wire_dtype", "fp32",
            "dtype of gradients on the wire; bf16 and fp16 halve the traffic",
            {"fp32", "bf16", "fp16"}),
-      number("ddp.comm_timeout_s", 600.0,
-             "seconds a collective may take before the job is ended", positive),
+      number("ddp.comm_timeout_s", 600.0, "seconds a collective may take before the job is ended",
+             positive),
 
       text("device.kind", "auto",
            "auto = the GPU of the rank's node-local index when one is usable, else the CPU",
@@ -200,22 +199,22 @@ Schema make_settings() {
       flag("device.allow_shared_gpu", false,
            "let ranks of one node share GPUs (MPI backend or debugging only)"),
       number("device.memory_fraction", 1.0,
-             "fraction of each GPU's memory the caching allocator may use", Range::open_closed(0, 1)),
+             "fraction of each GPU's memory the caching allocator may use",
+             Range::open_closed(0, 1)),
       text("device.backend", "auto", "collective backend; auto = nccl on GPUs, mpi on CPU",
            {"auto", "mpi", "nccl"}),
 
       integer("checkpoint.every_steps", 1000,
               "save a checkpoint every N optimizer steps (0 = only at the end and on stop)",
               non_negative),
-      integer("checkpoint.keep_last", 3, "newest checkpoints kept (0 = keep all)",
-              non_negative),
+      integer("checkpoint.keep_last", 3, "newest checkpoints kept (0 = keep all)", non_negative),
       integer("checkpoint.keep_every", 0,
-              "also keep every checkpoint whose step is a multiple of N (0 = none)",
-              non_negative),
+              "also keep every checkpoint whose step is a multiple of N (0 = none)", non_negative),
       text("checkpoint.dir", "checkpoints", "checkpoint folder, relative to the run directory")
-          .with_rule("a non-empty path", [](const json& v) -> std::string {
-            return v.get<std::string>().empty() ? "it is empty" : "";
-          }),
+          .with_rule("a non-empty path",
+                     [](const json& v) -> std::string {
+                       return v.get<std::string>().empty() ? "it is empty" : "";
+                     }),
       flag("checkpoint.save_on_stop", true,
            "save a checkpoint when a signal (SIGTERM, SIGUSR1, SIGINT) stops the run"),
 
@@ -278,8 +277,8 @@ json override_value(const Setting& s, const std::string& text, const std::string
     try {
       return json::parse(text);
     } catch (const json::parse_error& e) {
-      fail(source, in_quotes(key) + " must be " + describe(s) +
-                       "; the value is not a JSON list (" + parse_error_text(e) + ")");
+      fail(source, in_quotes(key) + " must be " + describe(s) + "; the value is not a JSON list (" +
+                       parse_error_text(e) + ")");
     }
   }
   if (s.type == Type::string_list) return text;
@@ -349,9 +348,9 @@ json read_file(const std::string& path) {
       case json::parse_event_t::array_start: {
         std::string p;
         if (!open.empty())
-          p = open.back().object ? (open.back().path.empty() ? last_key
-                                                             : open.back().path + "." + last_key)
-                                 : open.back().path + "[]";
+          p = open.back().object
+                  ? (open.back().path.empty() ? last_key : open.back().path + "." + last_key)
+                  : open.back().path + "[]";
         open.push_back({p, event == json::parse_event_t::object_start, {}});
         break;
       }
@@ -360,7 +359,7 @@ json read_file(const std::string& path) {
         if (!open.back().keys.insert(last_key).second)
           fail(source, "key " +
                            in_quotes(open.back().path.empty() ? last_key
-                                                           : open.back().path + "." + last_key) +
+                                                              : open.back().path + "." + last_key) +
                            " appears twice in one object; keep one");
         break;
       case json::parse_event_t::object_end:
@@ -388,8 +387,8 @@ void apply_override(json& tree, const std::string& assignment, const ModelSchema
   const std::string key = assignment.substr(0, eq);
   const Schema full = full_schema(models);
   const Setting& setting = lookup(full, key, source);
-  const json value = normalize(setting, override_value(setting, assignment.substr(eq + 1), source, key),
-                               source, key);
+  const json value = normalize(
+      setting, override_value(setting, assignment.substr(eq + 1), source, key), source, key);
 
   if (!tree.is_object()) fail(source, "the configuration is not a JSON object");
   json* node = &tree;

@@ -94,8 +94,9 @@ std::optional<json> scalar(Type type, const json& v, const Setting& s) {
       if (v.is_number() && in_range(v.get<double>(), s.range)) return json(v.get<double>());
       return {};
     case Type::string:
-      if (v.is_string() && (s.choices.empty() || std::find(s.choices.begin(), s.choices.end(),
-                                                           v.get<std::string>()) != s.choices.end()))
+      if (v.is_string() &&
+          (s.choices.empty() ||
+           std::find(s.choices.begin(), s.choices.end(), v.get<std::string>()) != s.choices.end()))
         return v;
       return {};
     default:
@@ -105,10 +106,14 @@ std::optional<json> scalar(Type type, const json& v, const Setting& s) {
 
 Type item_type(Type list) {
   switch (list) {
-    case Type::integer_list: return Type::integer;
-    case Type::number_list: return Type::number;
-    case Type::string_list: return Type::string;
-    default: return list;
+    case Type::integer_list:
+      return Type::integer;
+    case Type::number_list:
+      return Type::number;
+    case Type::string_list:
+      return Type::string;
+    default:
+      return list;
   }
 }
 
@@ -153,11 +158,11 @@ bool is_section(const Schema& schema, const std::string& path) {
                      in_quotes(join_path(prefix, elsewhere.front())) + "?");
   std::string known;
   for (const std::string& name : siblings) known += (known.empty() ? "" : ", ") + name;
-  fail(source, "unknown key " + in_quotes(path) + "; the keys " +
-                   (join_path(prefix, section).empty()
-                        ? std::string("at the top level")
-                        : "of " + in_quotes(join_path(prefix, section))) +
-                   " are: " + known);
+  fail(source,
+       "unknown key " + in_quotes(path) + "; the keys " +
+           (join_path(prefix, section).empty() ? std::string("at the top level")
+                                               : "of " + in_quotes(join_path(prefix, section))) +
+           " are: " + known);
 }
 
 void walk(const Schema& schema, const json& given, const std::string& source,
@@ -259,8 +264,7 @@ Setting integers(std::string path, std::vector<std::int64_t> default_value, std:
   return make(std::move(path), Type::integer_list, default_value, std::move(doc), range);
 }
 
-Setting numbers(std::string path, std::vector<double> default_value, std::string doc,
-                Range range) {
+Setting numbers(std::string path, std::vector<double> default_value, std::string doc, Range range) {
   return make(std::move(path), Type::number_list, default_value, std::move(doc), range);
 }
 
@@ -277,9 +281,12 @@ const Setting* Schema::find(const std::string& path) const {
 std::string describe(const Setting& s) {
   if (!s.form.empty()) return s.form;
   switch (s.type) {
-    case Type::boolean: return "true or false";
-    case Type::integer: return "an integer" + range_text(s.range);
-    case Type::number: return "a number" + range_text(s.range);
+    case Type::boolean:
+      return "true or false";
+    case Type::integer:
+      return "an integer" + range_text(s.range);
+    case Type::number:
+      return "a number" + range_text(s.range);
     case Type::string: {
       if (s.choices.empty()) return "a string";
       std::string text = "one of ";
@@ -287,9 +294,12 @@ std::string describe(const Setting& s) {
         text += (i ? ", " : "") + in_quotes(s.choices[i]);
       return text;
     }
-    case Type::integer_list: return "a list of integers" + range_text(s.range) + items_text(s);
-    case Type::number_list: return "a list of numbers" + range_text(s.range) + items_text(s);
-    case Type::string_list: return "a string or a list of strings" + items_text(s);
+    case Type::integer_list:
+      return "a list of integers" + range_text(s.range) + items_text(s);
+    case Type::number_list:
+      return "a list of numbers" + range_text(s.range) + items_text(s);
+    case Type::string_list:
+      return "a string or a list of strings" + items_text(s);
   }
   throw std::logic_error("describe(): unknown setting type");
 }
@@ -302,8 +312,8 @@ json normalize(const Setting& s, const json& value, const std::string& source,
   json canonical;
   if (is_list(s.type)) {
     // One string is a list of one: "files": "train-*.h5".
-    const json items = value.is_string() && s.type == Type::string_list ? json::array({value})
-                                                                         : value;
+    const json items =
+        value.is_string() && s.type == Type::string_list ? json::array({value}) : value;
     if (!items.is_array() || items.size() < s.min_items || items.size() > s.max_items) wrong("");
     canonical = json::array();
     for (const json& item : items) {

@@ -1,12 +1,11 @@
 // cnn: an image classifier. Each stage is a 3x3 convolution (padding 1), ReLU and a 2x2 max-pool
 // that halves the image; the last stage's feature map is flattened into one Linear layer.
+#include <c10/util/StringUtil.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/pooling.h>
-
-#include <c10/util/StringUtil.h>
 
 #include "builtin.h"
 #include "mpitrain/runtime/error.h"
@@ -60,25 +59,25 @@ class Cnn : public Model {
 
 ModelSpec cnn() {
   using namespace config;
-  Schema options{
-      {
-          integer("in_channels", 3, "channels of the input images", Range::at_least(1)),
-          integer("image_size", 32, "height and width of the square input images",
-                  Range::at_least(1)),
-          integers("channels", {32, 64},
-                   "output channels of each stage (3x3 convolution, ReLU, 2x2 max-pool)",
-                   Range::at_least(1))
-              .items(1, 8),
-          integer("num_classes", 10, "output classes", Range::at_least(1)),
-      },
-      [](const Section& o) -> std::string {
-        const auto stages = static_cast<int>(o.integers("channels").size());
-        if ((o.integer("image_size") >> stages) < 1)
-          return "image_size (" + std::to_string(o.integer("image_size")) + ") must be at least " +
-                 std::to_string(1 << stages) + ": each of the " + std::to_string(stages) +
-                 " stages halves it";
-        return "";
-      }};
+  Schema options;
+  options.settings = {
+      integer("in_channels", 3, "channels of the input images", Range::at_least(1)),
+      integer("image_size", 32, "height and width of the square input images",
+              Range::at_least(1)),
+      integers("channels", {32, 64},
+               "output channels of each stage (3x3 convolution, ReLU, 2x2 max-pool)",
+               Range::at_least(1))
+          .items(1, 8),
+      integer("num_classes", 10, "output classes", Range::at_least(1)),
+  };
+  options.check = [](const Section& o) -> std::string {
+    const auto stages = static_cast<int>(o.integers("channels").size());
+    if ((o.integer("image_size") >> stages) < 1)
+      return "image_size (" + std::to_string(o.integer("image_size")) + ") must be at least " +
+             std::to_string(1 << stages) + ": each of the " + std::to_string(stages) +
+             " stages halves it";
+    return "";
+  };
   return {"cnn", std::move(options), [](const Section& o) -> std::shared_ptr<Model> {
             return std::make_shared<Cnn>(o.integer("in_channels"), o.integer("image_size"),
                                          o.integers("channels"), o.integer("num_classes"));

@@ -18,12 +18,11 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/StringUtil.h>
 #include <torch/nn/init.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/modules/linear.h>
-
-#include <c10/util/StringUtil.h>
 
 #include <cmath>
 
@@ -105,8 +104,8 @@ class Block : public torch::nn::Module {
  public:
   Block(std::int64_t n_embd, std::int64_t n_head, double dropout, bool bias, double proj_std) {
     ln_1_ = register_module("ln_1", std::make_shared<LayerNorm>(n_embd, bias));
-    attn_ = register_module("attn", std::make_shared<CausalSelfAttention>(n_embd, n_head, dropout,
-                                                                          bias, proj_std));
+    attn_ = register_module(
+        "attn", std::make_shared<CausalSelfAttention>(n_embd, n_head, dropout, bias, proj_std));
     ln_2_ = register_module("ln_2", std::make_shared<LayerNorm>(n_embd, bias));
     mlp_ = register_module("mlp", std::make_shared<FeedForward>(n_embd, dropout, bias, proj_std));
   }
@@ -146,7 +145,8 @@ class Gpt : public Model {
   }
 
   at::Tensor forward(const at::Tensor& tokens) override {
-    if (tokens.dim() != 2 || !(tokens.scalar_type() == at::kLong || tokens.scalar_type() == at::kInt))
+    if (tokens.dim() != 2 ||
+        !(tokens.scalar_type() == at::kLong || tokens.scalar_type() == at::kInt))
       throw runtime::Error("gpt: inputs must be token ids of shape [N, T] (int64 or int32), got " +
                                std::string(tokens.dtype().name()) + " " + c10::str(tokens.sizes()),
                            runtime::ExitCode::bad_input);
@@ -157,7 +157,8 @@ class Gpt : public Model {
                                std::to_string(seq_len_) + " (model.gpt.seq_len)",
                            runtime::ExitCode::bad_input);
     const at::Tensor positions = at::arange(time, tokens.options().dtype(at::kLong));
-    at::Tensor x = at::dropout(wte_->forward(tokens) + wpe_->forward(positions), dropout_, is_training());
+    at::Tensor x =
+        at::dropout(wte_->forward(tokens) + wpe_->forward(positions), dropout_, is_training());
     for (const auto& block : blocks_) x = block->forward(x);
     return at::linear(ln_f_->forward(x), wte_->weight);
   }
@@ -196,10 +197,9 @@ ModelSpec gpt() {
         return "";
       }};
   return {"gpt", std::move(options), [](const Section& o) -> std::shared_ptr<Model> {
-            return std::make_shared<Gpt>(GptOptions{o.integer("vocab_size"), o.integer("seq_len"),
-                                                    o.integer("n_layer"), o.integer("n_head"),
-                                                    o.integer("n_embd"), o.number("dropout"),
-                                                    o.boolean("bias")});
+            return std::make_shared<Gpt>(GptOptions{
+                o.integer("vocab_size"), o.integer("seq_len"), o.integer("n_layer"),
+                o.integer("n_head"), o.integer("n_embd"), o.number("dropout"), o.boolean("bias")});
           }};
 }
 

@@ -1,11 +1,10 @@
 // mlp: a multi-layer perceptron classifier. Inputs are flattened per sample; each hidden layer
 // is Linear, ReLU and (when dropout > 0) Dropout; a final Linear gives the logits.
+#include <c10/util/StringUtil.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
-
-#include <c10/util/StringUtil.h>
 
 #include "builtin.h"
 #include "mpitrain/runtime/error.h"

@@ -6,8 +6,10 @@ namespace mpitrain::models {
 
 const char* to_string(Task task) {
   switch (task) {
-    case Task::classification: return "classification";
-    case Task::language_modeling: return "language_modeling";
+    case Task::classification:
+      return "classification";
+    case Task::language_modeling:
+      return "language_modeling";
   }
   return "unknown";
 }

@@ -3,19 +3,26 @@
 #include <ATen/ATen.h>
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/optimizer.h>
+#include <torch/serialize.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <map>
 #include <limits>
 
 #ifdef MPITRAIN_HAVE_NCCL
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
 
 #include "mpitrain/amp/amp.h"
+#include "mpitrain/checkpoint/checkpoint.h"
+#include "mpitrain/checkpoint/safetensors.h"
 #include "mpitrain/comm/communicator.h"
 #include "mpitrain/data/loader.h"
 #include "mpitrain/ddp/ddp.h"
@@ -60,6 +67,35 @@ at::Tensor loss_of(const at::Tensor& logits, const at::Tensor& targets, models::
   if (task == models::Task::language_modeling)
     return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), targets.reshape({-1}).to(at::kLong));
   return at::cross_entropy_loss(logits.to(at::kFloat), targets.reshape({-1}).to(at::kLong));
+}
+
+std::string rank_file(int rank) {
+  char name[32];
+  std::snprintf(name, sizeof name, "rank-%05d.json", rank);
+  return name;
+}
+
+nlohmann::json generator_state(at::Generator generator) {
+  const at::Tensor state = generator.get_state();
+  const auto* bytes = state.data_ptr<std::uint8_t>();
+  return std::vector<int>(bytes, bytes + state.numel());
+}
+
+void set_generator_state(at::Generator generator, const nlohmann::json& json) {
+  const auto bytes = json.get<std::vector<int>>();
+  at::Tensor state = at::empty({static_cast<std::int64_t>(bytes.size())}, at::kByte);
+  std::copy(bytes.begin(), bytes.end(), state.data_ptr<std::uint8_t>());
+  generator.set_state(state);
+}
+
+// Keys that may change between a checkpoint and the run resuming from it: they do not change
+// what the run computes. Prefix match on the dotted path.
+bool safe_to_change(const std::string& path) {
+  for (const char* prefix : {"/train/", "/log/", "/eval/", "/checkpoint/", "/ddp/comm_timeout_s", "/data/prefetch",
+                             "/data/file_locking", "/device/", "/run/dir", "/run/name", "/batch/micro_batch",
+                             "/batch/accumulation"})
+    if (path.rfind(prefix, 0) == 0) return true;
+  return false;
 }
 
 }  // namespace
@@ -286,6 +322,120 @@ struct Trainer::Impl {
     return result;
   }
 
+  std::string checkpoint_root() const { return (std::filesystem::path(run_dir) / config.checkpoint.dir).string(); }
+
+  std::string save_checkpoint() {
+    const auto start = Clock::now();
+    checkpoint::Writer writer(world, checkpoint_root(), steps_done);
+    const std::filesystem::path dir = writer.path();
+    if (world.is_root()) {
+      std::map<std::string, at::Tensor> weights;
+      for (const auto& item : model->named_parameters()) weights.emplace(item.key(), item.value());
+      for (const auto& item : model->named_buffers()) weights.emplace(item.key(), item.value());
+      checkpoint::write_safetensors((dir / "model.safetensors").string(), weights);
+      checkpoint::fsync_path((dir / "model.safetensors").string());
+      torch::save(*optimizer, (dir / "optimizer.pt").string());
+      checkpoint::fsync_path((dir / "optimizer.pt").string());
+      const nlohmann::json state = {{"step", steps_done},     {"epoch", epoch},
+                                    {"world_size", world.size()}, {"scaler", scaler->state()},
+                                    {"config", config::to_json(config)}};
+      checkpoint::write_file((dir / "trainer.json").string(), state.dump(2));
+    }
+    nlohmann::json mine = {{"loader", train_loader->state()},
+                           {"window_loss", window_loss.item<double>()},
+                           {"window_steps", window_steps},
+                           {"window_skipped", window_skipped},
+                           {"rng_cpu", generator_state(at::detail::getDefaultCPUGenerator())}};
+#ifdef MPITRAIN_HAVE_NCCL
+    if (device.is_cuda()) mine["rng_cuda"] = generator_state(at::cuda::detail::getDefaultCUDAGenerator(device.index()));
+#endif
+    checkpoint::write_file((dir / rank_file(world.rank())).string(), mine.dump());
+    const std::string saved = writer.commit({config.checkpoint.keep_last, config.checkpoint.keep_every});
+    world.log().info("checkpoint " + saved + " saved in " + std::to_string(seconds_since(start)) + " s");
+    return saved;
+  }
+
+  void check_config_change(const nlohmann::json& saved, bool allow) {
+    const nlohmann::json now = config::to_json(config);
+    std::string changed;
+    for (const auto& op : nlohmann::json::diff(saved, now)) {
+      const std::string path = op.at("path").get<std::string>();
+      if (!safe_to_change(path)) changed += (changed.empty() ? "" : ", ") + path.substr(1);
+    }
+    if (changed.empty()) return;
+    std::replace(changed.begin(), changed.end(), '/', '.');
+    if (allow) {
+      world.log().warn("resuming with changed settings: " + changed);
+      return;
+    }
+    throw runtime::Error("the checkpoint was written with different settings for: " + changed +
+                             ". Resuming would silently change the run; restore those settings, or pass "
+                             "--allow-config-change to resume anyway",
+                         runtime::ExitCode::bad_input);
+  }
+
+  void restore(const std::string& dir, bool allow_config_change) {
+    const std::string problem = checkpoint::verify(dir);
+    if (!problem.empty())
+      throw runtime::Error("checkpoint " + dir + " cannot be used: " + problem +
+                               ". Pick another one, or use --resume auto to take the newest complete one",
+                           runtime::ExitCode::bad_input);
+    const auto read_json = [&](const std::string& name) {
+      std::ifstream in(std::filesystem::path(dir) / name);
+      return nlohmann::json::parse(in);
+    };
+    const nlohmann::json state = read_json("trainer.json");
+    check_config_change(state.at("config"), allow_config_change);
+    const int saved_world = state.at("world_size").get<int>();
+
+    // Weights: every tensor present, with its shape.
+    const auto weights = checkpoint::read_safetensors((std::filesystem::path(dir) / "model.safetensors").string());
+    {
+      at::NoGradGuard no_grad;
+      std::string problems;
+      std::size_t used = 0;
+      auto load = [&](const std::string& name, at::Tensor& target) {
+        const auto it = weights.find(name);
+        if (it == weights.end()) return void(problems += " missing " + name + ";");
+        if (it->second.sizes() != target.sizes())
+          return void(problems += " " + name + " has shape " + c10::str(it->second.sizes()) + ", the model " +
+                                  c10::str(target.sizes()) + ";");
+        target.copy_(it->second);
+        ++used;
+      };
+      for (auto& item : model->named_parameters()) load(item.key(), item.value());
+      for (auto& item : model->named_buffers()) load(item.key(), item.value());
+      if (used != weights.size()) problems += " " + std::to_string(weights.size() - used) + " unexpected tensor(s);";
+      if (!problems.empty())
+        throw runtime::Error("checkpoint " + dir + " does not fit the model:" + problems, runtime::ExitCode::bad_input);
+    }
+    torch::load(*optimizer, (std::filesystem::path(dir) / "optimizer.pt").string());
+    scaler->load_state(state.at("scaler"));
+    steps_done = state.at("step").get<std::int64_t>();
+    epoch = state.at("epoch").get<std::int64_t>();
+
+    // The loader's position is global, so any rank's file gives it; the rest is per rank and
+    // only carries over at the same world size.
+    const bool same_world = saved_world == world.size();
+    const nlohmann::json mine = read_json(rank_file(same_world ? world.rank() : 0));
+    train_loader->restore(mine.at("loader").get<data::LoaderState>());
+    if (same_world) {
+      window_loss.fill_(mine.at("window_loss").get<double>());
+      window_steps = mine.at("window_steps").get<std::int64_t>();
+      window_skipped = mine.at("window_skipped").get<std::int64_t>();
+      set_generator_state(at::detail::getDefaultCPUGenerator(), mine.at("rng_cpu"));
+#ifdef MPITRAIN_HAVE_NCCL
+      if (device.is_cuda() && mine.contains("rng_cuda"))
+        set_generator_state(at::cuda::detail::getDefaultCUDAGenerator(device.index()), mine.at("rng_cuda"));
+#endif
+    } else {
+      world.log().warn("resuming " + std::to_string(saved_world) + " ranks' checkpoint on " +
+                       std::to_string(world.size()) + " ranks: the data order continues exactly; random "
+                       "streams (dropout) start afresh");
+    }
+    world.log().info("resumed from " + dir + " at step " + std::to_string(steps_done));
+  }
+
   nlohmann::json log_record(const StepResult& last) {
     // The one cross-rank reduction of metrics, at logging cadence only.
     at::Tensor loss = window_loss / static_cast<double>(std::max<std::int64_t>(window_steps, 1));
@@ -368,11 +518,23 @@ Outcome Trainer::run() {
     const bool last = s.steps_done == s.total_steps;
     if (last || s.steps_done % s.config.log.every_steps == 0) metrics.write(s.log_record(result));
     if (!last && s.config.eval.every_steps > 0 && s.steps_done % s.config.eval.every_steps == 0) log_eval();
+    const bool cadence = s.config.checkpoint.every_steps > 0 && s.steps_done % s.config.checkpoint.every_steps == 0;
+    if (!last && cadence) s.save_checkpoint();
     // Every rank asks at the same step boundary, so all stop at the same step.
-    if (!last && s.signals.agree(s.world)) return Outcome::stopped;
+    if (!last && s.signals.agree(s.world)) {
+      if (s.config.checkpoint.save_on_stop && !cadence) s.save_checkpoint();
+      return Outcome::stopped;
+    }
   }
   log_eval();
+  if (s.steps_done > 0) s.save_checkpoint();
   return Outcome::finished;
+}
+
+std::string Trainer::save_checkpoint() { return impl_->save_checkpoint(); }
+
+void Trainer::restore(const std::string& checkpoint_dir, bool allow_config_change) {
+  impl_->restore(checkpoint_dir, allow_config_change);
 }
 
 std::int64_t Trainer::steps_done() const { return impl_->steps_done; }

@@ -174,8 +174,9 @@ TEST_CASE("unreadable and malformed files are errors", "[config]") {
 
   const std::string comma = write("comma.json", "{\n  \"train\": {\"steps\": 1},\n}\n");
   const std::string message = error_of([&] { load_file(comma); });
-  CHECK_THAT(message, Catch::StartsWith("config file \"" + comma +
-                                        "\": is not valid JSON: parse error at line 3, column 1: "));
+  CHECK_THAT(message,
+             Catch::StartsWith("config file \"" + comma +
+                               "\": is not valid JSON: parse error at line 3, column 1: "));
   CHECK_THAT(message, Catch::EndsWith("(JSON allows no comments and no trailing commas)"));
 
   const std::string twice = write("twice.json", R"({"train": {"steps": 1, "steps": 2}})");
@@ -238,7 +239,8 @@ TEST_CASE("bad --set arguments are errors naming the argument", "[config]") {
       {"data.train.shuffle=yes", R"("data.train.shuffle" must be true or false, got "yes")"},
       {"optimizer.betas=0.9,x",
        R"("optimizer.betas" must be a list of numbers in [0, 1), exactly 2 items, got [0.9,"x"])"},
-      {"model.gpt.n_layr=2", R"(unknown key "model.gpt.n_layr"; did you mean "model.gpt.n_layer"?)"},
+      {"model.gpt.n_layr=2",
+       R"(unknown key "model.gpt.n_layr"; did you mean "model.gpt.n_layer"?)"},
   };
   for (const auto& [assignment, message] : cases) {
     INFO("--set " << assignment);
@@ -246,9 +248,9 @@ TEST_CASE("bad --set arguments are errors naming the argument", "[config]") {
           "--set \"" + assignment + "\": " + message);
   }
   CHECK_THAT(error_of([&] { load(kBase, {"optimizer.betas=[0.9,"}); }),
-             Catch::StartsWith("--set \"optimizer.betas=[0.9,\": \"optimizer.betas\" must be a list "
-                               "of numbers in [0, 1), exactly 2 items; the value is not a JSON "
-                               "list ("));
+             Catch::StartsWith("--set \"optimizer.betas=[0.9,\": \"optimizer.betas\" must be a "
+                               "list of numbers in [0, 1), exactly 2 items; the value is not a "
+                               "JSON list (parse error at line 1, column 6: "));
 }
 
 TEST_CASE("docs/config.md lists every setting with its form, default and doc", "[config]") {

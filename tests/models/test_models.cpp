@@ -85,7 +85,8 @@ TEST_CASE("the registry holds the built-ins and statically registered models", "
   CHECK(models::count_parameters(*model) == 3 * 2 + 2);
 
   // A user model's options are config keys like the built-ins'.
-  const json tree = json::parse(R"({"model": {"name": "test_affine", "test_affine": {"out_features": 7}},
+  const json tree = json::parse(R"({"model": {"name": "test_affine",
+                                              "test_affine": {"out_features": 7}},
                                     "data": {"train": {"files": "x.h5"}}, "train": {"steps": 1}})");
   const config::Config c = config::validate(tree, "test", schemas);
   CHECK(c.model.options == json::parse(R"({"in_features": 4, "out_features": 7})"));
@@ -127,7 +128,8 @@ TEST_CASE("mlp: shapes and parameter count", "[models]") {
     CHECK(model->task() == models::Task::classification);
     CHECK(model->context_length() == 0);
     CHECK(model->forward(at::randn({4, in})).sizes() == at::IntArrayRef{4, classes});
-    CHECK(model->forward(at::randn({4, 3, 4})).sizes() == at::IntArrayRef{4, classes});  // flattened
+    // Any shape with input_dim values per sample is flattened.
+    CHECK(model->forward(at::randn({4, 3, 4})).sizes() == at::IntArrayRef{4, classes});
     // Linear(in, hidden), then layers - 1 of Linear(hidden, hidden), then Linear(hidden, classes).
     const std::int64_t expected =
         layers == 0 ? in * classes + classes
@@ -219,7 +221,8 @@ TEST_CASE("gpt: attention is causal", "[models]") {
   tokens.select(1, 5).add_(1).remainder_(50);  // change token 5 in both sequences
   const at::Tensor after = model->forward(tokens);
   CHECK(at::equal(before.slice(1, 0, 5), after.slice(1, 0, 5)));  // positions 0..4: unchanged
-  for (std::int64_t t = 5; t < 8; ++t) CHECK_FALSE(at::allclose(before.select(1, t), after.select(1, t)));
+  for (std::int64_t t = 5; t < 8; ++t)
+    CHECK_FALSE(at::allclose(before.select(1, t), after.select(1, t)));
 }
 
 TEST_CASE("gpt: dropout acts in training mode only", "[models]") {

@@ -21,11 +21,10 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace mpitrain::config {
 
@@ -36,12 +35,12 @@ struct Range {
   std::optional<double> min, max;
   bool min_exclusive = false, max_exclusive = false;
 
-  static Range at_least(double min);                   // [min, inf)
-  static Range above(double min);                      // (min, inf)
-  static Range closed(double min, double max);         // [min, max]
-  static Range half_open(double min, double max);      // [min, max)
-  static Range open(double min, double max);           // (min, max)
-  static Range open_closed(double min, double max);    // (min, max]
+  static Range at_least(double min);                 // [min, inf)
+  static Range above(double min);                    // (min, inf)
+  static Range closed(double min, double max);       // [min, max]
+  static Range half_open(double min, double max);    // [min, max)
+  static Range open(double min, double max);         // (min, max)
+  static Range open_closed(double min, double max);  // (min, max]
 };
 
 class Section;
@@ -51,9 +50,9 @@ struct Setting {
   Type type = Type::string;
   nlohmann::json default_value;
   std::string doc;
-  Range range;                          // numbers, integers and the items of numeric lists
-  std::vector<std::string> choices;     // strings and string-list items; empty: any string
-  std::size_t min_items = 0;            // lists only
+  Range range;                       // numbers, integers and the items of numeric lists
+  std::vector<std::string> choices;  // strings: the allowed values; empty: any string
+  std::size_t min_items = 0;         // lists only
   std::size_t max_items = std::numeric_limits<std::size_t>::max();
   /// An extra rule on a well-typed value: returns "" or what is wrong. `form` then replaces
   /// the generated expected form, so messages and docs say what the rule wants.

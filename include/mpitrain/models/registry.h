@@ -26,10 +26,9 @@
 
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "mpitrain/config/config.h"
 #include "mpitrain/config/schema.h"

@@ -13,7 +13,14 @@
 //   optimizer step unless skipped, learning rate for the next step.
 // - run() steps until train.steps (or train.epochs) are done or a stop signal is agreed; logs
 //   at log.every_steps and evaluates at eval.every_steps and at the end. Its result says why it
-//   ended.
+//   ended. It saves a checkpoint every checkpoint.every_steps, at the end, and when a stop
+//   signal ends the run early (checkpoint.save_on_stop).
+// - save_checkpoint() (collective) writes everything needed to continue the exact run
+//   (docs/checkpoints.md); restore() (collective) loads it: afterwards the run continues as if
+//   it had never stopped — bit for bit on CPU at the same world size. A different world size is
+//   accepted when batch.global is unchanged; config keys that would silently change the run
+//   (model, data, seed, batch.global, optimizer, schedule, precision) must be unchanged unless
+//   allow_config_change.
 
 #include <cstdint>
 #include <memory>
@@ -65,6 +72,9 @@ class Trainer {
   StepResult step();
   EvalResult evaluate();
   Outcome run();
+
+  std::string save_checkpoint();
+  void restore(const std::string& checkpoint_dir, bool allow_config_change);
 
   std::int64_t steps_done() const;
   std::int64_t total_steps() const;

