@@ -2,7 +2,6 @@
 // buffers (MPI_Allreduce for the MPI backend on CPU, ncclAllReduce for NCCL on a GPU).
 //
 //   mpirun -np 2 build/bin/bench_allreduce --backend mpi --out bench/results/allreduce_mpi_np2.json
-#include <CLI/CLI.hpp>
 #include <ATen/ATen.h>
 
 #include <iostream>
@@ -18,6 +17,7 @@
 #endif
 
 #include "harness.h"
+#include "mpitrain/apps/cli.h"
 #include "mpitrain/comm/communicator.h"
 #include "mpitrain/runtime/check.h"
 #include "mpitrain/runtime/device.h"
@@ -193,11 +193,5 @@ int main(int argc, char** argv) {
   app.add_option("--goal", options.goal, "required busbw ratio against the raw call");
   app.add_option("--goal-from", options.goal_from, "smallest size the goal applies to");
   app.add_option("--out", options.out, "JSON result file (written by rank 0)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int rc = world.is_root() ? app.exit(e) : e.get_exit_code();
-    return rc == 0 ? 0 : runtime::to_int(runtime::ExitCode::bad_input);
-  }
-  return runtime::run_guarded(world, [&] { return run(world, options); });
+  return apps::parse_and_run(world, app, argc, argv, [&] { return run(world, options); });
 }

@@ -4,7 +4,6 @@
 //
 //   build/bin/bench_ddp --out bench/results/ddp_np1.json
 //   mpirun -np 2 build/bin/bench_ddp --out bench/results/ddp_np2.json
-#include <CLI/CLI.hpp>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -13,6 +12,7 @@
 #include <vector>
 
 #include "harness.h"
+#include "mpitrain/apps/cli.h"
 #include "mpitrain/comm/communicator.h"
 #include "mpitrain/ddp/ddp.h"
 #include "mpitrain/runtime/error.h"
@@ -151,11 +151,5 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", options.warmup, "untimed steps");
   app.add_option("--steps", options.steps, "timed steps (the median is reported)");
   app.add_option("--out", options.out, "JSON result file (written by rank 0)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int rc = world.is_root() ? app.exit(e) : e.get_exit_code();
-    return rc == 0 ? 0 : runtime::to_int(runtime::ExitCode::bad_input);
-  }
-  return runtime::run_guarded(world, [&] { return run(world, options); });
+  return apps::parse_and_run(world, app, argc, argv, [&] { return run(world, options); });
 }

@@ -4,7 +4,6 @@
 //                                [--allow-config-change] [--dry-run]
 // Exit codes: 0 done, 2 bad input, 3 communication timeout, 99 stopped by a signal after
 // saving a checkpoint (requeue with --resume auto), 1 anything else.
-#include <CLI/CLI.hpp>
 
 #include <cstdio>
 #include <filesystem>
@@ -13,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "mpitrain/apps/cli.h"
 #include "mpitrain/checkpoint/checkpoint.h"
 #include "mpitrain/config/config.h"
 #include "mpitrain/models/model.h"
@@ -128,12 +128,5 @@ int main(int argc, char** argv) {
                "resume even though settings that change the run (model, data, batch, optimizer...) differ");
   app.add_flag("--dry-run", args.dry_run,
                "validate the config and data, build the model, print the parameter count and resolved config, exit");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    // Every rank parses the same arguments; only rank 0 prints.
-    const int rc = world.is_root() ? app.exit(e) : e.get_exit_code();
-    return rc == 0 ? 0 : runtime::to_int(runtime::ExitCode::bad_input);
-  }
-  return runtime::run_guarded(world, [&] { return run_training(world, signals, args); });
+  return apps::parse_and_run(world, app, argc, argv, [&] { return run_training(world, signals, args); });
 }

@@ -5,8 +5,8 @@
 #include <algorithm>
 #include <cstring>
 #include <list>
+#include <map>
 #include <numeric>
-#include <tuple>
 #include <unordered_map>
 
 #include "hdf5.h"
@@ -18,10 +18,8 @@ namespace {
 using runtime::Error;
 using runtime::ExitCode;
 
-// A contiguous (unchunked) dataset is read in pieces of about this size, as if it were chunked.
-constexpr std::int64_t kVirtualChunkBytes = std::int64_t{1} << 20;
-// Adjacent missing chunks are read with one hyperslab up to this size.
-constexpr std::int64_t kMaxRunBytes = std::int64_t{16} << 20;
+// An unchunked dataset is read in units of about this size when block_bytes is 0.
+constexpr std::int64_t kContiguousUnitBytes = std::int64_t{1} << 20;
 
 // One HDF5 dataset of one shard.
 struct Column {
@@ -32,7 +30,7 @@ struct Column {
   std::int64_t rows = 0;
   std::vector<std::int64_t> row_shape;
   std::int64_t row_elements = 1;
-  std::int64_t chunk_rows = 1;  // rows per cache entry: the HDF5 chunk's first dimension
+  std::int64_t unit_rows = 1;  // rows per cache entry: a whole number of HDF5 chunks
 
   std::int64_t row_bytes() const { return row_elements * static_cast<std::int64_t>(h5::element_bytes(cached)); }
 };
@@ -56,11 +54,33 @@ struct ChunkKeyHash {
   }
 };
 
-// Decompressed rows of one chunk. Chunks read together share one buffer.
+// Decompressed rows of one unit.
 struct Chunk {
   std::shared_ptr<char[]> buffer;
-  const char* rows = nullptr;
   std::int64_t bytes = 0;
+};
+
+// Unit buffers are recycled: once the cache is full, a read reuses an evicted buffer instead
+// of fresh memory, whose first touch costs a page fault every 4 KiB.
+class BufferPool : public std::enable_shared_from_this<BufferPool> {
+ public:
+  std::shared_ptr<char[]> get(std::int64_t bytes) {
+    auto& free = free_[bytes];
+    char* buffer = nullptr;
+    if (free.empty()) {
+      buffer = new char[static_cast<std::size_t>(bytes)];
+    } else {
+      buffer = free.back().release();
+      free.pop_back();
+    }
+    return std::shared_ptr<char[]>(buffer, [pool = weak_from_this(), bytes](char* b) {
+      if (const auto alive = pool.lock()) alive->free_[bytes].emplace_back(b);
+      else delete[] b;
+    });
+  }
+
+ private:
+  std::map<std::int64_t, std::vector<std::unique_ptr<char[]>>> free_;
 };
 
 template <class T>
@@ -104,6 +124,7 @@ struct Dataset::Impl {
   Field inputs, targets;
 
   // The cache: most recently used first.
+  std::shared_ptr<BufferPool> buffers = std::make_shared<BufferPool>();
   std::unordered_map<ChunkKey, std::pair<Chunk, std::list<ChunkKey>::iterator>, ChunkKeyHash> cache;
   std::list<ChunkKey> lru;
   std::int64_t cache_bytes = 0;
@@ -123,22 +144,24 @@ struct Dataset::Impl {
     c.row_elements = std::accumulate(c.row_shape.begin(), c.row_shape.end(), std::int64_t{1}, std::multiplies<>());
     const h5::Handle type = h5::file_type(c.dataset, c.where);
     c.stored = h5::classify(type.get(), c.where);
-    for (const auto& filter : h5::filters(c.dataset, c.where)) {
-      if (!filter.available)
-        throw Error(c.where + ": compressed with filter '" + filter.name + "' (id " + std::to_string(filter.id) +
-                        "), which this HDF5 build cannot decode: rewrite the file with gzip (h5py: "
-                        "compression='gzip'), or make the filter's plugin available through HDF5_PLUGIN_PATH",
-                    ExitCode::bad_input);
-    }
+    h5::require_filters(c.dataset, c.where);
     return c;
   }
 
   // Sets the cached element type and the cache unit of a column once its role is known.
-  static void settle(Column& c, h5::Element cached) {
+  // The unit (see DatasetSpec::block_bytes): one hyperslab read per unit keeps HDF5's per-call
+  // cost small next to the data, whatever the chunk size.
+  void settle(Column& c, h5::Element cached) const {
     c.cached = cached;
     const std::vector<std::int64_t> chunk = h5::chunk_dims(c.dataset, c.where);
-    c.chunk_rows = chunk.empty() ? std::max<std::int64_t>(1, kVirtualChunkBytes / std::max<std::int64_t>(1, c.row_bytes()))
-                                 : std::max<std::int64_t>(1, chunk[0]);
+    const std::int64_t row_bytes = std::max<std::int64_t>(1, c.row_bytes());
+    if (chunk.empty()) {
+      c.unit_rows = std::max<std::int64_t>(1, (spec.block_bytes > 0 ? spec.block_bytes : kContiguousUnitBytes) / row_bytes);
+    } else {
+      const std::int64_t chunk_rows = std::max<std::int64_t>(1, chunk[0]);
+      const std::int64_t chunk_bytes = chunk_rows * row_bytes;
+      c.unit_rows = chunk_rows * std::max<std::int64_t>(1, (spec.block_bytes + chunk_bytes / 2) / chunk_bytes);
+    }
   }
 
   void open() {
@@ -181,7 +204,7 @@ struct Dataset::Impl {
                     h5::element_name(tg.stored)};
     agree_fields(shard, fin, ftg);
     shard.samples = in.rows;
-    shard.block = in.chunk_rows;
+    shard.block = in.unit_rows;
     shard.columns.push_back(std::move(in));
     shard.columns.push_back(std::move(tg));
   }
@@ -198,7 +221,7 @@ struct Dataset::Impl {
     const Field fin{spec.tokens, c10::kLong, {spec.seq_len}, h5::element_name(tk.stored)};
     agree_fields(shard, fin, fin);
     shard.samples = tk.rows > 0 ? (tk.rows - 1) / spec.seq_len : 0;
-    shard.block = std::max<std::int64_t>(1, tk.chunk_rows / spec.seq_len);
+    shard.block = std::max<std::int64_t>(1, tk.unit_rows / spec.seq_len);
     shard.columns.push_back(std::move(tk));
   }
 
@@ -264,13 +287,16 @@ struct Dataset::Impl {
   }
 
   std::int64_t block_bytes() const {
-    // What the chunks covering one block take in the cache, at most, over all shards.
+    // What the chunks covering one block take in the cache, at most, over all shards. A
+    // classification block is exactly one chunk of inputs; rows of any other column, or a
+    // token block's span, may straddle one more chunk.
     std::int64_t most = 0;
     for (const auto& shard : shards) {
       std::int64_t bytes = 0;
-      for (const auto& c : shard.columns) {
+      for (std::size_t i = 0; i < shard.columns.size(); ++i) {
+        const Column& c = shard.columns[i];
         const std::int64_t rows = tokens() ? shard.block * spec.seq_len + 1 : shard.block;
-        bytes += (rows + c.chunk_rows) * c.row_bytes();
+        bytes += (!tokens() && i == 0 ? rows : rows + c.unit_rows) * c.row_bytes();
       }
       most = std::max(most, bytes);
     }
@@ -282,7 +308,7 @@ struct Dataset::Impl {
             std::unordered_map<ChunkKey, Chunk, ChunkKeyHash>& pinned,
             std::vector<ChunkKey>& missing) {
     const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
-    for (std::int64_t k = first / column.chunk_rows; k <= (last - 1) / column.chunk_rows; ++k) {
+    for (std::int64_t k = first / column.unit_rows; k <= (last - 1) / column.unit_rows; ++k) {
       const ChunkKey key{s, c, k};
       if (pinned.count(key)) continue;
       const auto hit = cache.find(key);
@@ -296,34 +322,19 @@ struct Dataset::Impl {
     }
   }
 
-  // Reads the missing chunks, merging runs of adjacent ones into one hyperslab each.
-  void fetch(std::vector<ChunkKey>& missing, std::unordered_map<ChunkKey, Chunk, ChunkKeyHash>& pinned) {
-    std::sort(missing.begin(), missing.end(), [](const ChunkKey& a, const ChunkKey& b) {
-      return std::tie(a.shard, a.column, a.chunk) < std::tie(b.shard, b.column, b.chunk);
-    });
-    for (std::size_t i = 0; i < missing.size();) {
-      const ChunkKey head = missing[i];
-      const Column& column = shards[static_cast<std::size_t>(head.shard)].columns[static_cast<std::size_t>(head.column)];
-      const std::int64_t chunk_bytes = column.chunk_rows * column.row_bytes();
-      const std::int64_t max_run = std::max<std::int64_t>(1, kMaxRunBytes / std::max<std::int64_t>(1, chunk_bytes));
-      std::size_t j = i + 1;
-      while (j < missing.size() && missing[j].shard == head.shard && missing[j].column == head.column &&
-             missing[j].chunk == missing[j - 1].chunk + 1 && static_cast<std::int64_t>(j - i) < max_run)
-        ++j;
-      const std::int64_t first = head.chunk * column.chunk_rows;
-      const std::int64_t last = std::min(column.rows, missing[j - 1].chunk * column.chunk_rows + column.chunk_rows);
-      std::shared_ptr<char[]> buffer(new char[static_cast<std::size_t>((last - first) * column.row_bytes())]);
-      h5::read_rows(column.dataset, column.cached, first, last - first, buffer.get(), column.where);
-      for (std::size_t k = i; k < j; ++k) {
-        const std::int64_t row = missing[k].chunk * column.chunk_rows;
-        Chunk chunk{buffer, buffer.get() + (row - first) * column.row_bytes(),
-                    (std::min(column.rows, row + column.chunk_rows) - row) * column.row_bytes()};
-        pinned[missing[k]] = chunk;
-        lru.push_front(missing[k]);
-        cache.emplace(missing[k], std::make_pair(chunk, lru.begin()));
-        cache_bytes += chunk.bytes;
-      }
-      i = j;
+  // Reads the missing units, one chunk-aligned hyperslab each.
+  void fetch(const std::vector<ChunkKey>& missing, std::unordered_map<ChunkKey, Chunk, ChunkKeyHash>& pinned) {
+    for (const ChunkKey& key : missing) {
+      const Column& column = shards[static_cast<std::size_t>(key.shard)].columns[static_cast<std::size_t>(key.column)];
+      const std::int64_t first = key.chunk * column.unit_rows;
+      const std::int64_t count = std::min(column.rows, first + column.unit_rows) - first;
+      // Every buffer of a column has the full unit size, so any can be reused for any unit.
+      Chunk chunk{buffers->get(column.unit_rows * column.row_bytes()), count * column.row_bytes()};
+      h5::read_rows(column.dataset, column.cached, first, count, chunk.buffer.get(), column.where);
+      pinned[key] = chunk;
+      lru.push_front(key);
+      cache.emplace(key, std::make_pair(chunk, lru.begin()));
+      cache_bytes += chunk.bytes;
     }
   }
 
@@ -343,10 +354,10 @@ struct Dataset::Impl {
     const std::int64_t row_bytes = column.row_bytes();
     const std::int64_t out_row_bytes = widen ? column.row_elements * 8 : row_bytes;
     while (n > 0) {
-      const std::int64_t k = first / column.chunk_rows;
-      const std::int64_t offset = first - k * column.chunk_rows;
-      const std::int64_t take = std::min(n, column.chunk_rows - offset);
-      const char* source = pinned.at(ChunkKey{s, c, k}).rows + offset * row_bytes;
+      const std::int64_t k = first / column.unit_rows;
+      const std::int64_t offset = first - k * column.unit_rows;
+      const std::int64_t take = std::min(n, column.unit_rows - offset);
+      const char* source = pinned.at(ChunkKey{s, c, k}).buffer.get() + offset * row_bytes;
       if (widen) to_int64(column.cached, source, reinterpret_cast<std::int64_t*>(out), take * column.row_elements);
       else std::memcpy(out, source, static_cast<std::size_t>(take * row_bytes));
       out += take * out_row_bytes;

@@ -52,7 +52,7 @@ std::string error_stack() {
 void fail(const std::string& where, const std::string& what) {
   std::string stack = error_stack();
   std::string hint;
-  if (stack.find("lock") != std::string::npos)
+  if (stack.find("lock the file") != std::string::npos || stack.find("file locking") != std::string::npos)
     hint = " (on a shared file system without locks, set HDF5_USE_FILE_LOCKING=FALSE or turn the "
            "loader's file locking off)";
   throw Error(where + ": " + what + ": " + stack + hint, ExitCode::bad_input);
@@ -158,6 +158,16 @@ std::vector<Filter> filters(const Handle& dataset, const std::string& where) {
                    values, available});
   }
   return out;
+}
+
+void require_filters(const Handle& dataset, const std::string& where) {
+  for (const auto& filter : filters(dataset, where)) {
+    if (!filter.available)
+      throw Error(where + ": compressed with filter '" + filter.name + "' (id " + std::to_string(filter.id) +
+                      "), which this HDF5 build cannot decode: rewrite the file with gzip (h5py: "
+                      "compression='gzip'), or make the filter's plugin available through HDF5_PLUGIN_PATH",
+                  ExitCode::bad_input);
+  }
 }
 
 const char* element_name(Element e) {

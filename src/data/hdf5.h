@@ -91,6 +91,8 @@ struct Filter {
   bool available;         // this HDF5 build can decode it
 };
 std::vector<Filter> filters(const Handle& dataset, const std::string& where);
+/// Throws runtime::Error(bad_input) naming the first filter this build cannot decode.
+void require_filters(const Handle& dataset, const std::string& where);
 
 /// An element type mpitrain reads, and how HDF5 and LibTorch spell it.
 enum class Element { i8, u8, i16, u16, i32, u32, i64, f16, f32, f64 };

@@ -62,6 +62,9 @@ struct Loader::Impl {
   std::deque<Ready> queue;
   bool stop = false;
   std::thread reader;
+  // CPU batches handed out before, reused once the consumer has let go of them (the reader
+  // thread's alone): fresh memory would cost a page fault every 4 KiB of every batch.
+  std::deque<Batch> recycled;
 #ifdef MPITRAIN_HAVE_NCCL
   std::optional<c10::cuda::CUDAStream> copy_stream;
 #endif
@@ -111,6 +114,26 @@ struct Loader::Impl {
     reader = std::thread([this, epoch, step] { read_ahead(epoch, step); });
   }
 
+  // Nobody else holds the tensor or its memory: only `recycled` refers to it.
+  static bool unused(const at::Tensor& t) { return t.use_count() == 1 && t.storage().use_count() == 1; }
+
+  Batch make_batch(bool cuda) {
+    if (cuda) return dataset->allocate(options.batch_size, /*pinned=*/true);  // the caching host allocator reuses
+    for (auto it = recycled.begin(); it != recycled.end(); ++it) {
+      if (unused(it->inputs) && unused(it->targets)) {
+        Batch batch = std::move(*it);
+        recycled.erase(it);
+        return batch;
+      }
+    }
+    return dataset->allocate(options.batch_size);
+  }
+
+  void remember(const Batch& batch) {
+    recycled.push_back(batch);
+    if (recycled.size() > static_cast<std::size_t>(options.prefetch) + 4) recycled.pop_front();
+  }
+
   void halt() {
     {
       std::lock_guard<std::mutex> lock(mutex);
@@ -134,11 +157,12 @@ struct Loader::Impl {
         }
         Ready ready;
         try {
-          ready.batch = dataset->allocate(options.batch_size, /*pinned=*/cuda);
+          ready.batch = make_batch(cuda);
           dataset->read_into(Sampler::slice(sampler->global_batch(order, step), rank, world), ready.batch);
           ready.batch.epoch = epoch;
           ready.batch.step = step;
           if (cuda) to_device(ready);
+          else remember(ready.batch);
         } catch (const Error& e) {
           throw Error("data loader, rank " + std::to_string(rank) + ", epoch " + std::to_string(epoch) + " step " +
                           std::to_string(step) + ": " + e.what(),

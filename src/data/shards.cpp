@@ -6,19 +6,18 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <filesystem>
 #include <memory>
 #include <numeric>
 
 #include "hdf5.h"
 #include "mpitrain/runtime/error.h"
+#include "paths.h"
 
 namespace mpitrain::data {
 namespace {
 
 using runtime::Error;
 using runtime::ExitCode;
-namespace fs = std::filesystem;
 
 std::string shard_name(const std::string& name, std::int64_t index, std::int64_t count) {
   char buffer[64];
@@ -115,13 +114,11 @@ ShardSet write_shards(const std::string& out_dir, const std::string& name, const
                                           : std::max<std::int64_t>(1, (rows * bytes_per_row + options.shard_bytes - 1) / options.shard_bytes);
   count = std::min(count, rows);
 
-  std::error_code ec;
-  fs::create_directories(out_dir, ec);
-  if (ec) throw Error("cannot create the output folder '" + out_dir + "': " + ec.message(), ExitCode::bad_input);
+  paths::make_directories(out_dir);
 
   ShardSet set;
   set.rows = rows;
-  set.manifest = (fs::path(out_dir) / (name + ".json")).string();
+  set.manifest = paths::join(out_dir, name + ".json");
   Manifest manifest;
   manifest.metadata = metadata;
   for (const auto& column : columns) {
@@ -135,22 +132,17 @@ ShardSet write_shards(const std::string& out_dir, const std::string& name, const
     for (std::int64_t i = 0; i < count; ++i) {
       const std::int64_t first = i * rows / count, last = (i + 1) * rows / count;
       const std::string file_name = shard_name(name, i, count);
-      const std::string final_path = (fs::path(out_dir) / file_name).string();
-      const std::string temporary = (fs::path(out_dir) / ("." + file_name + ".tmp" + std::to_string(getpid()))).string();
+      const std::string final_path = paths::join(out_dir, file_name);
+      const std::string temporary = paths::join(out_dir, "." + file_name + ".tmp" + std::to_string(getpid()));
       temporaries.push_back(temporary);
       set.files.push_back(final_path);
       write_file(temporary, final_path, columns, first, last - first, options);
       manifest.files.push_back({file_name, last - first});
     }
-    for (; renamed < temporaries.size(); ++renamed) {
-      fs::rename(temporaries[renamed], set.files[renamed], ec);
-      if (ec)
-        throw Error("cannot move '" + temporaries[renamed] + "' to '" + set.files[renamed] + "': " + ec.message(),
-                    ExitCode::bad_input);
-    }
+    for (; renamed < temporaries.size(); ++renamed) paths::move(temporaries[renamed], set.files[renamed]);
     write_manifest(set.manifest, manifest);
   } catch (...) {
-    for (std::size_t i = 0; i < temporaries.size(); ++i) fs::remove(i < renamed ? set.files[i] : temporaries[i], ec);
+    for (std::size_t i = 0; i < temporaries.size(); ++i) std::remove((i < renamed ? set.files[i] : temporaries[i]).c_str());
     throw;
   }
   return set;
@@ -248,6 +240,7 @@ VerifyReport verify(const std::string& source, bool file_locking) {
     for (const DatasetInfo* d : checked) {
       const std::string where = h5::place(path, d->name);
       const h5::Handle dataset = h5::open_dataset(file, path, d->name);
+      h5::require_filters(dataset, where);
       const h5::Handle type = h5::file_type(dataset, where);
       const h5::Element element = h5::classify(type.get(), where);
       const std::int64_t rows = d->shape[0];

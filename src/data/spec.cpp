@@ -3,18 +3,17 @@
 #include <glob.h>
 #include <unistd.h>
 
-#include <filesystem>
+#include <cstdio>
 #include <fstream>
 
 #include "mpitrain/runtime/error.h"
+#include "paths.h"
 
 namespace mpitrain::data {
 namespace {
 
 using runtime::Error;
 using runtime::ExitCode;
-namespace fs = std::filesystem;
-
 constexpr const char* kFormat = "mpitrain-shards";
 constexpr int kVersion = 1;
 
@@ -111,37 +110,33 @@ void write_manifest(const std::string& path, const Manifest& manifest) {
     out << json.dump(2) << '\n';
     out.flush();
     if (!out) {
-      std::error_code ignored;
-      fs::remove(temporary, ignored);
+      std::remove(temporary.c_str());
       throw Error("cannot write manifest '" + path + "': check the folder exists and is writable",
                   ExitCode::bad_input);
     }
   }
-  fs::rename(temporary, path);
+  paths::move(temporary, path);
 }
 
 std::vector<std::string> resolve_files(const std::string& source) {
   if (source.empty()) throw Error("no dataset source given: name a manifest (.json) or a glob of .h5 shards", ExitCode::bad_input);
-  std::vector<std::string> paths;
+  std::vector<std::string> files;
   if (is_manifest(source)) {
-    const fs::path folder = fs::path(source).parent_path();
-    for (const auto& file : read_manifest(source).files) {
-      const fs::path p(file.path);
-      paths.push_back(p.is_absolute() ? p.string() : (folder / p).string());
-    }
-    return paths;
+    const std::string folder = paths::parent(source);
+    for (const auto& file : read_manifest(source).files) files.push_back(paths::join(folder, file.path));
+    return files;
   }
   glob_t matches{};
   const int rc = ::glob(source.c_str(), 0, nullptr, &matches);
-  for (std::size_t i = 0; rc == 0 && i < matches.gl_pathc; ++i) paths.emplace_back(matches.gl_pathv[i]);
+  for (std::size_t i = 0; rc == 0 && i < matches.gl_pathc; ++i) files.emplace_back(matches.gl_pathv[i]);
   globfree(&matches);
-  if (paths.empty()) {
+  if (files.empty()) {
     const bool pattern = source.find_first_of("*?[") != std::string::npos;
     throw Error(pattern ? "no file matches '" + source + "': check the pattern and the folder"
                         : "file '" + source + "' does not exist: check the path",
                 ExitCode::bad_input);
   }
-  return paths;  // glob() sorts
+  return files;  // glob() sorts
 }
 
 }  // namespace mpitrain::data

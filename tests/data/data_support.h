@@ -5,7 +5,10 @@
 
 #include <ATen/ATen.h>
 
-#include <filesystem>
+#include <ftw.h>
+#include <sys/stat.h>
+
+#include <cstdio>
 #include <memory>
 #include <string>
 #include <vector>
@@ -29,11 +32,13 @@ inline comm::Communicator& communicator() {
 
 /// An empty folder that every rank sees, distinct per world size (the np1/np2/np4 runs of a
 /// test may run at the same time). Collective.
+/// (POSIX calls: libtorch.so's exported std::filesystem::remove_all crashes when called from here.)
 inline std::string scratch(const std::string& name) {
   const std::string path = fixture("scratch-" + name + "-np" + std::to_string(world().size()));
   if (world().is_root()) {
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
+    nftw(path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return std::remove(p); }, 8,
+         FTW_DEPTH | FTW_PHYS);
+    mkdir(path.c_str(), 0777);
   }
   world().barrier();
   return path;

@@ -35,6 +35,13 @@ std::vector<std::int64_t> iota(std::int64_t n) {
   return v;
 }
 
+// Blocks of one HDF5 chunk each: the test files' chunks are tiny, and the tests want many blocks.
+data::DatasetSpec chunked(const std::string& source) {
+  data::DatasetSpec spec = data::DatasetSpec::classification(source);
+  spec.block_bytes = 0;
+  return spec;
+}
+
 data::LoaderOptions options(std::int64_t batch, std::uint64_t seed = 5, std::int64_t window = 2) {
   data::LoaderOptions o;
   o.batch_size = batch;
@@ -61,7 +68,7 @@ std::u32string code_points(const std::string& text) {
 }  // namespace
 
 TEST_CASE("an h5py file with chunks, gzip and shuffle reads as written", "[data]") {
-  data::Dataset dataset(data::DatasetSpec::classification(fixture("h5py_gzip.h5")));
+  data::Dataset dataset(chunked(fixture("h5py_gzip.h5")));
   REQUIRE(dataset.size() == 103);
   CHECK(dataset.inputs().dtype == at::kFloat);
   CHECK(dataset.inputs().shape == std::vector<std::int64_t>{3, 5});
@@ -95,7 +102,9 @@ TEST_CASE("float16 inputs and uint16 targets from h5py", "[data]") {
 }
 
 TEST_CASE("a token stream is cut into windows of seq_len + 1", "[data]") {
-  data::Dataset dataset(data::DatasetSpec::token_stream(fixture("h5py_tokens.h5"), 10));
+  data::DatasetSpec spec = data::DatasetSpec::token_stream(fixture("h5py_tokens.h5"), 10);
+  spec.block_bytes = 0;
+  data::Dataset dataset(spec);
   REQUIRE(dataset.size() == 100);  // (1001 - 1) / 10
   CHECK(dataset.inputs().shape == std::vector<std::int64_t>{10});
   // Blocks follow the 64-token chunks: 6 windows each.
@@ -226,7 +235,7 @@ TEST_CASE("remainder policy: drop runs N / G steps, wrap fills the last batch fr
 TEST_CASE("every sample exactly once per epoch across ranks, in the world-size-free order", "[data][mpi]") {
   const int n = communicator().size(), rank = communicator().rank();
   const std::string source = write_ids(scratch("once"), 96, 3, 8);
-  data::Loader loader(data::DatasetSpec::classification(source), options(8 / n), rank, n, communicator());
+  data::Loader loader(chunked(source), options(8 / n), rank, n, communicator());
   REQUIRE(loader.steps_per_epoch() == 12);
   REQUIRE(loader.global_batch() == 8);
   std::vector<std::vector<std::int64_t>> orders;
@@ -260,7 +269,7 @@ TEST_CASE("drop and wrap across ranks", "[data][mpi]") {
   for (const data::Remainder policy : {data::Remainder::drop, data::Remainder::wrap}) {
     data::LoaderOptions o = options(40 / n);
     o.remainder = policy;
-    data::Loader loader(data::DatasetSpec::classification(source), o, rank, n, communicator());
+    data::Loader loader(chunked(source), o, rank, n, communicator());
     const std::vector<std::int64_t> order = loader.sampler().order(0);
     std::vector<int> seen(96, 0);
     for (std::int64_t step = 0; step < loader.steps_per_epoch(); ++step)
@@ -275,7 +284,7 @@ TEST_CASE("drop and wrap across ranks", "[data][mpi]") {
 
 TEST_CASE("resume mid-epoch gives the batches of an uninterrupted run, also 4 ranks -> 2 ranks", "[data][mpi]") {
   const std::string source = write_ids(scratch("resume"), 96, 3, 8);
-  const auto spec = data::DatasetSpec::classification(source);
+  const auto spec = chunked(source);
   // Runs `steps` global batches as a world of `ranks` simulated in this process (each Loader
   // construction is collective over the real communicator, in the same order on every rank).
   struct Run {
@@ -339,31 +348,33 @@ TEST_CASE("an error on the prefetch thread reaches next() with its message", "[d
   const std::string dir = scratch("corrupt");
   const std::string source = write_ids(dir, 96, 1, 8);
   const std::string file = dir + "/ids-00000-of-00001.h5";
+  int damaged = 1;
   if (world().is_root()) {
     // Overwrite chunk 5 of 'inputs' (samples 40..47) on disk with bytes gzip cannot inflate.
     haddr_t address = 0;
-    hsize_t size = 0;
-    {
-      const hid_t f = H5Fopen(file.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-      const hid_t d = H5Dopen2(f, "inputs", H5P_DEFAULT);
-      hsize_t offset[2];
-      unsigned mask = 0;
-      REQUIRE(H5Dget_chunk_info(d, H5S_ALL, 5, offset, &mask, &address, &size) >= 0);
-      REQUIRE(offset[0] == 40);
-      H5Dclose(d);
-      H5Fclose(f);
-    }
+    hsize_t size = 0, offset[2] = {0, 0};
+    unsigned mask = 0;
+    const hid_t f = H5Fopen(file.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    const hid_t d = H5Dopen2(f, "inputs", H5P_DEFAULT);
+    const hid_t space = H5Dget_space(d);
+    damaged = H5Dget_chunk_info(d, space, 5, offset, &mask, &address, &size) >= 0 && offset[0] == 40;
+    H5Sclose(space);
+    H5Dclose(d);
+    H5Fclose(f);
     std::fstream out(file, std::ios::in | std::ios::out | std::ios::binary);
     out.seekp(static_cast<std::streamoff>(address));
     const std::string garbage(size, '\xff');
     out.write(garbage.data(), static_cast<std::streamsize>(garbage.size()));
+    damaged = damaged && out.good();
   }
-  world().barrier();
+  // Every rank learns whether it worked, so none waits for a rank that left the test.
+  MPI_Bcast(&damaged, 1, MPI_INT, 0, world().comm());
+  REQUIRE(damaged == 1);
   const int n = communicator().size();
   data::LoaderOptions o = options(8 / n);
   o.shuffle = false;  // global batch k is chunk k
   o.prefetch = 2;
-  data::Loader loader(data::DatasetSpec::classification(source), o, communicator().rank(), n, communicator());
+  data::Loader loader(chunked(source), o, communicator().rank(), n, communicator());
   for (int step = 0; step < 5; ++step) CHECK(loader.next().step == step);
   try {
     loader.next();

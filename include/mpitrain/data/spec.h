@@ -32,6 +32,10 @@ struct DatasetSpec {
   std::string targets = "targets";
   std::string tokens = "tokens";
   std::int64_t seq_len = 0;  // tokens only: inputs and targets are seq_len tokens each
+  /// Unit of reading, caching and shuffling (a "block", see Sampler): the whole number of HDF5
+  /// chunks along the rows nearest to this many bytes, at least one (rows of about this size
+  /// for an unchunked dataset). 0: one chunk per block.
+  std::int64_t block_bytes = std::int64_t{1} << 20;
   /// false turns HDF5's file locking off (shared file systems without lock support).
   /// HDF5_USE_FILE_LOCKING in the environment, when set, takes precedence.
   bool file_locking = true;
