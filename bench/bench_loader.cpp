@@ -5,7 +5,8 @@
 //
 // Without --source it makes its shards first, from Fashion-MNIST (the Debian package
 // dataset-fashion-mnist), once per --gzip level. MB/s counts the bytes as stored per sample
-// (uint8 image + uint8 label = 785 B), so both sides are measured on the same bytes. The raw
+// (Fashion-MNIST: uint8 image + uint8 label = 785 B), so both sides are measured on the same
+// bytes. The raw
 // read is one H5Dread per dataset per file (HDF5 decompresses chunk after chunk into one
 // buffer): the fastest way to get every byte out of the file, and the bound for any loader.
 // A loader pass is one epoch of a freshly made Loader (construction, the agreement, the epoch),
@@ -13,7 +14,6 @@
 // Each figure is the median of --reps timed passes (raw and loader alternating) after one
 // untimed pass of each; with several ranks a pass takes as long as its slowest rank, and the
 // raw read gives each rank 1/n of the rows.
-#include <CLI/CLI.hpp>
 #include <ATen/ATen.h>
 #include <hdf5.h>
 
@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "harness.h"
+#include "mpitrain/apps/cli.h"
 #include "mpitrain/comm/communicator.h"
 #include "mpitrain/data/loader.h"
 #include "mpitrain/data/shards.h"
@@ -131,10 +132,12 @@ int run(const runtime::World& world, const Options& options) {
     const auto spec = data::DatasetSpec::classification(source);
     const data::Loader probe(spec, loader_options, world.rank(), world.size(), *comm);
     const data::Dataset& dataset = probe.dataset();
-    const std::int64_t stored_per_sample =
-        std::accumulate(dataset.inputs().shape.begin(), dataset.inputs().shape.end(), std::int64_t{1}, std::multiplies<>()) *
-            static_cast<std::int64_t>(c10::elementSize(dataset.inputs().dtype)) +
-        1;  // the uint8 label as stored
+    const auto stored_bytes = [](const data::Field& f) {
+      const std::string& t = f.stored;  // "uint8", "float32", ...: the digits are the bits
+      const std::int64_t bits = std::stoll(t.substr(t.find_first_of("0123456789")));
+      return std::accumulate(f.shape.begin(), f.shape.end(), std::int64_t{1}, std::multiplies<>()) * bits / 8;
+    };
+    const std::int64_t stored_per_sample = stored_bytes(dataset.inputs()) + stored_bytes(dataset.targets());
     const std::int64_t epoch_samples = probe.steps_per_epoch() * probe.global_batch();
 
     const double share_first = static_cast<double>(world.rank()) / world.size();
@@ -185,7 +188,7 @@ int run(const runtime::World& world, const Options& options) {
     bench::write_json(options.out,
                       {{"name", "loader_np" + std::to_string(world.size())},
                        {"what", "samples/s and MB/s of the data Loader (shuffled, prefetch) vs one raw sequential H5Dread "
-                                "per dataset of the same shards; MB counted as stored (785 B per sample)"},
+                                "per dataset of the same shards; MB counted as stored"},
                        {"settings", {{"batch_per_rank", options.batch}, {"prefetch", options.prefetch},
                                      {"shuffle_window_blocks", options.window}, {"chunk_bytes", options.chunk_bytes},
                                      {"reps", options.reps}}},
@@ -218,10 +221,5 @@ int main(int argc, char** argv) {
   app.add_option("--reps", options.reps, "timed passes")->capture_default_str();
   app.add_option("--goal", options.goal, "required loader/raw ratio")->capture_default_str();
   app.add_option("--out", options.out, "JSON result file (written by rank 0)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    return world.is_root() ? app.exit(e) : (e.get_exit_code() == 0 ? 0 : runtime::to_int(runtime::ExitCode::bad_input));
-  }
-  return runtime::run_guarded(world, [&] { return run(world, options); });
+  return apps::parse_and_run(world, app, argc, argv, [&] { return run(world, options); });
 }

@@ -287,9 +287,9 @@ struct Dataset::Impl {
   }
 
   std::int64_t block_bytes() const {
-    // What the chunks covering one block take in the cache, at most, over all shards. A
-    // classification block is exactly one chunk of inputs; rows of any other column, or a
-    // token block's span, may straddle one more chunk.
+    // What the units covering one block take in the cache, at most, over all shards. A
+    // classification block is exactly one unit of inputs; the rows of any other column, or a
+    // token block's span, may straddle one more unit.
     std::int64_t most = 0;
     for (const auto& shard : shards) {
       std::int64_t bytes = 0;
@@ -303,7 +303,7 @@ struct Dataset::Impl {
     return most;
   }
 
-  // Rows [first, last) of column c in shard s: the chunks that hold them.
+  // Rows [first, last) of column c in shard s: pins the units that hold them, noting the missing.
   void need(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t last,
             std::unordered_map<ChunkKey, Chunk, ChunkKeyHash>& pinned,
             std::vector<ChunkKey>& missing) {
@@ -347,7 +347,7 @@ struct Dataset::Impl {
     }
   }
 
-  // Copies rows [first, first + n) of a column, crossing chunks, as raw bytes or widened to int64.
+  // Copies rows [first, first + n) of a column, crossing units, as raw bytes or widened to int64.
   void copy_rows(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t n, bool widen, char* out,
                  const std::unordered_map<ChunkKey, Chunk, ChunkKeyHash>& pinned) const {
     const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
@@ -415,7 +415,9 @@ Dataset::Dataset(const DatasetSpec& spec, std::int64_t cache_blocks) : impl_(std
   h5::quiet();
   impl_->spec = spec;
   impl_->open();
-  impl_->cache_capacity = std::max<std::int64_t>(1, cache_blocks) * impl_->block_bytes();
+  // More than every block is every block (and keeps the product from overflowing).
+  const auto all = static_cast<std::int64_t>(impl_->blocks.size());
+  impl_->cache_capacity = std::clamp<std::int64_t>(cache_blocks, 1, all) * impl_->block_bytes();
 }
 
 Dataset::~Dataset() = default;

@@ -263,6 +263,16 @@ TEST_CASE("every sample exactly once per epoch across ranks, in the world-size-f
   CHECK(data::Sampler(loader.dataset().blocks(), o).order(0) == orders[0]);
 }
 
+TEST_CASE("a uniform shuffle (window 0) caches every block and sees every sample once", "[data][mpi]") {
+  const int n = communicator().size(), rank = communicator().rank();
+  const std::string source = write_ids(scratch("uniform"), 96, 3, 8);
+  data::Loader loader(chunked(source), options(8 / n, 3, /*window=*/0), rank, n, communicator());
+  std::vector<int> seen(96, 0);
+  for (std::int64_t step = 0; step < loader.steps_per_epoch(); ++step)
+    for (const std::int64_t id : gather(loader.next().targets)) ++seen[static_cast<std::size_t>(id)];
+  CHECK(std::all_of(seen.begin(), seen.end(), [](int count) { return count == 1; }));
+}
+
 TEST_CASE("drop and wrap across ranks", "[data][mpi]") {
   const int n = communicator().size(), rank = communicator().rank();
   const std::string source = write_ids(scratch("remainder"), 96, 2, 8);

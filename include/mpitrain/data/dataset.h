@@ -8,12 +8,12 @@
 //   manifest's counts/dtypes/shapes match the files, at least one sample) and throws
 //   runtime::Error(bad_input) naming the file, the dataset and the problem.
 // - Samples are numbered 0..size()-1 shard after shard. A shard's samples are grouped into
-//   blocks that follow its HDF5 chunks (blocks()); the sampler shuffles blocks and then samples
-//   within windows of blocks, so a block's chunk is decompressed once per window, not once
-//   per sample.
-// - read_into() fills a batch in the order of the indices given. Reads are chunk-aligned
-//   hyperslabs (adjacent missing chunks merged into one read) into a cache of decompressed
-//   chunks (least recently used out) of about cache_blocks blocks.
+//   blocks of whole HDF5 chunks (blocks(), DatasetSpec::block_bytes); the sampler shuffles
+//   blocks and then samples within windows of blocks, so a block is decompressed once per
+//   window, not once per sample.
+// - read_into() fills a batch in the order of the indices given. Each block it needs and does
+//   not hold is read with one chunk-aligned hyperslab into a cache of decompressed blocks
+//   (least recently used out) of about cache_blocks blocks.
 // - Delivered dtypes: classification inputs keep their stored dtype (uint16/uint32 widen to
 //   int32/int64); integer targets and all tokens are int64; float targets keep their dtype.
 //   Tokens: inputs = window[0, seq_len), targets = window[1, seq_len + 1).

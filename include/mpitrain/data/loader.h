@@ -15,7 +15,9 @@
 //   comes step 0 of the next. Batch::epoch/step say which global batch it is a slice of.
 //   On a CUDA device the tensors are read into pinned host memory and copied on a side stream;
 //   next() makes the caller's current stream wait for that copy (an event), so they can be used
-//   at once on the current stream. On CPU they are plain tensors.
+//   at once on the current stream. On CPU they are plain tensors, whose memory the loader
+//   reuses for a later batch once nothing refers to it any more (no tensor, no view): keep a
+//   tensor, not a raw pointer, to data you want to keep.
 // - A background thread reads at most `prefetch` batches ahead. An error on it (a damaged
 //   chunk, a file gone) is rethrown by next() as runtime::Error naming file, dataset, epoch and
 //   step; the loader is unusable afterwards (next() keeps rethrowing it). The destructor stops

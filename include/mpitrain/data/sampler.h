@@ -4,7 +4,7 @@
 // Contract:
 // - order(epoch) is a permutation of every sample index and a function of (seed, epoch, the
 //   dataset's blocks, shuffle, window) only: never of the world size or rank. With shuffle the
-//   blocks (runs of samples that share an HDF5 chunk, see Dataset) are permuted, then the
+//   blocks (runs of samples that share a block of HDF5 chunks, see Dataset) are permuted, then the
 //   samples inside each window of `window` consecutive permuted blocks are permuted; window 0
 //   permutes all samples uniformly. The generator is mpitrain's own (splitmix64 with unbiased
 //   bounded draws), so an order is the same on every platform and library version.
