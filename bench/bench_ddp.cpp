@@ -72,7 +72,8 @@ int run(const runtime::World& world, const Options& options) {
       if (ddp != nullptr) ddp->finish_backward();
       const double backward = seconds_since(backward_start);
       optimizer.step();
-      optimizer.zero_grad();
+      // Zero in place, as the trainer does: both loops keep their gradient tensors.
+      optimizer.zero_grad(/*set_to_none=*/false);
       if (i >= options.warmup) {
         steps.push_back(seconds_since(start));
         if (backward_seconds != nullptr) backward_seconds->push_back(backward);
