@@ -19,6 +19,14 @@ std::string describe_entry(const std::string& kind, const std::string& name, con
   return out.str();
 }
 
+// Broadcasts every tensor from rank 0, all in flight at once.
+void broadcast_from_root(comm::Communicator& comm, std::vector<at::Tensor>& tensors) {
+  at::NoGradGuard no_grad;
+  std::vector<comm::WorkPtr> works;
+  for (at::Tensor& tensor : tensors) works.push_back(comm.broadcast_async(tensor, 0));
+  for (auto& work : works) work->wait();
+}
+
 }  // namespace
 
 DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Module> module,
@@ -40,12 +48,7 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Modu
   // The check comes first: broadcasting into tensors of different sizes would not be an
   // error MPI or NCCL can report, only a hang or garbage.
   detail::verify_same_model(entries, comm_);
-  {
-    at::NoGradGuard no_grad;
-    std::vector<comm::WorkPtr> works;
-    for (at::Tensor& tensor : state) works.push_back(comm_.broadcast_async(tensor, 0));
-    for (auto& work : works) work->wait();
-  }
+  broadcast_from_root(comm_, state);
   reducer_ = std::make_unique<Reducer>(std::move(trainable), comm_, options_);
 }
 
@@ -53,10 +56,7 @@ DistributedDataParallel::~DistributedDataParallel() = default;
 
 void DistributedDataParallel::before_forward() {
   if (!options_.broadcast_buffers || buffers_.empty() || reducer_->no_sync()) return;
-  at::NoGradGuard no_grad;
-  std::vector<comm::WorkPtr> works;
-  for (at::Tensor& buffer : buffers_) works.push_back(comm_.broadcast_async(buffer, 0));
-  for (auto& work : works) work->wait();
+  broadcast_from_root(comm_, buffers_);
 }
 
 void DistributedDataParallel::finish_backward() { reducer_->finish(); }

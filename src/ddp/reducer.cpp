@@ -17,7 +17,11 @@ namespace mpitrain::ddp {
 Reducer::Reducer(std::vector<std::pair<std::string, at::Tensor>> parameters, comm::Communicator& comm,
                  const Options& options)
     : comm_(comm), wire_dtype_(options.wire_dtype), find_unused_(options.find_unused_parameters) {
-  for (auto& [name, tensor] : parameters) params_.push_back(Param{name, tensor});
+  for (auto& [name, tensor] : parameters) {
+    params_.emplace_back();
+    params_.back().name = name;
+    params_.back().tensor = tensor;
+  }
   build_buckets(options);
   for (std::size_t i = 0; i < params_.size(); ++i)
     detail::set_grad_ready_hook(params_[i].tensor, [this, i] { mark_ready(i); });
@@ -67,10 +71,13 @@ void Reducer::build_buckets(const Options& options) {
     bucket.pending = bucket.params.size();
   }
   // Gradients become views into the buckets; an existing gradient is kept (copied in).
-  for (Param& param : params_) rebind_grad(param, /*zero_if_missing=*/true);
+  for (Param& param : params_) {
+    param.alias = alias_of(param);
+    rebind_grad(param, /*zero_if_missing=*/true);
+  }
 }
 
-at::Tensor Reducer::view_of(const Param& param) const {
+at::Tensor Reducer::alias_of(const Param& param) const {
   // Shares the bucket's storage without being an autograd view: optimizers call detach_() on
   // gradients in zero_grad(), which autograd refuses on views.
   const at::Tensor& buffer = buckets_[param.bucket].buffer;
@@ -81,17 +88,16 @@ at::Tensor Reducer::view_of(const Param& param) const {
 }
 
 void Reducer::rebind_grad(Param& param, bool zero_if_missing) {
-  const at::Tensor view = view_of(param);
   at::Tensor& grad = param.tensor.mutable_grad();
-  if (grad.defined() && grad.data_ptr() == view.data_ptr() && grad.strides() == view.strides()) return;
+  if (grad.defined() && grad.is_same(param.alias)) return;
   if (grad.defined()) {
-    view.copy_(grad);
+    param.alias.copy_(grad);
   } else if (zero_if_missing) {
-    view.zero_();
+    param.alias.zero_();
   } else {
     return;  // nothing accumulated and nothing asked: leave .grad undefined
   }
-  grad = view;
+  grad = param.alias;
 }
 
 bool Reducer::no_sync() const {

@@ -65,6 +65,7 @@ class Reducer {
     at::Tensor tensor;
     std::size_t bucket = 0;
     std::int64_t offset = 0;  // elements into the bucket's buffer
+    at::Tensor alias;         // the parameter's slice of the bucket, shaped like it
     bool ready = false;
   };
   struct Bucket {
@@ -76,7 +77,7 @@ class Reducer {
   };
 
   void build_buckets(const Options& options);
-  at::Tensor view_of(const Param& param) const;
+  at::Tensor alias_of(const Param& param) const;
   /// Makes param's .grad the bucket view again; zero_if_missing: an undefined grad becomes zeros.
   void rebind_grad(Param& param, bool zero_if_missing);
   void mark_ready(std::size_t index);

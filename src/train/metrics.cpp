@@ -35,11 +35,11 @@ void MetricsLog::print_progress(const nlohmann::json& record) {
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
   char line[512];
   if (record.contains("eval_loss")) {
-    std::snprintf(line, sizeof line, "step %lld/%lld  eval loss %.4f%s", static_cast<long long>(step),
-                  static_cast<long long>(total_steps_), record["eval_loss"].get<double>(),
-                  record.contains("eval_accuracy")
-                      ? ("  accuracy " + std::to_string(record["eval_accuracy"].get<double>() * 100).substr(0, 5) + " %").c_str()
-                      : "");
+    const int n = std::snprintf(line, sizeof line, "step %lld/%lld  eval loss %.4f", static_cast<long long>(step),
+                                static_cast<long long>(total_steps_), record["eval_loss"].get<double>());
+    if (record.contains("eval_accuracy") && n > 0 && static_cast<std::size_t>(n) < sizeof line)
+      std::snprintf(line + n, sizeof line - static_cast<std::size_t>(n), "  accuracy %.2f %%",
+                    record["eval_accuracy"].get<double>() * 100);
   } else {
     const double per_step = step > first_step_ ? elapsed / static_cast<double>(step - first_step_) : 0.0;
     const double eta = per_step * static_cast<double>(total_steps_ - step);

@@ -156,7 +156,7 @@ struct Trainer::Impl {
     options.seed = static_cast<std::uint64_t>(config.run.seed);
     options.shuffle = shuffle && split.shuffle;
     options.remainder = data::parse_remainder(split.remainder);
-    options.prefetch = static_cast<int>(std::max<std::int64_t>(1, config.data.prefetch));
+    options.prefetch = static_cast<int>(config.data.prefetch);
     options.device = device;
     return options;
   }

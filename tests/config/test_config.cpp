@@ -17,9 +17,11 @@
 
 #include "mpitrain/config/config.h"
 #include "mpitrain/models/registry.h"
+#include "expect_error.h"
 #include "mpitrain/runtime/error.h"
 
 using namespace mpitrain;
+using mpitrain::testing::error_of;
 using nlohmann::json;
 
 namespace {
@@ -54,17 +56,6 @@ config::Config load(const json& tree, const std::vector<std::string>& sets = {})
   return config::load(write("config.json", tree.dump()), sets, models::option_schemas());
 }
 
-// The message of the bad_input error that f throws.
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const runtime::Error& e) {
-    CHECK(e.code() == runtime::ExitCode::bad_input);
-    return e.what();
-  }
-  FAIL("no runtime::Error was thrown");
-  return "";
-}
 
 }  // namespace
 

@@ -13,9 +13,11 @@
 
 #include "mpitrain/config/config.h"
 #include "mpitrain/models/registry.h"
+#include "expect_error.h"
 #include "mpitrain/runtime/error.h"
 
 using namespace mpitrain;
+using mpitrain::testing::error_of;
 using nlohmann::json;
 
 namespace {
@@ -42,16 +44,6 @@ const bool registered = models::register_model(
        return std::make_shared<Affine>(o.integer("in_features"), o.integer("out_features"));
      }});
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const runtime::Error& e) {
-    CHECK(e.code() == runtime::ExitCode::bad_input);
-    return e.what();
-  }
-  FAIL("no runtime::Error was thrown");
-  return "";
-}
 
 at::Tensor param(const models::Model& model, const std::string& name) {
   return model.named_parameters()[name];
