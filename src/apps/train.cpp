@@ -92,7 +92,11 @@ int run_training(const runtime::World& world, const runtime::StopSignals& signal
     checkpoint = args.resume;
   }
 
-  train::Trainer trainer(world, config, run_dir, signals);
+  // A resumed run takes its weights from the checkpoint, so model.init_from is not read (the
+  // file may be gone by the time a requeued job resumes).
+  config::Config start = config;
+  if (!checkpoint.empty()) start.model.init_from.clear();
+  train::Trainer trainer(world, start, run_dir, signals);
   if (!checkpoint.empty()) trainer.restore(checkpoint, args.allow_config_change);
   if (world.is_root()) {
     save_resolved_config(run_dir, config);

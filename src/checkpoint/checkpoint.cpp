@@ -1,12 +1,15 @@
 #include "mpitrain/checkpoint/checkpoint.h"
 
 #include <fcntl.h>
+#include <stdio.h>  // renameat2
 #include <ftw.h>
 #include <unistd.h>
 #include <zlib.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -14,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/fault.h"
 #include "mpitrain/runtime/log.h"
 #include "mpitrain/runtime/world.h"
 
@@ -63,6 +67,32 @@ void rotate(const std::string& root, std::int64_t newest, const Rotation& rotati
   }
 }
 
+// Moves the finished directory into place. When the step exists already (a resumed run saving
+// a step it had saved), the two are exchanged atomically, so the old one is never gone before
+// the new one is there; the old one is left under a temporary name. File systems without
+// renameat2's flags (EINVAL) get a plain rename, with the old directory moved aside first.
+void publish(const std::string& temporary, const std::string& final) {
+  if (::renameat2(AT_FDCWD, temporary.c_str(), AT_FDCWD, final.c_str(), RENAME_NOREPLACE) == 0) return;
+  if (errno == EEXIST && ::renameat2(AT_FDCWD, temporary.c_str(), AT_FDCWD, final.c_str(), RENAME_EXCHANGE) == 0)
+    return;
+  if (errno == EINVAL) {
+    const std::string aside = temporary + ".old";
+    if ((!fs::exists(final) || ::rename(final.c_str(), aside.c_str()) == 0) &&
+        ::rename(temporary.c_str(), final.c_str()) == 0)
+      return;
+  }
+  throw runtime::Error("cannot rename '" + temporary + "' to '" + final + "': " + std::strerror(errno) +
+                       ". The previous checkpoints are untouched; check the checkpoint folder's file system");
+}
+
+// Temporary directories left by saves that were killed, or by publish(): none is a checkpoint.
+void remove_temporaries(const std::string& root) {
+  for (const auto& entry : fs::directory_iterator(root)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind(".step-", 0) == 0 && name.find(".tmp") != std::string::npos) remove_tree(entry.path().string());
+  }
+}
+
 }  // namespace
 
 void fsync_path(const std::string& path) {
@@ -90,8 +120,8 @@ std::int64_t step_of(const std::string& directory) {
   return std::stoll(name.substr(5));
 }
 
-Writer::Writer(const runtime::World& world, std::string root, std::int64_t step)
-    : world_(world), root_(std::move(root)), step_(step) {
+Writer::Writer(const runtime::World& world, std::string root, std::int64_t step, std::chrono::milliseconds timeout)
+    : world_(world), root_(std::move(root)), step_(step), timeout_(timeout) {
   temporary_ = (fs::path(root_) / ("." + step_name(step) + ".tmp")).string();
   final_ = (fs::path(root_) / step_name(step)).string();
   if (world_.is_root()) {
@@ -99,11 +129,12 @@ Writer::Writer(const runtime::World& world, std::string root, std::int64_t step)
     remove_tree(temporary_);  // a save that was killed half-way
     fs::create_directories(temporary_);
   }
-  world_.barrier();
+  world_.barrier(timeout_, "checkpoint " + final_ + ": waiting for rank 0 to create the folder");
 }
 
 std::string Writer::commit(const Rotation& rotation) {
-  world_.barrier();  // every rank's files are written and synced
+  runtime::fault_point("checkpoint.files_written", world_.rank());
+  world_.barrier(timeout_, "checkpoint " + final_ + ": waiting for every rank's files");
   if (world_.is_root()) {
     nlohmann::json files = nlohmann::json::object();
     for (const auto& entry : fs::directory_iterator(temporary_)) {
@@ -113,12 +144,14 @@ std::string Writer::commit(const Rotation& rotation) {
     write_file((fs::path(temporary_) / "manifest.json").string(),
                nlohmann::json{{"step", step_}, {"world_size", world_.size()}, {"files", files}}.dump(2));
     fsync_path(temporary_);
-    remove_tree(final_);  // the same step saved again (a resumed run)
-    fs::rename(temporary_, final_);
+    runtime::fault_point("checkpoint.manifest_written", world_.rank());
+    publish(temporary_, final_);
     fsync_path(root_);
+    runtime::fault_point("checkpoint.renamed", world_.rank());
+    remove_temporaries(root_);
     rotate(root_, step_, rotation);
   }
-  world_.barrier();
+  world_.barrier(timeout_, "checkpoint " + final_ + ": waiting for rank 0 to finish it");
   return final_;
 }
 

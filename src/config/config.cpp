@@ -24,7 +24,7 @@ NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataSplit, files, manifest, shuffle, remainde
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataConfig, kind, seq_len, prefetch, file_locking, train, eval)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(BatchConfig, micro_batch, accumulation, global)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(OptimizerConfig, name, lr, momentum, nesterov, betas, eps,
-                                   weight_decay, grad_clip)
+                                   weight_decay, grad_clip, fused)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(ScheduleConfig, name, warmup_steps, min_lr_ratio)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(TrainConfig, steps, epochs)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LossScaleConfig, init, growth_factor, backoff_factor,
@@ -32,17 +32,21 @@ NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LossScaleConfig, init, growth_factor, backoff
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(PrecisionConfig, mode, tf32, loss_scale)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DdpConfig, bucket_mb, first_bucket_mb, find_unused_parameters,
                                    broadcast_buffers, wire_dtype, comm_timeout_s)
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DeviceConfig, kind, allow_shared_gpu, memory_fraction, backend)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DeviceConfig, kind, allow_shared_gpu, memory_fraction, backend,
+                                   peak_tflops)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(CheckpointConfig, every_steps, keep_last, keep_every, dir,
-                                   save_on_stop)
+                                   save_timeout_s, save_on_stop)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LogConfig, every_steps, console, metrics_file)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(EvalConfig, every_steps, max_batches)
 
 // The model section holds every model's options while validating; the Config keeps only the
 // selected model's, so the saved config and the fingerprint do not depend on unused models.
-void to_json(json& j, const ModelConfig& m) { j = json{{"name", m.name}, {m.name, m.options}}; }
+void to_json(json& j, const ModelConfig& m) {
+  j = json{{"name", m.name}, {"init_from", m.init_from}, {m.name, m.options}};
+}
 void from_json(const json& j, ModelConfig& m) {
   m.name = j.at("name").get<std::string>();
+  m.init_from = j.at("init_from").get<std::string>();
   m.options = j.at(m.name);
 }
 
@@ -83,6 +87,8 @@ std::string check_run(const Section& s) {
   if (s.text("optimizer.name") == "sgd" && s.boolean("optimizer.nesterov") &&
       s.number("optimizer.momentum") == 0.0)
     return "optimizer.nesterov needs optimizer.momentum > 0";
+  if (s.text("optimizer.name") == "sgd" && s.text("optimizer.fused") == "on")
+    return "optimizer.fused = \"on\" is for adamw; set it to \"auto\" or \"off\" with sgd";
   return "";
 }
 
@@ -99,6 +105,9 @@ Schema make_settings() {
       text("model.name", "mlp",
            "model to train: mlp, cnn, gpt or a name registered with models::register_model")
           .with_rule("the name of a registered model", {}),
+      text("model.init_from", "",
+           "weights to start from: a safetensors file, or a file of torch.save(model.state_dict()) "
+           "(empty = the model's own initialisation; a resumed run takes the checkpoint's weights)"),
 
       text("data.kind", "auto",
            "what the shards hold: inputs and class targets, or token ids; auto = from the model",
@@ -147,6 +156,9 @@ Schema make_settings() {
              non_negative),
       number("optimizer.grad_clip", 0.0,
              "clip the global gradient norm to this value (0 = no clipping)", non_negative),
+      text("optimizer.fused", "auto",
+           "AdamW through LibTorch's fused multi-tensor kernel; auto = on GPUs, off on CPU",
+           {"auto", "on", "off"}),
 
       text("schedule.name", "constant",
            "learning rate after warm-up: constant, or cosine or linear decay to min_lr_ratio x "
@@ -202,6 +214,10 @@ Schema make_settings() {
              Range::open_closed(0, 1)),
       text("device.backend", "auto", "collective backend; auto = nccl on GPUs, mpi on CPU",
            {"auto", "mpi", "nccl"}),
+      number("device.peak_tflops", 0.0,
+             "the device's peak dense TFLOP/s at the training precision, for the mfu metric "
+             "(0 = the datasheet value of known GPUs; no mfu on CPU)",
+             non_negative),
 
       integer("checkpoint.every_steps", 1000,
               "save a checkpoint every N optimizer steps (0 = only at the end and on stop)",
@@ -214,6 +230,10 @@ Schema make_settings() {
                      [](const json& v) -> std::string {
                        return v.get<std::string>().empty() ? "it is empty" : "";
                      }),
+      number("checkpoint.save_timeout_s", 1800.0,
+             "seconds the ranks wait for each other during a save (rank 0 writes and checksums "
+             "the replicated state) before the job is ended",
+             positive),
       flag("checkpoint.save_on_stop", true,
            "save a checkpoint when a signal (SIGTERM, SIGUSR1, SIGINT) stops the run"),
 

@@ -129,7 +129,8 @@ struct GptOptions {
 
 class Gpt : public Model {
  public:
-  explicit Gpt(const GptOptions& o) : seq_len_(o.seq_len), dropout_(o.dropout) {
+  explicit Gpt(const GptOptions& o)
+      : seq_len_(o.seq_len), n_layer_(o.n_layer), n_embd_(o.n_embd), dropout_(o.dropout) {
     wte_ = register_module("wte", torch::nn::Embedding(o.vocab_size, o.n_embd));
     wpe_ = register_module("wpe", torch::nn::Embedding(o.seq_len, o.n_embd));
     torch::nn::init::normal_(wte_->weight, 0.0, kInitStd);
@@ -166,8 +167,19 @@ class Gpt : public Model {
   Task task() const override { return Task::language_modeling; }
   std::int64_t context_length() const override { return seq_len_; }
 
+  // PaLM's estimate (appendix B), as nanoGPT and llm.c count it: 6 per parameter per token for
+  // the matmuls of forward and backward (the tied wte counted once, as the output head; wpe is a
+  // lookup), plus 12 * layers * width * T for attention's scores and weighted sum.
+  double training_flops_per_token(std::int64_t seq_len) const override {
+    const auto matmul_parameters = static_cast<double>(count_parameters(*this) - wpe_->weight.numel());
+    return 6.0 * matmul_parameters +
+           12.0 * static_cast<double>(n_layer_) * static_cast<double>(n_embd_) * static_cast<double>(seq_len);
+  }
+
  private:
   std::int64_t seq_len_;
+  std::int64_t n_layer_;
+  std::int64_t n_embd_;
   double dropout_;
   torch::nn::Embedding wte_{nullptr}, wpe_{nullptr};
   std::vector<std::shared_ptr<Block>> blocks_;

@@ -13,7 +13,7 @@ namespace mpitrain::models {
 namespace {
 
 bool valid_name(const std::string& name) {
-  if (name.empty() || name == "name" || !(name[0] >= 'a' && name[0] <= 'z')) return false;
+  if (name.empty() || name == "name" || name == "init_from" || !(name[0] >= 'a' && name[0] <= 'z')) return false;
   for (const char c : name)
     if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_')) return false;
   return true;

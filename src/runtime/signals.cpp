@@ -37,6 +37,9 @@ StopSignals::StopSignals() {
 }
 
 StopSignals::~StopSignals() {
+  // After a stop, the process is on its way out with the requeue exit code; a signal arriving
+  // during MPI_Finalize must not turn that into a death by signal, so the handlers stay.
+  if (requested()) return;
   for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &previous_[i], nullptr);
 }
 

@@ -87,6 +87,12 @@ World::~World() {
 
 void World::barrier() const { MPITRAIN_CHECK_MPI(MPI_Barrier(comm_)); }
 
+void World::barrier(std::chrono::milliseconds timeout, const std::string& what) const {
+  MPI_Request request = MPI_REQUEST_NULL;
+  MPITRAIN_CHECK_MPI(MPI_Ibarrier(comm_, &request));
+  wait_or_die(&request, timeout, what);
+}
+
 int run_guarded(const World& world, const std::function<int()>& body) {
   ExitCode code = ExitCode::failure;
   std::string message;

@@ -23,12 +23,14 @@
 #include "mpitrain/amp/amp.h"
 #include "mpitrain/checkpoint/checkpoint.h"
 #include "mpitrain/checkpoint/safetensors.h"
+#include "mpitrain/checkpoint/weights.h"
 #include "mpitrain/comm/communicator.h"
 #include "mpitrain/data/loader.h"
 #include "mpitrain/ddp/ddp.h"
 #include "mpitrain/models/registry.h"
 #include "mpitrain/runtime/device.h"
 #include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/gpu_info.h"
 #include "mpitrain/runtime/signals.h"
 #include "mpitrain/runtime/world.h"
 #include "mpitrain/train/metrics.h"
@@ -91,7 +93,7 @@ void set_generator_state(at::Generator generator, const nlohmann::json& json) {
 // Keys that may change between a checkpoint and the run resuming from it: they do not change
 // what the run computes. Prefix match on the dotted path.
 bool safe_to_change(const std::string& path) {
-  for (const char* prefix : {"/train/", "/log/", "/eval/", "/checkpoint/", "/ddp/comm_timeout_s", "/data/prefetch",
+  for (const char* prefix : {"/model/init_from", "/train/", "/log/", "/eval/", "/checkpoint/", "/ddp/comm_timeout_s", "/data/prefetch",
                              "/data/file_locking", "/device/", "/run/dir", "/run/name", "/batch/micro_batch",
                              "/batch/accumulation"})
     if (path.rfind(prefix, 0) == 0) return true;
@@ -125,6 +127,9 @@ struct Trainer::Impl {
   std::int64_t total_steps = 0;
   std::int64_t epoch = 0;
   std::int64_t seq_len = 0;  // tokens per sample (language models)
+  double flops_per_token = 0;  // training FLOPs (forward + backward), 0 = unknown
+  double peak_tflops = 0;      // the device's peak at the training precision, 0 = unknown
+  std::unique_ptr<runtime::GpuInfo> gpu;
 
   // What happened since the last log line.
   at::Tensor window_loss;
@@ -185,6 +190,9 @@ struct Trainer::Impl {
     at::manual_seed(static_cast<std::uint64_t>(config.run.seed));
     model = models::create(config.model.name, config.model.options);
     parameters = models::count_parameters(*model);
+    if (!config.model.init_from.empty())
+      checkpoint::load_weights(*model, checkpoint::read_weights(config.model.init_from),
+                               "model.init_from '" + config.model.init_from + "'");
     model->to(device);
 
     ddp::Options ddp_options;
@@ -199,6 +207,10 @@ struct Trainer::Impl {
     const auto task = model->task();
     const data::DatasetSpec train_spec = dataset_spec(config, config.data.train, "train", task, model->context_length());
     seq_len = train_spec.seq_len;
+    flops_per_token = model->training_flops_per_token(seq_len);
+    gpu = std::make_unique<runtime::GpuInfo>(device);
+    const bool half = precision == amp::Precision::bf16 || precision == amp::Precision::fp16;
+    peak_tflops = config.device.peak_tflops > 0 ? config.device.peak_tflops : half ? gpu->peak_tflops_16bit() : 0.0;
     train_loader = std::make_unique<data::Loader>(train_spec, loader_options(config.data.train, true), world.rank(),
                                                   world.size(), *comm);
     if (!config.data.eval.empty()) {
@@ -218,7 +230,7 @@ struct Trainer::Impl {
                                "; set train.steps, or use more data or a smaller batch",
                            runtime::ExitCode::bad_input);
 
-    optimizer = make_optimizer(config.optimizer, *model);
+    optimizer = make_optimizer(config.optimizer, *model, device);
     amp::ScalerOptions scaler_options;
     scaler_options.init_scale = config.precision.loss_scale.init;
     scaler_options.growth_factor = config.precision.loss_scale.growth_factor;
@@ -326,13 +338,11 @@ struct Trainer::Impl {
 
   std::string save_checkpoint() {
     const auto start = Clock::now();
-    checkpoint::Writer writer(world, checkpoint_root(), steps_done);
+    checkpoint::Writer writer(world, checkpoint_root(), steps_done,
+                              std::chrono::milliseconds(static_cast<std::int64_t>(config.checkpoint.save_timeout_s * 1000)));
     const std::filesystem::path dir = writer.path();
     if (world.is_root()) {
-      std::map<std::string, at::Tensor> weights;
-      for (const auto& item : model->named_parameters()) weights.emplace(item.key(), item.value());
-      for (const auto& item : model->named_buffers()) weights.emplace(item.key(), item.value());
-      checkpoint::write_safetensors((dir / "model.safetensors").string(), weights);
+      checkpoint::write_safetensors((dir / "model.safetensors").string(), checkpoint::state_dict_of(*model));
       checkpoint::fsync_path((dir / "model.safetensors").string());
       torch::save(*optimizer, (dir / "optimizer.pt").string());
       checkpoint::fsync_path((dir / "optimizer.pt").string());
@@ -388,27 +398,8 @@ struct Trainer::Impl {
     check_config_change(state.at("config"), allow_config_change);
     const int saved_world = state.at("world_size").get<int>();
 
-    // Weights: every tensor present, with its shape.
-    const auto weights = checkpoint::read_safetensors((std::filesystem::path(dir) / "model.safetensors").string());
-    {
-      at::NoGradGuard no_grad;
-      std::string problems;
-      std::size_t used = 0;
-      auto load = [&](const std::string& name, at::Tensor& target) {
-        const auto it = weights.find(name);
-        if (it == weights.end()) return void(problems += " missing " + name + ";");
-        if (it->second.sizes() != target.sizes())
-          return void(problems += " " + name + " has shape " + c10::str(it->second.sizes()) + ", the model " +
-                                  c10::str(target.sizes()) + ";");
-        target.copy_(it->second);
-        ++used;
-      };
-      for (auto& item : model->named_parameters()) load(item.key(), item.value());
-      for (auto& item : model->named_buffers()) load(item.key(), item.value());
-      if (used != weights.size()) problems += " " + std::to_string(weights.size() - used) + " unexpected tensor(s);";
-      if (!problems.empty())
-        throw runtime::Error("checkpoint " + dir + " does not fit the model:" + problems, runtime::ExitCode::bad_input);
-    }
+    checkpoint::load_weights(*model, checkpoint::read_safetensors((std::filesystem::path(dir) / "model.safetensors").string()),
+                             "checkpoint " + dir);
     torch::load(*optimizer, (std::filesystem::path(dir) / "optimizer.pt").string());
     scaler->load_state(state.at("scaler"));
     steps_done = state.at("step").get<std::int64_t>();
@@ -455,7 +446,19 @@ struct Trainer::Impl {
                              {"time_compute_s", window_times.compute / static_cast<double>(window_steps)},
                              {"time_comm_s", window_times.comm / static_cast<double>(window_steps)},
                              {"time_optimizer_s", window_times.optimizer / static_cast<double>(window_steps)}};
-    if (model->task() == models::Task::language_modeling) record["tokens_per_s"] = samples * static_cast<double>(seq_len) / elapsed;
+    if (model->task() == models::Task::language_modeling) {
+      const double tokens_per_s = samples * static_cast<double>(seq_len) / elapsed;
+      record["tokens_per_s"] = tokens_per_s;
+      if (flops_per_token > 0) {
+        const double tflops = flops_per_token * tokens_per_s / static_cast<double>(world.size()) / 1e12;
+        record["model_tflops_per_rank"] = tflops;
+        if (peak_tflops > 0) record["mfu"] = tflops / peak_tflops;
+      }
+    }
+    if (const auto reading = gpu->read()) {  // rank 0's GPU
+      record["gpu_utilization_percent"] = reading->utilization_percent;
+      record["gpu_temperature_c"] = reading->temperature_c;
+    }
 #ifdef MPITRAIN_HAVE_NCCL
     if (device.is_cuda()) {
       const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());

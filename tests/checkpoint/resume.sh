@@ -2,36 +2,14 @@
 # Checkpoints under mpirun, with real processes and real signals:
 #  1. exact resume: 40 steps in one go == 20 steps, then --resume auto to 40 (np 2, CPU, fp32):
 #     identical metrics.jsonl losses and bit-identical final weights;
-#  2. SIGTERM mid-run: exit code 99 and a complete checkpoint; --resume auto finishes the run;
+#  2. SIGTERM mid-run, and a second one during the save: exit code 99 and a complete
+#     checkpoint; --resume auto finishes the run;
 #  3. a corrupted newest checkpoint is skipped (with a warning) by --resume auto;
 #  4. world size 4 -> 2 with the global batch kept: the data position carries over.
 #  5. the weights load in Python (safetensors and torch 2.11) with the values mpitrain saved.
 # Environment (set by CTest): MPIEXEC, BIN.
 set -euo pipefail
-# shellcheck source=scripts/env.sh
-source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/env.sh"
-PYTHON=$MPITRAIN_VENV/bin/python
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-images=/usr/share/datasets/fashion-mnist
-"$BIN/h5shard" idx --images "$images/t10k-images-idx3-ubyte.gz" --labels "$images/t10k-labels-idx1-ubyte.gz" \
-  --out "$work/data" --name train --shards 2 >/dev/null
-cat > "$work/run.json" <<JSON
-{
-  "run": {"dir": "$work/runs", "seed": 5},
-  "model": {"name": "mlp", "mlp": {"input_dim": 784, "hidden": 32, "layers": 1, "num_classes": 10, "dropout": 0.1}},
-  "data": {"train": {"manifest": "$work/data/train.json"}},
-  "batch": {"micro_batch": 16, "global": 64},
-  "optimizer": {"name": "adamw", "lr": 0.003},
-  "schedule": {"name": "constant", "warmup_steps": 5},
-  "precision": {"mode": "fp32"},
-  "train": {"steps": 40},
-  "checkpoint": {"every_steps": 10, "keep_last": 2},
-  "log": {"every_steps": 5, "console": false}
-}
-JSON
-train() { local np=$1; shift; "$MPIEXEC" -np "$np" --oversubscribe --bind-to none "$BIN/train" --config "$work/run.json" "$@"; }
-losses() { python3 -c "import json,sys; print([json.loads(l)['loss'] for l in open(sys.argv[1]) if 'loss' in l])" "$1"; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 echo "--- 1. exact resume"
 train 2 --set run.name=straight
@@ -48,6 +26,9 @@ train 2 --set run.name=stopped --set train.steps=100000 --set checkpoint.every_s
 job=$!
 for _ in $(seq 100); do grep -q "step" "$work/runs/stopped/metrics.jsonl" 2>/dev/null && break; sleep 0.2; done
 # The ranks, not mpirun: the signal a scheduler sends to the job's processes.
+pkill -TERM -f "^$BIN/train --config $work/run.json --set run.name=stopped" || true
+# A second signal while the checkpoint is being written must not spoil it.
+sleep 0.1
 pkill -TERM -f "^$BIN/train --config $work/run.json --set run.name=stopped" || true
 set +e; wait "$job"; rc=$?; set -e
 cat "$work/stop.log"

@@ -98,7 +98,7 @@ TEST_CASE("config errors name the file, the key path and the expected form", "[c
       {R"({"lr": 0.1})", R"(unknown key "lr"; did you mean "optimizer.lr"?)"},
       {R"({"optimizer": {"zzz": 1}})",
        R"(unknown key "optimizer.zzz"; the keys of "optimizer" are: name, lr, momentum, )"
-       R"(nesterov, betas, eps, weight_decay, grad_clip)"},
+       R"(nesterov, betas, eps, weight_decay, grad_clip, fused)"},
       {R"({"model": {"name": "gpt", "gpt": {"n_layr": 2}}})",
        R"(unknown key "model.gpt.n_layr"; did you mean "model.gpt.n_layer"?)"},
       {R"({"model": {"gtp": {}}})", R"(unknown key "model.gtp"; did you mean "model.gpt"?)"},
@@ -346,7 +346,7 @@ TEST_CASE("the canonical form round-trips and fingerprints", "[config]") {
   std::sort(leaves.begin(), leaves.end());
   std::sort(table.begin(), table.end());
   CHECK(leaves == table);
-  CHECK(j.at("model").size() == 2);  // name and the selected model's options only
+  CHECK(j.at("model").size() == 3);  // name, init_from and the selected model's options only
 
   const config::Config again = config::validate(j, "round trip", models::option_schemas());
   CHECK(config::to_json(again) == j);

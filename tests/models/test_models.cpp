@@ -92,6 +92,7 @@ TEST_CASE("registration rejects duplicates and bad names", "[models]") {
   CHECK_THROWS_AS(models::register_model({"mlp", {}, factory}), std::invalid_argument);
   CHECK_THROWS_AS(models::register_model({"Bad-Name", {}, factory}), std::invalid_argument);
   CHECK_THROWS_AS(models::register_model({"name", {}, factory}), std::invalid_argument);
+  CHECK_THROWS_AS(models::register_model({"init_from", {}, factory}), std::invalid_argument);
   CHECK_THROWS_AS(models::register_model({"no_factory", {}, {}}), std::invalid_argument);
   CHECK(models::model_names().size() == 4);
 }
@@ -175,7 +176,13 @@ TEST_CASE("gpt: shapes and parameter count", "[models]") {
     std::int64_t listed = 0;
     for (const at::Tensor& p : model->parameters()) listed += p.numel();
     CHECK(listed == models::count_parameters(*model));
+    // Training FLOPs per token: 6 per matmul parameter (all but the position embedding), plus
+    // attention's 12 * L * C * T.
+    const std::int64_t matmul_parameters = V * C + L * block + layer_norm;
+    CHECK(model->training_flops_per_token(T) == static_cast<double>(6 * matmul_parameters + 12 * L * C * T));
+    CHECK(model->training_flops_per_token(4) == static_cast<double>(6 * matmul_parameters + 12 * L * C * 4));
   }
+  CHECK(models::create("mlp")->training_flops_per_token(1) == 0.0);  // not known: no MFU
   auto model = models::create("gpt", kTinyGpt);
   CHECK(error_of([&] { model->forward(at::zeros({1, 9}, at::kLong)); }) ==
         "gpt: a sequence of 9 tokens is longer than the context length 8 (model.gpt.seq_len)");

@@ -5,6 +5,7 @@
 
 #include "mpitrain/runtime/device.h"
 #include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/gpu_info.h"
 #include "mpitrain/runtime/signals.h"
 #include "test_world.h"
 
@@ -62,13 +63,26 @@ TEST_CASE("SIGTERM and SIGINT are stop requests, not deaths", "[runtime]") {
   }
 }
 
-TEST_CASE("handlers are restored when StopSignals ends", "[runtime]") {
+TEST_CASE("handlers are restored when StopSignals ends, unless a stop was requested", "[runtime]") {
+  std::signal(SIGTERM, SIG_DFL);  // an earlier stop in this process may have left ours
   struct sigaction before;
   sigaction(SIGTERM, nullptr, &before);
   { StopSignals signals; }
   struct sigaction after;
   sigaction(SIGTERM, nullptr, &after);
   CHECK(after.sa_handler == before.sa_handler);
+
+  struct sigaction installed;
+  {
+    StopSignals signals;
+    sigaction(SIGTERM, nullptr, &installed);
+    std::raise(SIGUSR1);
+  }
+  // The process is stopping: a later SIGTERM still only sets the flag (and this test lives on).
+  sigaction(SIGTERM, nullptr, &after);
+  CHECK(after.sa_handler == installed.sa_handler);
+  CHECK(after.sa_handler != before.sa_handler);
+  std::raise(SIGTERM);
 }
 
 TEST_CASE("device choice", "[runtime]") {
@@ -95,4 +109,20 @@ TEST_CASE("errors carry their exit code", "[runtime]") {
     CHECK(run_guarded(world(), [] () -> int { throw Error("x", ExitCode::bad_input); }) == 2);
     CHECK(run_guarded(world(), [] { return 0; }) == 0);
   }
+}
+
+TEST_CASE("GPU facts for the metrics: datasheet peaks by name; nothing on the CPU", "[runtime]") {
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 80GB HBM3") == 989.4);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 PCIe") == 756.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA H200") == 989.4);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA A100-SXM4-80GB") == 312.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA A10G") == 125.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA L40S") == 362.1);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA L4") == 121.0);
+  CHECK(datasheet_peak_tflops_16bit("Tesla V100-SXM2-16GB") == 125.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA GeForce GTX 1080") == 0.0);
+  const GpuInfo cpu(c10::kCPU);
+  CHECK(cpu.name() == "cpu");
+  CHECK(cpu.peak_tflops_16bit() == 0.0);
+  CHECK_FALSE(cpu.read().has_value());
 }

@@ -1,5 +1,5 @@
-// Optimizer parameter groups, learning-rate schedules at chosen steps, and clipping by global
-// norm against a hand computation.
+// Optimizer parameter groups, the fused AdamW against LibTorch's, learning-rate schedules at
+// chosen steps, and clipping by global norm against a hand computation.
 #include <torch/torch.h>
 // After torch: c10 defines a CHECK macro of its own that Catch must override.
 #include <catch2/catch.hpp>
@@ -13,8 +13,8 @@ namespace {
 
 struct Net : torch::nn::Module {
   Net() {
-    fc = register_module("fc", torch::nn::Linear(3, 2));
-    norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({2})));
+    fc = register_module("fc", torch::nn::Linear(3, 4));
+    norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({4})));
   }
   torch::nn::Linear fc{nullptr};
   torch::nn::LayerNorm norm{nullptr};
@@ -36,7 +36,7 @@ config::OptimizerConfig optimizer_config(const std::string& name) {
 TEST_CASE("weight decay applies to matrices only, not to biases and norm weights", "[train]") {
   for (const std::string name : {"sgd", "adamw"}) {
     Net net;
-    auto optimizer = train::make_optimizer(optimizer_config(name), net);
+    auto optimizer = train::make_optimizer(optimizer_config(name), net, torch::kCPU);
     REQUIRE(optimizer->param_groups().size() == 2);
     const auto& decay = optimizer->param_groups()[0];
     const auto& no_decay = optimizer->param_groups()[1];
@@ -59,7 +59,61 @@ TEST_CASE("weight decay applies to matrices only, not to biases and norm weights
   bad.momentum = 0;
   bad.nesterov = true;
   Net net;
-  CHECK_THROWS_WITH(train::make_optimizer(bad, net), Catch::Contains("optimizer.momentum > 0"));
+  CHECK_THROWS_WITH(train::make_optimizer(bad, net, torch::kCPU), Catch::Contains("optimizer.momentum > 0"));
+}
+
+TEST_CASE("fused AdamW: auto means GPUs only; equals torch::optim::AdamW; same checkpoints", "[train]") {
+  auto config = optimizer_config("adamw");
+  config.fused = "auto";
+  CHECK_FALSE(train::use_fused_adamw(config, torch::kCPU));
+  CHECK(train::use_fused_adamw(config, c10::Device(torch::kCUDA, 0)));
+  config.fused = "off";
+  CHECK_FALSE(train::use_fused_adamw(config, c10::Device(torch::kCUDA, 0)));
+  config.fused = "on";
+  CHECK(train::use_fused_adamw(config, torch::kCPU));  // LibTorch has a CPU kernel too
+  CHECK_FALSE(train::use_fused_adamw(optimizer_config("sgd"), torch::kCPU));
+
+  auto plain_config = config;
+  plain_config.fused = "off";
+  torch::manual_seed(3);
+  Net fused_net;
+  Net plain_net;
+  for (std::size_t i = 0; i < fused_net.parameters().size(); ++i) {
+    torch::NoGradGuard no_grad;
+    plain_net.parameters()[i].copy_(fused_net.parameters()[i]);
+  }
+  auto fused = train::make_optimizer(config, fused_net, torch::kCPU);
+  auto plain = train::make_optimizer(plain_config, plain_net, torch::kCPU);
+  CHECK(dynamic_cast<torch::optim::AdamW*>(fused.get()) != nullptr);
+  const auto run_steps = [&](int steps, torch::optim::Optimizer& a, Net& net_a, torch::optim::Optimizer& b, Net& net_b) {
+    for (int step = 0; step < steps; ++step) {
+      const auto input = torch::randn({4, 3});
+      const auto target = torch::randn({4, 4});
+      for (auto [optimizer, net] : {std::pair{&a, &net_a}, std::pair{&b, &net_b}}) {
+        optimizer->zero_grad();
+        (net->norm->forward(net->fc->forward(input)) - target).pow(2).sum().backward();
+        optimizer->step();
+      }
+    }
+  };
+  run_steps(20, *fused, fused_net, *plain, plain_net);
+  for (std::size_t i = 0; i < fused_net.parameters().size(); ++i) {
+    INFO("parameter " << i << ": max difference " << (fused_net.parameters()[i] - plain_net.parameters()[i]).abs().max().item<float>()
+                       << " of " << plain_net.parameters()[i].abs().max().item<float>());
+    CHECK(torch::allclose(fused_net.parameters()[i], plain_net.parameters()[i], /*rtol=*/1e-5, /*atol=*/1e-6));
+  }
+
+  // The fused optimizer's state, saved, continues in the plain one as in itself.
+  std::stringstream saved;
+  torch::save(*fused, saved);
+  auto plain_from_fused = train::make_optimizer(plain_config, fused_net, torch::kCPU);
+  torch::load(*plain_from_fused, saved);
+  const auto& state = static_cast<const torch::optim::AdamWParamState&>(
+      *plain_from_fused->state().at(fused_net.fc->weight.unsafeGetTensorImpl()));
+  CHECK(state.step() == 20);
+  run_steps(5, *plain_from_fused, fused_net, *plain, plain_net);
+  for (std::size_t i = 0; i < fused_net.parameters().size(); ++i)
+    CHECK(torch::allclose(fused_net.parameters()[i], plain_net.parameters()[i], 1e-5, 1e-6));
 }
 
 TEST_CASE("schedules: warm-up, then constant, cosine or linear to the floor", "[train]") {

@@ -2,7 +2,8 @@
 # End to end under mpirun -np 2: shards made by h5shard from Fashion-MNIST's test set, an MLP
 # trained for 40 steps. Checks: --dry-run writes nothing; config errors exit 2 with their
 # message and write nothing; the real run's loss falls and metrics.jsonl has every documented
-# field; the resolved config is saved in the run directory.
+# field; the resolved config is saved in the run directory; a small GPT logs tokens/s, model
+# FLOPs per rank and MFU by the documented formula.
 # Environment (set by CTest): MPIEXEC, BIN.
 set -euo pipefail
 work=$(mktemp -d)
@@ -67,4 +68,32 @@ for r in evals:
 assert train[-1]["loss"] < 0.7 * train[0]["loss"], f"loss did not fall: {train[0]['loss']} -> {train[-1]['loss']}"
 assert evals[-1]["eval_accuracy"] > 0.5, evals[-1]
 print(f"PASS: loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, eval accuracy {evals[-1]['eval_accuracy']:.3f}")
+PY
+
+echo "--- language model: tokens/s, model FLOPs per rank and MFU"
+F=/usr/share/games/fortunes
+"$BIN/h5shard" text "$F/computers" --level char --separator % --out "$work/text" --name train > /dev/null
+cat > "$work/gpt.json" <<JSON
+{
+  "run": {"name": "gpt", "dir": "$work/runs", "seed": 3},
+  "model": {"name": "gpt", "gpt": {"vocab_size": 128, "seq_len": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}},
+  "data": {"train": {"manifest": "$work/text/train.json"}},
+  "batch": {"micro_batch": 4, "global": 8},
+  "train": {"steps": 4},
+  "device": {"peak_tflops": 0.5},
+  "log": {"every_steps": 2, "console": false}
+}
+JSON
+"$MPIEXEC" -np 2 --oversubscribe --bind-to none "$BIN/train" --config "$work/gpt.json"
+python3 - "$work/runs/gpt/metrics.jsonl" <<'PY'
+import json, math, sys
+records = [json.loads(line) for line in open(sys.argv[1]) if '"loss"' in line]
+assert [r["step"] for r in records] == [2, 4], records
+# 30592 parameters, 1024 of them the position embedding: 6 * 29568 + 12 * 2 layers * 32 * 32 tokens.
+flops_per_token = 6 * 29568 + 12 * 2 * 32 * 32
+for r in records:
+    assert math.isclose(r["tokens_per_s"], r["samples_per_s"] * 32, rel_tol=1e-9), r
+    assert math.isclose(r["model_tflops_per_rank"], flops_per_token * r["tokens_per_s"] / 2 / 1e12, rel_tol=1e-9), r
+    assert math.isclose(r["mfu"], r["model_tflops_per_rank"] / 0.5, rel_tol=1e-9), r
+print(f"PASS: {records[-1]['tokens_per_s']:.0f} tokens/s, {records[-1]['model_tflops_per_rank'] * 1e3:.3f} GFLOP/s per rank")
 PY

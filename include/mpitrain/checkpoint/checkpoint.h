@@ -8,14 +8,24 @@
 // its files and the directory fsync'd, then renamed into place and the root fsync'd.
 //
 // Contract:
-// - Writer: begin() (collective) makes the temporary directory; every rank writes its files
-//   into path(); commit() (collective) has rank 0 write the manifest over every file present,
-//   fsync, rename, and remove checkpoints beyond the rotation policy — never the new one, and
-//   only after the new one is complete. On a shared file system (multi-node) root must be
-//   visible to every rank.
+// - Writer: the constructor (collective) makes the temporary directory; every rank writes its
+//   files into path(); commit() (collective) has rank 0 write the manifest over every file
+//   present, fsync, rename, and remove checkpoints beyond the rotation policy — never the new
+//   one, and only after the new one is complete. A step saved again (a resumed run reaching a
+//   step it had saved) replaces the old directory by an atomic exchange, so a complete one is
+//   there at every instant. On a shared file system (multi-node) root must be visible to every
+//   rank.
+// - The ranks wait for each other at the Writer's barriers for at most `timeout` (the time
+//   rank 0 may need to write and checksum the files), then the job ends with
+//   ExitCode::comm_timeout naming the checkpoint; nothing half-written is ever taken for a
+//   checkpoint.
+// - Fault points (runtime::fault_point) for tests: checkpoint.files_written (a rank's files
+//   are written, before the commit barrier), checkpoint.manifest_written (before the rename),
+//   checkpoint.renamed (before the rotation).
 // - verify() checks a directory against its manifest; find_latest() returns the newest
 //   directory that verifies, warning about (and skipping) incomplete or corrupt ones.
 
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -35,7 +45,7 @@ struct Rotation {
 
 class Writer {
  public:
-  Writer(const runtime::World& world, std::string root, std::int64_t step);
+  Writer(const runtime::World& world, std::string root, std::int64_t step, std::chrono::milliseconds timeout);
   /// The temporary directory to write files into.
   const std::string& path() const { return temporary_; }
   /// Returns the final directory.
@@ -45,6 +55,7 @@ class Writer {
   const runtime::World& world_;
   std::string root_;
   std::int64_t step_;
+  std::chrono::milliseconds timeout_;
   std::string temporary_;
   std::string final_;
 };

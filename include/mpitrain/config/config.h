@@ -42,6 +42,7 @@ struct RunConfig {
 
 struct ModelConfig {
   std::string name;
+  std::string init_from;  // "" = the model's own initialisation
   /// The selected model's resolved options (the model.<name> section, defaults filled in).
   nlohmann::json options;
 };
@@ -80,6 +81,7 @@ struct OptimizerConfig {
   double eps = 0;
   double weight_decay = 0;
   double grad_clip = 0;  // 0: off
+  std::string fused;     // "auto" | "on" | "off"
 };
 
 struct ScheduleConfig {
@@ -120,6 +122,7 @@ struct DeviceConfig {
   bool allow_shared_gpu = false;
   double memory_fraction = 0;
   std::string backend;  // "auto" | "mpi" | "nccl" (comm::parse_backend)
+  double peak_tflops = 0;  // 0: from the GPU's name
 };
 
 struct CheckpointConfig {
@@ -127,6 +130,7 @@ struct CheckpointConfig {
   std::int64_t keep_last = 0;
   std::int64_t keep_every = 0;
   std::string dir;  // relative to the run directory
+  double save_timeout_s = 0;
   bool save_on_stop = false;
 };
 

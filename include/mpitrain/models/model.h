@@ -32,6 +32,9 @@ class Model : public torch::nn::Module {
   virtual Task task() const = 0;
   /// The longest token sequence forward() accepts; 0 for models that do not take sequences.
   virtual std::int64_t context_length() const { return 0; }
+  /// Floating-point operations of one training step (forward and backward) per token at
+  /// sequence length seq_len, for the model FLOPs utilisation metric; 0 = not known.
+  virtual double training_flops_per_token(std::int64_t /*seq_len*/) const { return 0; }
 };
 
 /// Number of scalars in the module's parameters, each distinct tensor counted once.

@@ -3,7 +3,7 @@
 //
 // Contract:
 // - register_model() adds a model under a name made of lowercase letters, digits and '_'
-//   (not "name", which model.name uses). Its options schema declares the model's options,
+//   (not "name" or "init_from", which model.name and model.init_from use). Its options schema declares the model's options,
 //   found in a config at model.<name>.<option>: they are validated (unknown keys with "did you
 //   mean", types, ranges, the schema's check) and given defaults before the factory runs, and
 //   they appear in the saved config. A second registration of a name, an invalid name or an

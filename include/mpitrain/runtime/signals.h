@@ -4,7 +4,8 @@
 // boundary. A second SIGINT falls back to the default action, so Ctrl-C twice always stops.
 //
 // Contract: construct one StopSignals per process (it installs the handlers and restores the
-// previous ones when destroyed). agree() is a collective: every rank calls it at the same step
+// previous ones when destroyed, unless a stop was requested: then they stay until the process
+// exits, so that a repeated SIGTERM cannot turn the stop exit code into a death by signal). agree() is a collective: every rank calls it at the same step
 // boundary and every rank gets the same answer, so all ranks stop at the same step.
 
 #include <csignal>

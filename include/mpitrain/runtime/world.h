@@ -15,6 +15,7 @@
 
 #include <mpi.h>
 
+#include <chrono>
 #include <string>
 
 #include "mpitrain/runtime/log.h"
@@ -40,6 +41,9 @@ class World {
 
   /// Blocks until every rank arrives. Plain MPI on the world communicator.
   void barrier() const;
+  /// The same, but a rank still waiting after `timeout` ends the job (ExitCode::comm_timeout)
+  /// with a message naming `what`: for waits whose length is known, such as a checkpoint save.
+  void barrier(std::chrono::milliseconds timeout, const std::string& what) const;
 
  private:
   bool owns_mpi_ = false;

@@ -7,11 +7,15 @@
 //   weight matrices, convolution kernels, embeddings), group 1 without (biases and norm weights,
 //   which decay would only pull towards zero). Parameter order within a group is the module's
 //   registration order, so optimizer state maps to parameters the same way on every run.
+//   AdamW runs in LibTorch's fused kernel (at::_fused_adamw_) when use_fused_adamw() says so
+//   (optimizer.fused: on, or auto on a CUDA device); its state and checkpoints are those of
+//   torch::optim::AdamW, and its result equals it to float32 rounding.
 // - learning_rate() is the schedule: linear warm-up from lr/warmup_steps to lr over
 //   warmup_steps, then constant, cosine or linear decay to lr * min_lr_ratio at total_steps.
 //   Steps count from 0 (the first optimizer step uses learning_rate(0)).
 // - set_learning_rate() writes it into every group.
 
+#include <c10/core/Device.h>
 #include <torch/nn/module.h>
 #include <torch/optim/optimizer.h>
 
@@ -23,7 +27,9 @@
 namespace mpitrain::train {
 
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerConfig& config,
-                                                        torch::nn::Module& module);
+                                                        torch::nn::Module& module, c10::Device device);
+
+bool use_fused_adamw(const config::OptimizerConfig& config, c10::Device device);
 
 double learning_rate(const config::ScheduleConfig& schedule, double lr, std::int64_t step, std::int64_t total_steps);
 

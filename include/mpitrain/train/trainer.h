@@ -4,7 +4,8 @@
 // Contract:
 // - Construction is collective: it picks the device and communicator, compares the resolved
 //   config's fingerprint across ranks (a mismatch is bad_input on every rank), builds the model
-//   (seeded by run.seed, so every rank builds the same one before DDP broadcasts it anyway),
+//   (seeded by run.seed, so every rank builds the same one before DDP broadcasts it anyway;
+//   then loads model.init_from when set, with an error listing every tensor that does not fit),
 //   wraps it in DDP, opens the train (and eval) loaders, and builds the optimizer, scheduler
 //   and loss scaler.
 // - step() runs one optimizer step, the same on every rank: accumulation micro-batches (all but

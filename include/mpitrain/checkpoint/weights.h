@@ -1,0 +1,31 @@
+#pragma once
+// Model weights in and out of files the Python ecosystem reads and writes.
+//
+// Contract:
+// - read_weights() reads a safetensors file or a file written by Python's
+//   torch.save(model.state_dict(), path) (the zip format of torch >= 1.6; also a dict holding
+//   the state dict under "model" or "state_dict", as training scripts often save). Tensors come
+//   back on the CPU by name. Anything else is runtime::Error(bad_input) naming the file and
+//   what it holds instead.
+// - load_weights() copies them into the module's parameters and buffers by name (dtype
+//   converted, device kept). Every name must match in both directions and every shape must
+//   agree; otherwise nothing is half-loaded: the error lists each missing, unexpected and
+//   mis-shaped tensor (bad_input), and the module is left as it was.
+// - state_dict_of() is the module's parameters and buffers by name, as write_safetensors takes.
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+#include <map>
+#include <string>
+
+namespace mpitrain::checkpoint {
+
+std::map<std::string, at::Tensor> read_weights(const std::string& path);
+
+void load_weights(torch::nn::Module& module, const std::map<std::string, at::Tensor>& weights,
+                  const std::string& source);
+
+std::map<std::string, at::Tensor> state_dict_of(const torch::nn::Module& module);
+
+}  // namespace mpitrain::checkpoint

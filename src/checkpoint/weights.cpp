@@ -1,0 +1,85 @@
+#include "mpitrain/checkpoint/weights.h"
+
+#include <ATen/core/ivalue.h>
+#include <torch/serialize.h>
+
+#include <fstream>
+#include <iterator>
+#include <vector>
+
+#include "mpitrain/checkpoint/safetensors.h"
+#include "mpitrain/runtime/error.h"
+
+namespace mpitrain::checkpoint {
+namespace {
+
+[[noreturn]] void bad(const std::string& path, const std::string& why) {
+  throw runtime::Error("weights file '" + path + "': " + why, runtime::ExitCode::bad_input);
+}
+
+// A dict of name -> tensor; for a dict without tensors, the one under "model" or "state_dict".
+std::map<std::string, at::Tensor> tensors_of(const c10::IValue& value, const std::string& path, int depth = 0) {
+  if (!value.isGenericDict()) bad(path, std::string("holds a ") + value.tagKind() + ", not a dict of tensors (save model.state_dict())");
+  std::map<std::string, at::Tensor> tensors;
+  const auto dict = value.toGenericDict();
+  for (const auto& item : dict) {
+    if (!item.key().isString()) bad(path, "a key is not a string: save model.state_dict()");
+    if (item.value().isTensor()) tensors.emplace(item.key().toStringRef(), item.value().toTensor());
+  }
+  if (!tensors.empty() || depth > 0) return tensors;
+  for (const char* key : {"model", "state_dict"})
+    if (dict.contains(key)) return tensors_of(dict.at(key), path, depth + 1);
+  bad(path, "no tensors at its top level nor under \"model\" or \"state_dict\"");
+}
+
+}  // namespace
+
+std::map<std::string, at::Tensor> read_weights(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) bad(path, "cannot be opened: check the path (model.init_from)");
+  char magic[4] = {};
+  in.read(magic, 4);
+  if (in.gcount() == 4 && magic[0] == 'P' && magic[1] == 'K' && magic[2] == 3 && magic[3] == 4) {
+    in.seekg(0);
+    const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    c10::IValue value;
+    try {
+      value = torch::pickle_load(bytes);
+    } catch (const c10::Error& e) {
+      bad(path, std::string("is a zip file but not one torch.save wrote (") + e.what_without_backtrace() + ")");
+    }
+    return tensors_of(value, path);
+  }
+  return read_safetensors(path);
+}
+
+void load_weights(torch::nn::Module& module, const std::map<std::string, at::Tensor>& weights,
+                  const std::string& source) {
+  std::map<std::string, at::Tensor> targets = state_dict_of(module);
+  std::string problems;
+  for (const auto& [name, target] : targets) {
+    const auto it = weights.find(name);
+    if (it == weights.end())
+      problems += "\n  missing: " + name + " " + c10::str(target.sizes());
+    else if (it->second.sizes() != target.sizes())
+      problems += "\n  mis-shaped: " + name + " is " + c10::str(it->second.sizes()) + " in the file, " +
+                  c10::str(target.sizes()) + " in the model";
+  }
+  for (const auto& [name, tensor] : weights)
+    if (targets.count(name) == 0) problems += "\n  unexpected: " + name + " " + c10::str(tensor.sizes());
+  if (!problems.empty())
+    throw runtime::Error(source + " does not fit the model (names as in its state dict):" + problems +
+                             "\nCheck model.name and the model's options against the ones the file was saved with",
+                         runtime::ExitCode::bad_input);
+  at::NoGradGuard no_grad;
+  for (auto& [name, target] : targets) target.copy_(weights.at(name));
+}
+
+std::map<std::string, at::Tensor> state_dict_of(const torch::nn::Module& module) {
+  std::map<std::string, at::Tensor> tensors;
+  for (const auto& item : module.named_parameters()) tensors.emplace(item.key(), item.value());
+  for (const auto& item : module.named_buffers()) tensors.emplace(item.key(), item.value());
+  return tensors;
+}
+
+}  // namespace mpitrain::checkpoint
