@@ -26,7 +26,7 @@ NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(BatchConfig, micro_batch, accumulation, globa
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(OptimizerConfig, name, lr, momentum, nesterov, betas, eps,
                                    weight_decay, grad_clip, fused)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(ScheduleConfig, name, warmup_steps, min_lr_ratio)
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(TrainConfig, steps, epochs)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(TrainConfig, steps, max_nonfinite_steps, epochs)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LossScaleConfig, init, growth_factor, backoff_factor,
                                    growth_interval)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(PrecisionConfig, mode, tf32, loss_scale)
@@ -171,6 +171,10 @@ Schema make_settings() {
              Range::closed(0, 1)),
 
       integer("train.steps", 0, "optimizer steps to train (0 = as many as train.epochs take)",
+              non_negative),
+      integer("train.max_nonfinite_steps", 3,
+              "bf16/fp32: steps in a row with a non-finite loss or gradient that are skipped before "
+              "the run stops with a checkpoint (fp16 has its loss scaler)",
               non_negative),
       integer("train.epochs", 0,
               "passes over the training data (0 = no limit); with both set, the first reached "

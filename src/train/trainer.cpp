@@ -30,6 +30,7 @@
 #include "mpitrain/models/registry.h"
 #include "mpitrain/runtime/device.h"
 #include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/fault.h"
 #include "mpitrain/runtime/gpu_info.h"
 #include "mpitrain/runtime/signals.h"
 #include "mpitrain/runtime/world.h"
@@ -126,6 +127,7 @@ struct Trainer::Impl {
   std::int64_t steps_done = 0;
   std::int64_t total_steps = 0;
   std::int64_t epoch = 0;
+  std::int64_t nonfinite_run = 0;  // consecutive steps skipped for a non-finite loss or gradient
   std::int64_t seq_len = 0;  // tokens per sample (language models)
   double flops_per_token = 0;  // training FLOPs (forward + backward), 0 = unknown
   double peak_tflops = 0;      // the device's peak at the training precision, 0 = unknown
@@ -258,6 +260,8 @@ struct Trainer::Impl {
   }
 
   StepResult step() {
+    if (runtime::fault_armed("train.out_of_memory", world.rank()))
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "out of memory (injected by MPITRAIN_FAULT_AT for a test)");
     StepResult result;
     result.lr = learning_rate(config.schedule, config.optimizer.lr, steps_done, total_steps);
     set_learning_rate(*optimizer, result.lr);
@@ -290,6 +294,7 @@ struct Trainer::Impl {
       optimizer->step();
     }
     scaler->update(!finite);
+    nonfinite_run = finite ? 0 : nonfinite_run + 1;
     // Zero in place: gradients stay DDP bucket views, so no copy into the buckets next step.
     optimizer->zero_grad(/*set_to_none=*/false);
     result.times.optimizer = seconds_since(start);
@@ -336,7 +341,27 @@ struct Trainer::Impl {
 
   std::string checkpoint_root() const { return (std::filesystem::path(run_dir) / config.checkpoint.dir).string(); }
 
+  // A failed save (disk full, no permission) ends the run with what to do; the checkpoints
+  // already there are untouched (docs/checkpoints.md).
   std::string save_checkpoint() {
+    try {
+      return write_checkpoint();
+    } catch (const runtime::Error& e) {
+      throw runtime::Error(saving_failed(e.what()), e.code());
+    } catch (const c10::Error& e) {
+      throw runtime::Error(saving_failed(e.what_without_backtrace()));
+    } catch (const std::exception& e) {
+      throw runtime::Error(saving_failed(e.what()));
+    }
+  }
+
+  std::string saving_failed(const std::string& why) const {
+    return "saving the checkpoint of step " + std::to_string(steps_done) + " under " + checkpoint_root() +
+           " failed: " + why + ". The checkpoints already there are untouched; free space or fix the folder, then "
+           "resume with --resume auto";
+  }
+
+  std::string write_checkpoint() {
     const auto start = Clock::now();
     checkpoint::Writer writer(world, checkpoint_root(), steps_done,
                               std::chrono::milliseconds(static_cast<std::int64_t>(config.checkpoint.save_timeout_s * 1000)));
@@ -499,6 +524,7 @@ EvalResult Trainer::evaluate() { return impl_->evaluate(); }
 
 Outcome Trainer::run() {
   Impl& s = *impl_;
+  if (s.world.is_root()) std::filesystem::create_directories(s.run_dir);
   MetricsLog metrics(s.world.is_root(),
                      s.config.log.metrics_file.empty() ? "" : (std::filesystem::path(s.run_dir) / s.config.log.metrics_file).string(),
                      s.config.log.console, s.steps_done, s.total_steps);
@@ -520,6 +546,17 @@ Outcome Trainer::run() {
     s.window_times.optimizer += result.times.optimizer;
     const bool last = s.steps_done == s.total_steps;
     if (last || s.steps_done % s.config.log.every_steps == 0) metrics.write(s.log_record(result));
+    // fp16 has the loss scaler for this; in bf16 and fp32 a non-finite step is not an overflow
+    // that a smaller scale would cure. Every rank has the same count (found-inf is agreed).
+    if (s.precision != amp::Precision::fp16 && s.nonfinite_run > s.config.train.max_nonfinite_steps) {
+      if (!last && s.steps_done % s.config.log.every_steps != 0) metrics.write(s.log_record(result));
+      const std::string saved = s.save_checkpoint();
+      throw runtime::Error("the loss or gradients were not finite in " + std::to_string(s.nonfinite_run) +
+                           " steps in a row (steps " + std::to_string(s.steps_done - s.nonfinite_run + 1) + " to " +
+                           std::to_string(s.steps_done) + "), which were skipped; checkpoint " + saved +
+                           " holds the weights from before them. Lower optimizer.lr, set optimizer.grad_clip or check "
+                           "the data, then resume with --resume auto (train.max_nonfinite_steps allows more in a row)");
+    }
     if (!last && s.config.eval.every_steps > 0 && s.steps_done % s.config.eval.every_steps == 0) log_eval();
     const bool cadence = s.config.checkpoint.every_steps > 0 && s.steps_done % s.config.checkpoint.every_steps == 0;
     if (!last && cadence) s.save_checkpoint();

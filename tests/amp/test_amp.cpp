@@ -81,10 +81,13 @@ TEST_CASE("loss scaler: an inf on one rank skips the step on every rank and halv
   CHECK(restored.state() == state);
 }
 
-TEST_CASE("loss scaler disabled: scale 1, nothing touched, no collective", "[amp]") {
+TEST_CASE("loss scaler disabled: scale 1, gradients untouched, non-finite ones still found on every rank", "[amp]") {
   amp::LossScaler scaler(false, c10::Device(c10::kCPU));
   at::Tensor grad = at::full({2}, 7.0f);
   CHECK(scaler.unscale_and_check({grad}, communicator()));
   CHECK(at::equal(grad, at::full({2}, 7.0f)));
+  if (communicator().rank() == 0) grad[1] = std::numeric_limits<float>::quiet_NaN();
+  CHECK_FALSE(scaler.unscale_and_check({grad}, communicator()));
+  scaler.update(true);
   CHECK(scaler.current_scale() == 1.0);
 }

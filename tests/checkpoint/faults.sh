@@ -10,7 +10,7 @@
 #  manifest_written / renamed   step 20 stays complete either way
 # Environment (set by CTest): MPIEXEC, BIN.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../support/tiny_run.sh"
 
 train 2 --set run.name=reference --set train.steps=20 > /dev/null
 reference=$work/runs/reference/checkpoints/step-00000020/model.safetensors

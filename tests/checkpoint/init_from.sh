@@ -7,7 +7,7 @@
 #  run directory gets no checkpoint.
 # Environment (set by CTest): MPIEXEC, BIN.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../support/tiny_run.sh"
 
 # Names and shapes as mpitrain's mlp has them, from one step of a real run.
 train 2 --set run.name=shapes --set train.steps=1 > /dev/null

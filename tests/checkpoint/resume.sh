@@ -9,7 +9,7 @@
 #  5. the weights load in Python (safetensors and torch 2.11) with the values mpitrain saved.
 # Environment (set by CTest): MPIEXEC, BIN.
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/../support/tiny_run.sh"
 
 echo "--- 1. exact resume"
 train 2 --set run.name=straight

@@ -8,12 +8,12 @@
 //   and restores the previous state when it ends; when the outermost scope ends it clears the
 //   autocast cache, so a forward after optimizer.step() never reuses stale low-precision weight
 //   copies. fp32: the scope does nothing.
-// - LossScaler (dynamic; enabled for fp16 only, otherwise every call is a no-op that keeps
-//   scale 1): scale(loss) multiplies by the current scale; unscale_and_check(grads) divides the
-//   gradients by it in place and returns whether every rank's gradients were finite — the
-//   found-inf flag is all-reduced (MAX) so every rank skips the same steps; update(found_inf)
-//   halves the scale (backoff) after an overflow and doubles it (growth) after growth_interval
-//   clean steps in a row.
+// - LossScaler (dynamic for fp16; disabled otherwise, keeping scale 1): scale(loss) multiplies
+//   by the current scale; unscale_and_check(grads) divides the gradients by it in place (by 1,
+//   i.e. unchanged, when disabled) and returns whether every rank's gradients were finite — the
+//   found-inf flag is all-reduced (MAX) so every rank skips the same steps, in every precision;
+//   update(found_inf) halves the scale (backoff) after an overflow and doubles it (growth) after
+//   growth_interval clean steps in a row, and does nothing when disabled.
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>

@@ -92,6 +92,7 @@ struct ScheduleConfig {
 
 struct TrainConfig {
   std::int64_t steps = 0;   // 0: bounded by epochs
+  std::int64_t max_nonfinite_steps = 0;
   std::int64_t epochs = 0;  // 0: bounded by steps
 };
 

@@ -3,13 +3,15 @@
 // example between writing a checkpoint's files and its manifest) instead of hoping a timed
 // signal lands there.
 //
-// Contract: fault_point(name) does nothing unless the environment variable MPITRAIN_FAULT_AT
-// equals name, and on the rank MPITRAIN_FAULT_RANK names (any rank when unset); then the process
-// raises SIGKILL on itself, as `kill -9` would. The variables are read once. The
-// checkpoint points are listed in docs/checkpoints.md.
+// Contract: fault_armed(name, rank) is true when the environment variable MPITRAIN_FAULT_AT
+// equals name and MPITRAIN_FAULT_RANK names this rank (any rank when unset); the caller then
+// fails the way the real fault would (an out-of-memory error, say). fault_point(name, rank)
+// does nothing unless armed; then the process raises SIGKILL on itself, as `kill -9` would. The variables are read once. The
+// points are listed in docs/reliability.md.
 
 namespace mpitrain::runtime {
 
+bool fault_armed(const char* name, int rank);
 void fault_point(const char* name, int rank);
 
 }  // namespace mpitrain::runtime

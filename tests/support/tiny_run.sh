@@ -1,4 +1,4 @@
-# Sourced by the checkpoint tests: a work folder, Fashion-MNIST shards, a tiny MLP config and
+# Sourced by the checkpoint and reliability tests: a work folder, Fashion-MNIST shards, a tiny MLP config and
 # helpers to run it. Environment (set by CTest): MPIEXEC, BIN.
 # shellcheck source=scripts/env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../../scripts/env.sh"
