@@ -1,14 +1,23 @@
 # Installs the library as the package `mpitrain` with the target mpitrain::mpitrain, so a user's
-# project can do find_package(mpitrain) and link it (docs/building.md).
+# project can do find_package(mpitrain) and link it (docs/building.md), plus the programs train
+# and h5shard. tests/package installs a build and builds examples/custom_model against it.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
+# mpitrain is a static library: its private dependencies (HDF5, zlib) and the INTERFACE target
+# carrying our warning flags are part of its link interface, so they are exported too, and
+# mpitrainConfig.cmake finds them again.
 install(TARGETS mpitrain mpitrain_warnings EXPORT mpitrainTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
         LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
         RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/mpitrain DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(EXPORT mpitrainTargets NAMESPACE mpitrain:: DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/mpitrain)
+
+# The programs. LibTorch, NCCL and the CUDA runtime are shared libraries in the torch wheel's
+# folder, outside any system path: the installed programs keep the run path to them.
+set_target_properties(train h5shard PROPERTIES INSTALL_RPATH_USE_LINK_PATH ON)
+install(TARGETS train h5shard RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 
 configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/mpitrainConfig.cmake.in
                               ${PROJECT_BINARY_DIR}/mpitrainConfig.cmake

@@ -1,45 +1,54 @@
-// Builds the model a config names (here, typically the "resmlp" registered in resmlp.cpp) and
-// runs one forward pass on random inputs: the path a training program takes from config to
-// model, without the training.
+// custom_model: a training program of its own, built against the installed mpitrain package.
+// It links resmlp.cpp, which registers the "resmlp" model, and trains whatever model the
+// config names with mpitrain's Trainer: MPI, DDP, data loading, checkpoints and metrics are
+// mpitrain's; the program is only the command line and the loop's outcome.
 //
-//   custom_model --config examples/custom_model/config.json [--set model.resmlp.depth=4 ...]
-#include <ATen/ATen.h>
-
-#include <CLI/CLI.hpp>
-#include <cstdio>
+//   mpirun -np 2 custom_model --config config.json [--set key.path=value ...]
+//
+// Exit codes are mpitrain's (include/mpitrain/runtime/exit_code.h): 0 done, 2 bad input,
+// 3 communication timeout, 99 stopped by a signal after saving a checkpoint, 1 anything else.
+#include <filesystem>
 #include <string>
 #include <vector>
 
+#include "mpitrain/apps/cli.h"
 #include "mpitrain/config/config.h"
 #include "mpitrain/models/registry.h"
-#include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/signals.h"
+#include "mpitrain/runtime/world.h"
+#include "mpitrain/train/trainer.h"
+
+using namespace mpitrain;
 
 int main(int argc, char** argv) {
-  CLI::App app("Build a registered model from a config and run one forward pass");
+  runtime::World world(&argc, &argv);  // MPI: one process per GPU or CPU rank
+  runtime::StopSignals signals;        // SIGTERM/SIGUSR1/SIGINT: checkpoint and exit 99
+  CLI::App app{"Train a model registered by this program (resmlp) or a built-in one with mpitrain"};
   std::string path;
   std::vector<std::string> overrides;
-  app.add_option("--config", path, "JSON config file")->required();
-  app.add_option("--set", overrides, "override a setting: key.path=value");
-  CLI11_PARSE(app, argc, argv);
+  app.add_option("--config", path, "the run's JSON config")->required()->check(CLI::ExistingFile);
+  app.add_option("--set", overrides, "override a config key: --set model.resmlp.depth=4 (repeatable)");
 
-  namespace config = mpitrain::config;
-  namespace models = mpitrain::models;
-  try {
-    // option_schemas() includes resmlp: its registration ran before main().
+  return apps::parse_and_run(world, app, argc, argv, [&] {
+    // option_schemas() includes resmlp: its registration ran before main(), so the config's
+    // model.resmlp section is validated and defaulted like a built-in model's.
     const config::Config cfg =
-        config::resolve(config::load(path, overrides, models::option_schemas()), 1);
-    const auto model = models::create(cfg.model.name, cfg.model.options);
-    model->eval();
-    // Classification models in this example take input_dim features per sample.
-    const std::int64_t features = cfg.model.options.value("input_dim", 1);
-    const at::Tensor logits = model->forward(at::randn({cfg.batch.micro_batch, features}));
-    std::printf("model %s (%s): %lld parameters; logits [%lld, %lld]\n", cfg.model.name.c_str(),
-                models::to_string(model->task()),
-                static_cast<long long>(models::count_parameters(*model)),
-                static_cast<long long>(logits.size(0)), static_cast<long long>(logits.size(1)));
+        config::resolve(config::load(path, overrides, models::option_schemas()), world.size());
+    // The trainer writes metrics and checkpoints into the run directory; the program makes it.
+    const std::string run_dir = train::run_directory(cfg);
+    if (world.is_root()) std::filesystem::create_directories(run_dir);
+    world.barrier();
+    train::Trainer trainer(world, cfg, run_dir, signals);
+    world.log().info("custom_model: training " + cfg.model.name + " (" +
+                     std::to_string(trainer.parameter_count()) + " parameters) for " +
+                     std::to_string(trainer.total_steps()) + " steps on " +
+                     std::to_string(world.size()) + " rank(s)");
+    if (trainer.run() == train::Outcome::stopped) {
+      world.log().info("custom_model: stopped after step " + std::to_string(trainer.steps_done()));
+      return runtime::to_int(runtime::ExitCode::stopped);
+    }
+    world.log().info("custom_model: done, " + std::to_string(trainer.steps_done()) +
+                     " steps; run directory " + run_dir);
     return 0;
-  } catch (const mpitrain::runtime::Error& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return mpitrain::runtime::to_int(e.code());
-  }
+  });
 }
