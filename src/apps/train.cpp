@@ -5,6 +5,7 @@
 // Exit codes: 0 done, 2 bad input, 3 communication timeout, 99 stopped by a signal after
 // saving a checkpoint (requeue with --resume auto), 1 anything else.
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +18,7 @@
 #include "mpitrain/config/config.h"
 #include "mpitrain/models/model.h"
 #include "mpitrain/models/registry.h"
+#include "mpitrain/runtime/check.h"
 #include "mpitrain/runtime/error.h"
 #include "mpitrain/runtime/signals.h"
 #include "mpitrain/runtime/world.h"
@@ -50,6 +52,14 @@ void truncate_metrics(const std::string& path, std::int64_t step) {
   std::filesystem::rename(temporary, path);
 }
 
+std::string broadcast_from_root(const runtime::World& world, std::string text) {
+  unsigned long long size = text.size();
+  MPITRAIN_CHECK_MPI(MPI_Bcast(&size, 1, MPI_UNSIGNED_LONG_LONG, 0, world.comm()));
+  text.resize(size);
+  MPITRAIN_CHECK_MPI(MPI_Bcast(text.data(), static_cast<int>(size), MPI_CHAR, 0, world.comm()));
+  return text;
+}
+
 void save_resolved_config(const std::string& run_dir, const config::Config& config) {
   std::filesystem::create_directories(run_dir);
   const std::filesystem::path target = std::filesystem::path(run_dir) / "config.json";
@@ -79,13 +89,16 @@ int run_training(const runtime::World& world, const runtime::StopSignals& signal
     return 0;
   }
 
-  // Every rank looks for the checkpoint itself (the run directory is on a shared file system
-  // when ranks span nodes); rank 0 decides, so all ranks load the same one.
+  // Rank 0 picks the checkpoint and tells the others, so all ranks load the same one even if a
+  // save finishes (or a file system shows it) while they look.
   std::string checkpoint;
   if (args.resume == "auto") {
-    const auto latest = checkpoint::find_latest((std::filesystem::path(run_dir) / config.checkpoint.dir).string(), world.log());
-    if (latest) checkpoint = *latest;
-    else world.log().info("--resume auto: no complete checkpoint in " + run_dir + ", starting from step 0");
+    if (world.is_root()) {
+      const auto latest = checkpoint::find_latest((std::filesystem::path(run_dir) / config.checkpoint.dir).string(), world.log());
+      if (latest) checkpoint = *latest;
+      else world.log().info("--resume auto: no complete checkpoint in " + run_dir + ", starting from step 0");
+    }
+    checkpoint = broadcast_from_root(world, checkpoint);
   } else if (!args.resume.empty()) {
     if (!std::filesystem::is_directory(args.resume))
       throw runtime::Error("--resume " + args.resume + ": no such checkpoint directory", runtime::ExitCode::bad_input);
@@ -103,7 +116,8 @@ int run_training(const runtime::World& world, const runtime::StopSignals& signal
     if (!config.log.metrics_file.empty())
       truncate_metrics((std::filesystem::path(run_dir) / config.log.metrics_file).string(), trainer.steps_done());
   }
-  world.barrier();
+  world.barrier(std::chrono::milliseconds(static_cast<std::int64_t>(config.ddp.comm_timeout_s * 1000)),
+                "start-up: waiting for rank 0 to save the resolved config");
   world.log().info("training " + config.model.name + " (" + std::to_string(trainer.parameter_count()) +
                    " parameters) for " + std::to_string(trainer.total_steps()) + " steps on " +
                    std::to_string(world.size()) + " rank(s); run directory " + run_dir);

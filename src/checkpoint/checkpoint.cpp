@@ -104,11 +104,10 @@ void fsync_path(const std::string& path) {
 }
 
 void write_file(const std::string& path, const std::string& bytes) {
-  {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    if (!out) throw runtime::Error("cannot write '" + path + "': check free space and permissions");
-  }
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  out.close();  // the last buffered bytes are written here: a full disk shows up now, not never
+  if (!out) throw runtime::Error("cannot write '" + path + "': check free space and permissions");
   fsync_path(path);
 }
 

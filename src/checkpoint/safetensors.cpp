@@ -51,6 +51,7 @@ void write_safetensors(const std::string& path, const std::map<std::string, at::
   out.write(reinterpret_cast<const char*>(prefix), 8);
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
   for (const at::Tensor& t : payload) out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
+  out.close();  // the last buffered bytes are written here: a full disk shows up now, not never
   if (!out) throw runtime::Error("cannot write '" + path + "': check free space and permissions");
 }
 

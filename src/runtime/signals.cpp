@@ -47,10 +47,12 @@ bool StopSignals::requested() const { return g_first_signal.load() != 0; }
 
 int StopSignals::signal() const { return g_first_signal.load(); }
 
-bool StopSignals::agree(const World& world) const {
+bool StopSignals::agree(const World& world, std::chrono::milliseconds timeout) const {
   int local = requested() ? 1 : 0;
   int any = 0;
-  MPITRAIN_CHECK_MPI(MPI_Allreduce(&local, &any, 1, MPI_INT, MPI_MAX, world.comm()));
+  MPI_Request request = MPI_REQUEST_NULL;
+  MPITRAIN_CHECK_MPI(MPI_Iallreduce(&local, &any, 1, MPI_INT, MPI_MAX, world.comm(), &request));
+  wait_or_die(&request, timeout, "the stop-signal check at a step boundary");
   return any != 0;
 }
 

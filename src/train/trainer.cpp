@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <sstream>
 #include <limits>
 
 #ifdef MPITRAIN_HAVE_NCCL
@@ -369,8 +370,11 @@ struct Trainer::Impl {
     if (world.is_root()) {
       checkpoint::write_safetensors((dir / "model.safetensors").string(), checkpoint::state_dict_of(*model));
       checkpoint::fsync_path((dir / "model.safetensors").string());
-      torch::save(*optimizer, (dir / "optimizer.pt").string());
-      checkpoint::fsync_path((dir / "optimizer.pt").string());
+      // Serialised in memory: LibTorch's file writer aborts the process (an exception from a
+      // destructor) when the disk fills, where write_file reports it.
+      std::ostringstream optimizer_bytes;
+      torch::save(*optimizer, optimizer_bytes);
+      checkpoint::write_file((dir / "optimizer.pt").string(), optimizer_bytes.str());
       const nlohmann::json state = {{"step", steps_done},     {"epoch", epoch},
                                     {"world_size", world.size()}, {"scaler", scaler->state()},
                                     {"config", config::to_json(config)}};
@@ -561,7 +565,7 @@ Outcome Trainer::run() {
     const bool cadence = s.config.checkpoint.every_steps > 0 && s.steps_done % s.config.checkpoint.every_steps == 0;
     if (!last && cadence) s.save_checkpoint();
     // Every rank asks at the same step boundary, so all stop at the same step.
-    if (!last && s.signals.agree(s.world)) {
+    if (!last && s.signals.agree(s.world, s.comm->options().timeout)) {
       if (s.config.checkpoint.save_on_stop && !cadence) s.save_checkpoint();
       return Outcome::stopped;
     }

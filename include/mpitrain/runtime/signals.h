@@ -8,6 +8,7 @@
 // exits, so that a repeated SIGTERM cannot turn the stop exit code into a death by signal). agree() is a collective: every rank calls it at the same step
 // boundary and every rank gets the same answer, so all ranks stop at the same step.
 
+#include <chrono>
 #include <csignal>
 
 namespace mpitrain::runtime {
@@ -26,8 +27,9 @@ class StopSignals {
   /// The signal received first, 0 if none.
   int signal() const;
   /// Collective (all-reduce MAX over the world): true on every rank if any rank received a
-  /// stop signal.
-  bool agree(const World& world) const;
+  /// stop signal. A rank still waiting after `timeout` (a peer stalled or dead) ends the job
+  /// with ExitCode::comm_timeout.
+  bool agree(const World& world, std::chrono::milliseconds timeout = std::chrono::minutes(10)) const;
 
  private:
   struct sigaction previous_[3];
