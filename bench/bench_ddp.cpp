@@ -43,6 +43,7 @@
 #include "mpitrain/runtime/gpu_info.h"
 #include "mpitrain/runtime/world.h"
 #include "mpitrain/train/optim.h"
+#include "mpitrain/train/trainer.h"
 
 using namespace mpitrain;
 
@@ -211,23 +212,12 @@ Training set_up(const runtime::World& world, const config::Config& config) {
   t.parameters = models::count_parameters(*t.model);
   t.model->to(t.device);
 
-  ddp::Options ddp_options;
-  ddp_options.bucket_bytes = static_cast<std::int64_t>(config.ddp.bucket_mb * (1 << 20));
-  ddp_options.first_bucket_bytes = static_cast<std::int64_t>(config.ddp.first_bucket_mb * (1 << 20));
-  ddp_options.find_unused_parameters = config.ddp.find_unused_parameters;
-  ddp_options.broadcast_buffers = config.ddp.broadcast_buffers;
-  if (config.ddp.wire_dtype == "bf16") ddp_options.wire_dtype = at::kBFloat16;
-  if (config.ddp.wire_dtype == "fp16") ddp_options.wire_dtype = at::kHalf;
-  t.ddp = std::make_unique<ddp::DistributedDataParallel>(t.model, *t.comm, ddp_options);
+  t.ddp = std::make_unique<ddp::DistributedDataParallel>(t.model, *t.comm, train::ddp_options(config.ddp));
 
   // The learning rate stays optimizer.lr: the schedule is the trainer's, and torch_ddp.py has none.
   t.optimizer = train::make_optimizer(config.optimizer, *t.model, t.device);
-  amp::ScalerOptions scaler_options;
-  scaler_options.init_scale = config.precision.loss_scale.init;
-  scaler_options.growth_factor = config.precision.loss_scale.growth_factor;
-  scaler_options.backoff_factor = config.precision.loss_scale.backoff_factor;
-  scaler_options.growth_interval = config.precision.loss_scale.growth_interval;
-  t.scaler = std::make_unique<amp::LossScaler>(t.precision == amp::Precision::fp16, t.device, scaler_options);
+  t.scaler = std::make_unique<amp::LossScaler>(t.precision == amp::Precision::fp16, t.device,
+                                               train::scaler_options(config.precision.loss_scale));
   return t;
 }
 
@@ -270,12 +260,6 @@ std::vector<Batch> make_batches(const config::Config& config, const models::Mode
   return batches;
 }
 
-// The trainer's loss: cross-entropy in float32, over every token of a language model.
-at::Tensor loss_of(const at::Tensor& logits, const at::Tensor& targets, models::Task task) {
-  const at::Tensor flat = task == models::Task::language_modeling ? logits.reshape({-1, logits.size(-1)}) : logits;
-  return at::cross_entropy_loss(flat.to(at::kFloat), targets.reshape({-1}).to(at::kLong));
-}
-
 // One optimizer step, as Trainer::step with the loader's batches given. Returns the mean loss
 // over the micro-batches as a device tensor, so that the step never waits for the device.
 at::Tensor train_step(Training& t, const config::Config& config, const std::vector<Batch>& batches) {
@@ -287,7 +271,7 @@ at::Tensor train_step(Training& t, const config::Config& config, const std::vect
     at::Tensor loss;
     {
       amp::AutocastScope autocast(t.device, t.precision);
-      loss = loss_of(t.model->forward(batches[micro].inputs), batches[micro].targets, t.model->task());
+      loss = train::loss_of(t.model->forward(batches[micro].inputs), batches[micro].targets, t.model->task());
     }
     // Only the last micro-batch's backward all-reduces; the earlier ones accumulate locally.
     if (last) {

@@ -67,12 +67,6 @@ at::Tensor model_inputs(const at::Tensor& inputs, models::Task task) {
   return inputs;
 }
 
-at::Tensor loss_of(const at::Tensor& logits, const at::Tensor& targets, models::Task task) {
-  if (task == models::Task::language_modeling)
-    return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), targets.reshape({-1}).to(at::kLong));
-  return at::cross_entropy_loss(logits.to(at::kFloat), targets.reshape({-1}).to(at::kLong));
-}
-
 std::string rank_file(int rank) {
   char name[32];
   std::snprintf(name, sizeof name, "rank-%05d.json", rank);
@@ -106,6 +100,32 @@ bool safe_to_change(const std::string& path) {
 
 std::string run_directory(const config::Config& config) {
   return (std::filesystem::path(config.run.dir) / config.run.name).string();
+}
+
+ddp::Options ddp_options(const config::DdpConfig& config) {
+  ddp::Options options;
+  options.bucket_bytes = static_cast<std::int64_t>(config.bucket_mb * (1 << 20));
+  options.first_bucket_bytes = static_cast<std::int64_t>(config.first_bucket_mb * (1 << 20));
+  options.find_unused_parameters = config.find_unused_parameters;
+  options.broadcast_buffers = config.broadcast_buffers;
+  if (config.wire_dtype == "bf16") options.wire_dtype = at::kBFloat16;
+  if (config.wire_dtype == "fp16") options.wire_dtype = at::kHalf;
+  return options;
+}
+
+amp::ScalerOptions scaler_options(const config::LossScaleConfig& config) {
+  amp::ScalerOptions options;
+  options.init_scale = config.init;
+  options.growth_factor = config.growth_factor;
+  options.backoff_factor = config.backoff_factor;
+  options.growth_interval = config.growth_interval;
+  return options;
+}
+
+at::Tensor loss_of(const at::Tensor& logits, const at::Tensor& targets, models::Task task) {
+  if (task == models::Task::language_modeling)
+    return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}).to(at::kFloat), targets.reshape({-1}).to(at::kLong));
+  return at::cross_entropy_loss(logits.to(at::kFloat), targets.reshape({-1}).to(at::kLong));
 }
 
 struct Trainer::Impl {
@@ -198,14 +218,7 @@ struct Trainer::Impl {
                                "model.init_from '" + config.model.init_from + "'");
     model->to(device);
 
-    ddp::Options ddp_options;
-    ddp_options.bucket_bytes = static_cast<std::int64_t>(config.ddp.bucket_mb * (1 << 20));
-    ddp_options.first_bucket_bytes = static_cast<std::int64_t>(config.ddp.first_bucket_mb * (1 << 20));
-    ddp_options.find_unused_parameters = config.ddp.find_unused_parameters;
-    ddp_options.broadcast_buffers = config.ddp.broadcast_buffers;
-    if (config.ddp.wire_dtype == "bf16") ddp_options.wire_dtype = at::kBFloat16;
-    if (config.ddp.wire_dtype == "fp16") ddp_options.wire_dtype = at::kHalf;
-    ddp = std::make_unique<ddp::DistributedDataParallel>(model, *comm, ddp_options);
+    ddp = std::make_unique<ddp::DistributedDataParallel>(model, *comm, ddp_options(config.ddp));
 
     const auto task = model->task();
     const data::DatasetSpec train_spec = dataset_spec(config, config.data.train, "train", task, model->context_length());
@@ -234,12 +247,8 @@ struct Trainer::Impl {
                            runtime::ExitCode::bad_input);
 
     optimizer = make_optimizer(config.optimizer, *model, device);
-    amp::ScalerOptions scaler_options;
-    scaler_options.init_scale = config.precision.loss_scale.init;
-    scaler_options.growth_factor = config.precision.loss_scale.growth_factor;
-    scaler_options.backoff_factor = config.precision.loss_scale.backoff_factor;
-    scaler_options.growth_interval = config.precision.loss_scale.growth_interval;
-    scaler = std::make_unique<amp::LossScaler>(precision == amp::Precision::fp16, device, scaler_options);
+    scaler = std::make_unique<amp::LossScaler>(precision == amp::Precision::fp16, device,
+                                               scaler_options(config.precision.loss_scale));
     window_loss = at::zeros({}, at::TensorOptions().device(device));
   }
 
