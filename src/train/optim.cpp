@@ -11,6 +11,7 @@
 #include <map>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "mpitrain/runtime/error.h"
@@ -35,13 +36,13 @@ class FusedAdamW : public torch::optim::AdamW {
     for (auto& group : param_groups()) {
       const auto& options = static_cast<const torch::optim::AdamWOptions&>(group.options());
       // The kernel takes tensors of one device and dtype per call, and a step count per tensor.
-      std::map<std::tuple<std::string, at::ScalarType>, Lists> calls;
-      std::map<std::tuple<std::string, std::int64_t>, at::Tensor> step_tensors;
+      std::map<std::tuple<DeviceKey, at::ScalarType>, Lists> calls;
+      std::map<std::tuple<DeviceKey, std::int64_t>, at::Tensor> step_tensors;
       for (auto& parameter : group.params()) {
         if (!parameter.grad().defined()) continue;
         auto& state = state_of(parameter);
         state.step(state.step() + 1);
-        const std::string device = parameter.device().str();
+        const DeviceKey device{static_cast<int>(parameter.device().type()), parameter.device().index()};
         Lists& lists = calls[{device, parameter.scalar_type()}];
         lists.parameters.push_back(parameter);
         lists.grads.push_back(parameter.grad());
@@ -62,6 +63,7 @@ class FusedAdamW : public torch::optim::AdamW {
   }
 
  private:
+  using DeviceKey = std::pair<int, int>;  // c10::Device has no ordering
   struct Lists {
     std::vector<at::Tensor> parameters, grads, exp_avgs, exp_avg_sqs, steps;
   };

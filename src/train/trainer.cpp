@@ -558,11 +558,11 @@ Outcome Trainer::run() {
     s.window_times.comm += result.times.comm;
     s.window_times.optimizer += result.times.optimizer;
     const bool last = s.steps_done == s.total_steps;
-    if (last || s.steps_done % s.config.log.every_steps == 0) metrics.write(s.log_record(result));
     // fp16 has the loss scaler for this; in bf16 and fp32 a non-finite step is not an overflow
     // that a smaller scale would cure. Every rank has the same count (found-inf is agreed).
-    if (s.precision != amp::Precision::fp16 && s.nonfinite_run > s.config.train.max_nonfinite_steps) {
-      if (!last && s.steps_done % s.config.log.every_steps != 0) metrics.write(s.log_record(result));
+    const bool diverged = s.precision != amp::Precision::fp16 && s.nonfinite_run > s.config.train.max_nonfinite_steps;
+    if (last || diverged || s.steps_done % s.config.log.every_steps == 0) metrics.write(s.log_record(result));
+    if (diverged) {
       const std::string saved = s.save_checkpoint();
       throw runtime::Error("the loss or gradients were not finite in " + std::to_string(s.nonfinite_run) +
                            " steps in a row (steps " + std::to_string(s.steps_done - s.nonfinite_run + 1) + " to " +
