@@ -11,7 +11,10 @@
 // up from mpitrain config keys (--set KEY=VALUE), measured exactly as bench/torch_ddp.py measures
 // PyTorch's DDP with the same --set list; scripts/bench compares the two (torch_ddp_gpt/_mlp).
 // The model, its initialisation and the data are the same on both sides, so the first step's
-// loss agrees (JSON loss_first); torch_ddp.py's docstring describes the measurement.
+// loss agrees (JSON loss_first); torch_ddp.py's docstring describes the measurement. After the
+// timed steps, --trace-steps more are traced for the overlap figure of the trainer's step
+// timeline (JSON comm_hidden_behind_backward; train/trace.h), apart from the timing because
+// tracing waits for the device.
 //
 //   mpirun -np 2 build/bin/bench_ddp --train-step --set model.name=gpt --set batch.micro_batch=8 ...
 #include <ATen/CPUGeneratorImpl.h>
@@ -43,6 +46,7 @@
 #include "mpitrain/runtime/gpu_info.h"
 #include "mpitrain/runtime/world.h"
 #include "mpitrain/train/optim.h"
+#include "mpitrain/train/trace.h"
 #include "mpitrain/train/trainer.h"
 
 using namespace mpitrain;
@@ -59,6 +63,7 @@ struct Options {
   std::string out;
   bool train_step = false;
   std::vector<std::string> sets;  // --train-step: mpitrain config keys, KEY=VALUE
+  int trace_steps = 3;            // --train-step: steps traced for the overlap figure
 };
 
 torch::nn::Sequential make_mlp(const Options& options) {
@@ -260,9 +265,20 @@ std::vector<Batch> make_batches(const config::Config& config, const models::Mode
   return batches;
 }
 
+void synchronize(c10::Device device) {
+#ifdef MPITRAIN_HAVE_NCCL
+  if (device.is_cuda()) c10::cuda::device_synchronize();
+#else
+  (void)device;
+#endif
+}
+
 // One optimizer step, as Trainer::step with the loader's batches given. Returns the mean loss
-// over the micro-batches as a device tensor, so that the step never waits for the device.
-at::Tensor train_step(Training& t, const config::Config& config, const std::vector<Batch>& batches) {
+// over the micro-batches as a device tensor, so that the step never waits for the device —
+// unless `trace` is given: then it records the backwards and the bucket all-reduces there, as
+// the trainer's step timeline does, waiting for the device to take their ends.
+at::Tensor train_step(Training& t, const config::Config& config, const std::vector<Batch>& batches,
+                      train::StepTrace* trace = nullptr, std::int64_t step = 0) {
   const auto accumulation = static_cast<double>(batches.size());
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().device(t.device));
   for (std::size_t micro = 0; micro < batches.size(); ++micro) {
@@ -274,11 +290,16 @@ at::Tensor train_step(Training& t, const config::Config& config, const std::vect
       loss = train::loss_of(t.model->forward(batches[micro].inputs), batches[micro].targets, t.model->task());
     }
     // Only the last micro-batch's backward all-reduces; the earlier ones accumulate locally.
+    const auto start = Clock::now();
     if (last) {
       t.scaler->scale(loss / accumulation).backward();
     } else {
       auto no_sync = t.ddp->no_sync();
       t.scaler->scale(loss / accumulation).backward();
+    }
+    if (trace != nullptr) {
+      synchronize(t.device);
+      trace->add("backward", train::TraceCategory::phase, step, start, Clock::now(), static_cast<int>(micro));
     }
     loss_sum += loss.detach();
   }
@@ -294,15 +315,15 @@ at::Tensor train_step(Training& t, const config::Config& config, const std::vect
   t.scaler->update(!finite);
   // Zero in place: gradients stay DDP bucket views, so no copy into the buckets next step.
   t.optimizer->zero_grad(/*set_to_none=*/false);
+  if (trace != nullptr) {
+    synchronize(t.device);
+    const auto timings = t.ddp->last_bucket_timings();
+    for (std::size_t b = 0; b < timings.size(); ++b)
+      if (timings[b])
+        trace->add("all-reduce", train::TraceCategory::comm, step, timings[b]->started, timings[b]->completed,
+                   static_cast<int>(b), train::TraceThread::comm);
+  }
   return loss_sum / accumulation;
-}
-
-void synchronize(c10::Device device) {
-#ifdef MPITRAIN_HAVE_NCCL
-  if (device.is_cuda()) c10::cuda::device_synchronize();
-#else
-  (void)device;
-#endif
 }
 
 int run_train_step(const runtime::World& world, const Options& options) {
@@ -322,6 +343,14 @@ int run_train_step(const runtime::World& world, const Options& options) {
   MPI_Barrier(world.comm());
   double seconds = seconds_since(start);
   MPI_Allreduce(MPI_IN_PLACE, &seconds, 1, MPI_DOUBLE, MPI_MAX, world.comm());
+
+  train::StepTrace trace(1, options.trace_steps, world.rank());
+  t.comm->set_timing(true);
+  trace.start();
+  for (int i = 1; i <= options.trace_steps; ++i) train_step(t, config, batches, &trace, i);
+  t.comm->set_timing(false);
+  const train::Overlap overlap =
+      train::communication_overlap(train::gather_trace(world, trace.stop(), t.comm->options().timeout));
   if (!world.is_root()) return 0;
 
   // Key names as torch_ddp.py's, so that scripts/bench reads both sides alike.
@@ -375,6 +404,10 @@ int run_train_step(const runtime::World& world, const Options& options) {
       // Rank 0's loss on its own data: the first step's depends only on the init and the data.
       {"loss_first", losses.front().item<double>()},
       {"loss_last", losses.back().item<double>()}};
+  if (world.size() > 1 && overlap.fraction()) {
+    result["comm_hidden_behind_backward"] = *overlap.fraction();
+    result["comm_traced_s"] = overlap.total_us / 1e6;
+  }
   if (language_model) {
     result["seq_len"] = seq_len_of(config, *t.model);
     result["tokens_per_s"] = samples_per_s * static_cast<double>(seq_len_of(config, *t.model));
@@ -402,6 +435,10 @@ int main(int argc, char** argv) {
                "bench/torch_ddp.py measures PyTorch DDP (scripts/bench torch_ddp)");
   app.add_option("--set", options.sets, "with --train-step: an mpitrain config key, KEY=VALUE as train --set takes it "
                                         "(repeatable)");
+  app.add_option("--trace-steps", options.trace_steps,
+                 "with --train-step: steps traced after the timed ones for the share of gradient all-reduce "
+                 "hidden behind backward (0 = none)")
+      ->check(CLI::NonNegativeNumber);
   return apps::parse_and_run(world, app, argc, argv, [&] {
     return options.train_step ? run_train_step(world, options) : run_overhead(world, options);
   });

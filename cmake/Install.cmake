@@ -5,9 +5,9 @@ include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
 # mpitrain is a static library: its private dependencies (HDF5, zlib) and the INTERFACE target
-# carrying our warning flags are part of its link interface, so they are exported too, and
-# mpitrainConfig.cmake finds them again.
-install(TARGETS mpitrain mpitrain_warnings EXPORT mpitrainTargets
+# carrying our warning (and sanitizer, cmake/Sanitize.cmake) flags are part of its link
+# interface, so they are exported too, and mpitrainConfig.cmake finds them again.
+install(TARGETS mpitrain mpitrain_warnings mpitrain_sanitize EXPORT mpitrainTargets
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
         LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
         RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})

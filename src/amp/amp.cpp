@@ -1,5 +1,8 @@
 #include "mpitrain/amp/amp.h"
 
+#include <cmath>
+#include <stdexcept>
+
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 
@@ -97,8 +100,13 @@ nlohmann::json LossScaler::state() const {
 }
 
 void LossScaler::load_state(const nlohmann::json& state) {
-  scale_.fill_(state.at("scale").get<double>());
-  growth_tracker_.fill_(state.at("growth_tracker").get<std::int64_t>());
+  const auto scale = state.at("scale").get<double>();
+  const auto tracker = state.at("growth_tracker").get<std::int64_t>();
+  if (!(std::isfinite(scale) && scale > 0) || tracker < 0)
+    throw std::invalid_argument("loss scaler state has scale " + std::to_string(scale) + " and growth_tracker " +
+                                std::to_string(tracker) + "; a scale must be finite and > 0, a tracker >= 0");
+  scale_.fill_(scale);
+  growth_tracker_.fill_(tracker);
 }
 
 }  // namespace mpitrain::amp

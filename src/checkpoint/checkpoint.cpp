@@ -162,6 +162,9 @@ std::string verify(const std::string& directory) {
     std::ifstream in(manifest_path);
     manifest = nlohmann::json::parse(in);
     for (const auto& [name, entry] : manifest.at("files").items()) {
+      // Only plain names: a manifest must not point the checks at files outside its folder.
+      if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
+        return "the manifest names the file \"" + name + "\", which is not a file in the checkpoint";
       const fs::path file = fs::path(directory) / name;
       if (!fs::exists(file)) return "file " + name + " is missing";
       if (fs::file_size(file) != entry.at("bytes").get<std::uintmax_t>())

@@ -14,22 +14,23 @@ std::unique_ptr<Communicator> make_communicator(const runtime::World& world, c10
   if (backend == Backend::automatic) backend = device.is_cuda() ? Backend::nccl : Backend::mpi;
   if (backend == Backend::mpi) {
     if (!device.is_cpu())
-      throw runtime::Error("the MPI backend works on CPU tensors, but the device is " +
+      throw runtime::Error("device.backend \"mpi\" works on CPU tensors, but the device is " +
                                device.str() + " on " + runtime::where() +
-                               ": use backend nccl (or auto) for CUDA devices",
+                               ": set device.backend to nccl (or auto) for CUDA devices",
                            runtime::ExitCode::bad_input);
     return std::make_unique<MpiCommunicator>(world, options);
   }
 #ifdef MPITRAIN_HAVE_NCCL
   if (!device.is_cuda())
-    throw runtime::Error("the NCCL backend works on CUDA tensors, but the device is " +
-                             device.str() + ": use backend mpi (or auto) on CPU",
+    throw runtime::Error("device.backend \"nccl\" works on CUDA tensors, but the device is " +
+                             device.str() + " on " + runtime::where() +
+                             ": set device.backend to mpi (or auto) on CPU",
                          runtime::ExitCode::bad_input);
   return std::make_unique<NcclCommunicator>(world, device, options);
 #else
-  throw runtime::Error("the NCCL backend was asked for, but this build of mpitrain has no CUDA "
+  throw runtime::Error("device.backend \"nccl\" was asked for, but this build of mpitrain has no CUDA "
                        "path (configured with MPITRAIN_WITH_CUDA=OFF or without a CUDA "
-                       "LibTorch): rebuild with CUDA or use backend mpi",
+                       "LibTorch): rebuild with CUDA or set device.backend to mpi",
                        runtime::ExitCode::bad_input);
 #endif
 }

@@ -11,6 +11,7 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "mpitrain/runtime/check.h"
@@ -93,6 +94,14 @@ class MpiWork final : public Work {
 
   bool is_completed() override { return done_.load(std::memory_order_acquire); }
 
+  std::optional<WorkTiming> timing() override {
+    if (!timed_ || !is_completed()) return std::nullopt;
+    return WorkTiming{started_, completed_};
+  }
+
+  // Before submission only.
+  void record_timing(bool on) { timed_ = on; }
+
   void wait() override {
     if (is_completed()) return;
     std::unique_lock<std::mutex> lock(mutex_);
@@ -111,6 +120,7 @@ class MpiWork final : public Work {
   }
   void complete() {
     if (finish_) finish_();
+    completed_ = std::chrono::steady_clock::now();
     tensors_.clear();
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -127,7 +137,10 @@ class MpiWork final : public Work {
   std::function<void()> finish_;
   std::vector<at::Tensor> tensors_;  // kept alive while MPI reads or writes them
   MPI_Request request_ = MPI_REQUEST_NULL;
+  bool timed_ = false;
+  // Written by the progress thread before done_ is released.
   std::chrono::steady_clock::time_point started_;
+  std::chrono::steady_clock::time_point completed_;
   std::atomic<bool> done_{false};
   std::mutex mutex_;
   std::condition_variable cv_;
@@ -158,7 +171,8 @@ class MpiCommunicator::Engine {
     if (!finalized) MPI_Comm_free(&comm_);
   }
 
-  WorkPtr submit(std::shared_ptr<MpiWork> work) {
+  WorkPtr submit(std::shared_ptr<MpiWork> work, bool timed) {
+    work->record_timing(timed);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       queued_.push_back(work);
@@ -259,7 +273,8 @@ WorkPtr MpiCommunicator::do_all_reduce(at::Tensor& tensor, ReduceOp op) {
       [=](MPI_Request* request) {
         MPITRAIN_CHECK_MPI(MPI_Iallreduce(MPI_IN_PLACE, buffer, count, type, mpi_op, comm, request));
       },
-      average_after(op, tensor, size()), std::vector<at::Tensor>{tensor}));
+      average_after(op, tensor, size()), std::vector<at::Tensor>{tensor}),
+      timing());
 }
 
 WorkPtr MpiCommunicator::do_broadcast(at::Tensor& tensor, int root) {
@@ -272,7 +287,8 @@ WorkPtr MpiCommunicator::do_broadcast(at::Tensor& tensor, int root) {
       [=](MPI_Request* request) {
         MPITRAIN_CHECK_MPI(MPI_Ibcast(buffer, count, type, root, comm, request));
       },
-      nullptr, std::vector<at::Tensor>{tensor}));
+      nullptr, std::vector<at::Tensor>{tensor}),
+      timing());
 }
 
 WorkPtr MpiCommunicator::do_all_gather(at::Tensor& output, const at::Tensor& input) {
@@ -287,7 +303,8 @@ WorkPtr MpiCommunicator::do_all_gather(at::Tensor& output, const at::Tensor& inp
       [=](MPI_Request* request) {
         MPITRAIN_CHECK_MPI(MPI_Iallgather(in, count, type, out, count, type, comm, request));
       },
-      nullptr, std::vector<at::Tensor>{output, input}));
+      nullptr, std::vector<at::Tensor>{output, input}),
+      timing());
 }
 
 WorkPtr MpiCommunicator::do_reduce_scatter(at::Tensor& output, const at::Tensor& input, ReduceOp op) {
@@ -303,14 +320,16 @@ WorkPtr MpiCommunicator::do_reduce_scatter(at::Tensor& output, const at::Tensor&
       [=](MPI_Request* request) {
         MPITRAIN_CHECK_MPI(MPI_Ireduce_scatter_block(in, out, count, type, mpi_op, comm, request));
       },
-      average_after(op, output, size()), std::vector<at::Tensor>{output, input}));
+      average_after(op, output, size()), std::vector<at::Tensor>{output, input}),
+      timing());
 }
 
 WorkPtr MpiCommunicator::do_barrier() {
   MPI_Comm comm = engine_->comm();
   return engine_->submit(std::make_shared<MpiWork>(
       "barrier", [=](MPI_Request* request) { MPITRAIN_CHECK_MPI(MPI_Ibarrier(comm, request)); },
-      nullptr, std::vector<at::Tensor>{}));
+      nullptr, std::vector<at::Tensor>{}),
+      timing());
 }
 
 }  // namespace mpitrain::comm

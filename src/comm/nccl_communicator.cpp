@@ -9,7 +9,9 @@
 #include <atomic>
 #include <condition_variable>
 #include <list>
+#include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "mpitrain/runtime/cuda_check.h"
@@ -44,12 +46,39 @@ ncclRedOp_t nccl_op(ReduceOp op) {
   return ncclSum;
 }
 
+// When the stream reached an operation and finished it, in steady_clock ticks (0 = not yet).
+// Written by host callbacks on a CUDA driver thread; apart from InFlight so that a callback,
+// which must not call CUDA, never destroys the event.
+struct Stamps {
+  std::atomic<std::chrono::steady_clock::rep> started{0};
+  std::atomic<std::chrono::steady_clock::rep> completed{0};
+};
+
 // One launched operation, as the watchdog and the caller see it.
 struct InFlight {
   std::string what;
   at::cuda::CUDAEvent done;
   std::chrono::steady_clock::time_point launched = std::chrono::steady_clock::now();
+  std::shared_ptr<Stamps> stamps;  // set when launched with timing on
 };
+
+// A host callback's argument: which stamp to take, and a reference that keeps it alive.
+struct StampSlot {
+  std::shared_ptr<Stamps> stamps;
+  bool start;
+};
+
+void CUDART_CB take_stamp(void* argument) {
+  const std::unique_ptr<StampSlot> slot(static_cast<StampSlot*>(argument));
+  auto& stamp = slot->start ? slot->stamps->started : slot->stamps->completed;
+  stamp.store(std::chrono::steady_clock::now().time_since_epoch().count(), std::memory_order_release);
+}
+
+// Takes a stamp when `stream` reaches this point.
+void stamp_on(cudaStream_t stream, const std::shared_ptr<Stamps>& stamps, bool start) {
+  // The callback owns the slot and deletes it.
+  MPITRAIN_CHECK_CUDA(cudaLaunchHostFunc(stream, take_stamp, new StampSlot{stamps, start}));
+}
 
 class NcclWork final : public Work {
  public:
@@ -58,6 +87,14 @@ class NcclWork final : public Work {
       : op_(std::move(op)), device_(device), host_blocking_(host_blocking), timeout_(timeout) {}
 
   bool is_completed() override { return op_->done.query(); }
+
+  std::optional<WorkTiming> timing() override {
+    // The done event follows the completion stamp on the stream, so both are set once it is.
+    if (!op_->stamps || !op_->done.query()) return std::nullopt;
+    using Clock = std::chrono::steady_clock;
+    return WorkTiming{Clock::time_point(Clock::duration(op_->stamps->started.load(std::memory_order_acquire))),
+                      Clock::time_point(Clock::duration(op_->stamps->completed.load(std::memory_order_acquire)))};
+  }
 
   void wait() override {
     if (!host_blocking_) {
@@ -131,7 +168,7 @@ class NcclCommunicator::State {
   // Launches one NCCL call on the communicator's stream, ordered after the caller's stream.
   template <typename Launch>
   WorkPtr launch(std::string what, std::initializer_list<at::Tensor> tensors, bool host_blocking,
-                 Launch&& call) {
+                 bool timed, Launch&& call) {
     if (aborted_.load())
       throw runtime::Error("NCCL communicator on " + runtime::where() + " was aborted");
     c10::cuda::CUDAGuard guard(device_);
@@ -141,8 +178,13 @@ class NcclCommunicator::State {
     at::cuda::CUDAEvent ready;
     ready.record(at::cuda::getCurrentCUDAStream(device_.index()));
     ready.block(stream_);
+    if (timed) {
+      op->stamps = std::make_shared<Stamps>();
+      stamp_on(stream_.stream(), op->stamps, /*start=*/true);
+    }
     MPITRAIN_CHECK_NCCL(call(stream_.stream()));
     wait_ready(op->what.c_str());
+    if (timed) stamp_on(stream_.stream(), op->stamps, /*start=*/false);
     for (const at::Tensor& t : tensors)
       if (t.numel() > 0)
         c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream_);
@@ -239,7 +281,7 @@ WorkPtr NcclCommunicator::do_all_reduce(at::Tensor& tensor, ReduceOp op) {
   void* buffer = data(tensor);
   const auto count = static_cast<std::size_t>(tensor.numel());
   ncclComm_t comm = state_->comm();
-  return state_->launch(describe("all_reduce", tensor, to_string(op)), {tensor}, false,
+  return state_->launch(describe("all_reduce", tensor, to_string(op)), {tensor}, false, timing(),
                         [&](cudaStream_t stream) {
                           return ncclAllReduce(buffer, buffer, count, type, nccl_op(op), comm, stream);
                         });
@@ -251,7 +293,7 @@ WorkPtr NcclCommunicator::do_broadcast(at::Tensor& tensor, int root) {
   const auto count = static_cast<std::size_t>(tensor.numel());
   ncclComm_t comm = state_->comm();
   return state_->launch(describe("broadcast", tensor, ("root " + std::to_string(root)).c_str()),
-                        {tensor}, false, [&](cudaStream_t stream) {
+                        {tensor}, false, timing(), [&](cudaStream_t stream) {
                           return ncclBroadcast(buffer, buffer, count, type, root, comm, stream);
                         });
 }
@@ -262,7 +304,7 @@ WorkPtr NcclCommunicator::do_all_gather(at::Tensor& output, const at::Tensor& in
   void* in = data(input);
   void* out = data(output);
   ncclComm_t comm = state_->comm();
-  return state_->launch(describe("all_gather", input), {output, input}, false,
+  return state_->launch(describe("all_gather", input), {output, input}, false, timing(),
                         [&](cudaStream_t stream) {
                           return ncclAllGather(in, out, count, type, comm, stream);
                         });
@@ -275,7 +317,7 @@ WorkPtr NcclCommunicator::do_reduce_scatter(at::Tensor& output, const at::Tensor
   void* in = data(input);
   void* out = data(output);
   ncclComm_t comm = state_->comm();
-  return state_->launch(describe("reduce_scatter", input, to_string(op)), {output, input}, false,
+  return state_->launch(describe("reduce_scatter", input, to_string(op)), {output, input}, false, timing(),
                         [&](cudaStream_t stream) {
                           return ncclReduceScatter(in, out, count, type, nccl_op(op), comm, stream);
                         });
@@ -285,7 +327,7 @@ WorkPtr NcclCommunicator::do_barrier() {
   auto token = at::zeros({1}, at::TensorOptions().device(device_).dtype(at::kFloat));
   void* buffer = token.data_ptr();
   ncclComm_t comm = state_->comm();
-  return state_->launch("barrier", {token}, true, [&](cudaStream_t stream) {
+  return state_->launch("barrier", {token}, true, timing(), [&](cudaStream_t stream) {
     return ncclAllReduce(buffer, buffer, 1, ncclFloat32, ncclSum, comm, stream);
   });
 }

@@ -36,7 +36,8 @@ NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DeviceConfig, kind, allow_shared_gpu, memory_
                                    peak_tflops)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(CheckpointConfig, every_steps, keep_last, keep_every, dir,
                                    save_timeout_s, save_on_stop)
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LogConfig, every_steps, console, metrics_file)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LogConfig, every_steps, console, metrics_file, trace_steps,
+                                   trace_start_step)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(EvalConfig, every_steps, max_batches)
 
 // The model section holds every model's options while validating; the Config keeps only the
@@ -72,6 +73,12 @@ std::function<std::string(const json&)> plain_name(bool allow_empty) {
   };
 }
 
+std::string no_empty_entry(const json& v) {
+  for (const json& item : v)
+    if (item.get<std::string>().empty()) return "an entry is empty";
+  return "";
+}
+
 std::string check_run(const Section& s) {
   if (s.integer("train.steps") == 0 && s.integer("train.epochs") == 0)
     return "set train.steps or train.epochs (both are 0, so the run would have no end)";
@@ -93,6 +100,9 @@ std::string check_run(const Section& s) {
 }
 
 Schema make_settings() {
+  // Timeouts become deadlines in milliseconds; a million seconds (11.6 days) is no limit in
+  // practice and keeps the arithmetic far from overflow.
+  constexpr double max_timeout_s = 1e6;
   const Range positive = Range::above(0);
   const Range non_negative = Range::at_least(0);
   const Range unit = Range::half_open(0, 1);
@@ -114,10 +124,11 @@ Schema make_settings() {
            {"auto", "classification", "tokens"}),
       integer("data.seq_len", 0,
               "tokens per sample for token data (0 = the model's context length)", non_negative),
-      integer("data.prefetch", 2, "micro-batches read ahead in the background", Range::at_least(1)),
+      integer("data.prefetch", 2, "micro-batches read ahead in the background", Range::closed(1, 1024)),
       flag("data.file_locking", false,
            "use HDF5 file locking when opening shards (network file systems often lack it)"),
-      texts("data.train.files", {}, "training shards: a glob or a list of HDF5 files and globs"),
+      texts("data.train.files", {}, "training shards: a glob or a list of HDF5 files and globs")
+          .with_rule("a string or a list of strings, none empty", no_empty_entry),
       text("data.train.manifest", "",
            "a JSON shard manifest written by h5shard (docs/data.md) naming the training shards (instead of files)"),
       flag("data.train.shuffle", true,
@@ -127,7 +138,8 @@ Schema make_settings() {
            "epoch's start",
            {"drop", "wrap"}),
       texts("data.eval.files", {},
-            "evaluation shards: a glob or a list of HDF5 files and globs (none = no evaluation)"),
+            "evaluation shards: a glob or a list of HDF5 files and globs (none = no evaluation)")
+          .with_rule("a string or a list of strings, none empty", no_empty_entry),
       text("data.eval.manifest", "",
            "a JSON shard manifest written by h5shard (docs/data.md) naming the evaluation shards (instead of files)"),
       flag("data.eval.shuffle", false, "shuffle the evaluation samples"),
@@ -206,7 +218,7 @@ Schema make_settings() {
            "dtype of gradients on the wire; bf16 and fp16 halve the traffic",
            {"fp32", "bf16", "fp16"}),
       number("ddp.comm_timeout_s", 600.0, "seconds a collective may take before the job is ended",
-             positive),
+             Range::open_closed(0, max_timeout_s)),
 
       text("device.kind", "auto",
            "auto = the GPU of the rank's node-local index when one is usable, else the CPU",
@@ -237,7 +249,7 @@ Schema make_settings() {
       number("checkpoint.save_timeout_s", 1800.0,
              "seconds the ranks wait for each other during a save (rank 0 writes and checksums "
              "the replicated state) before the job is ended",
-             positive),
+             Range::open_closed(0, max_timeout_s)),
       flag("checkpoint.save_on_stop", true,
            "save a checkpoint when a signal (SIGTERM, SIGUSR1, SIGINT) stops the run"),
 
@@ -246,6 +258,12 @@ Schema make_settings() {
       text("log.metrics_file", "metrics.jsonl",
            "JSON Lines metrics file in the run directory (empty = none)")
           .with_rule("a file name without '/', or empty", plain_name(true)),
+      integer("log.trace_steps", 0,
+              "optimizer steps whose timeline is written to trace.json in the run directory "
+              "(0 = none)",
+              non_negative),
+      integer("log.trace_start_step", 5, "first optimizer step of the trace (1 = the first step)",
+              Range::at_least(1)),
 
       integer("eval.every_steps", 1000,
               "evaluate every N optimizer steps and at the end (0 = only at the end)",
@@ -257,7 +275,7 @@ Schema make_settings() {
 }
 
 // nlohmann's what() starts with "[json.exception.parse_error.101] "; the rest says where and why.
-std::string parse_error_text(const json::parse_error& e) {
+std::string exception_text(const json::exception& e) {
   std::string why = e.what();
   if (const auto end = why.find("] "); end != std::string::npos) why = why.substr(end + 2);
   return why;
@@ -274,6 +292,15 @@ std::optional<json> parse_number(const std::string& text) {
   const double d = std::strtod(text.c_str(), &end);
   if (*end == '\0' && errno == 0 && std::isfinite(d)) return json(d);
   return {};
+}
+
+bool is_utf8(const std::string& text) {
+  try {
+    (void)json(text).dump();
+    return true;
+  } catch (const json::type_error&) {
+    return false;
+  }
 }
 
 json override_value(const Setting& s, const std::string& text, const std::string& source,
@@ -299,9 +326,9 @@ json override_value(const Setting& s, const std::string& text, const std::string
   if (!text.empty() && text.front() == '[') {
     try {
       return json::parse(text);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {
       fail(source, in_quotes(key) + " must be " + describe(s) + "; the value is not a JSON list (" +
-                       parse_error_text(e) + ")");
+                       exception_text(e) + ")");
     }
   }
   if (s.type == Type::string_list) return text;
@@ -365,6 +392,9 @@ json read_file(const std::string& path) {
   };
   std::vector<Open> open;
   std::string last_key;
+  // A config is four levels deep; past this the file is not a config, and nlohmann's
+  // recursive parser and dump() would exhaust memory or the stack on a pathological file.
+  constexpr std::size_t max_depth = 64;
   const json::parser_callback_t on_event = [&](int, json::parse_event_t event, json& parsed) {
     switch (event) {
       case json::parse_event_t::object_start:
@@ -374,6 +404,16 @@ json read_file(const std::string& path) {
           p = open.back().object
                   ? (open.back().path.empty() ? last_key : open.back().path + "." + last_key)
                   : open.back().path + "[]";
+        if (open.size() == max_depth) {
+          // Name where the nesting starts: the keys before the first list, at most five.
+          std::string where = p.substr(0, p.find("[]"));
+          std::size_t dot = 0;
+          for (int i = 0; i < 5 && dot != std::string::npos; ++i) dot = where.find('.', dot + 1);
+          if (dot != std::string::npos) where = where.substr(0, dot) + "...";
+          fail(source, "nests objects and lists more than " + std::to_string(max_depth) +
+                           " levels deep, under " + in_quotes(where) +
+                           " (a config has at most four); check the file");
+        }
         open.push_back({p, event == json::parse_event_t::object_start, {}});
         break;
       }
@@ -397,8 +437,11 @@ json read_file(const std::string& path) {
   try {
     return json::parse(content.str(), on_event);
   } catch (const json::parse_error& e) {
-    fail(source, "is not valid JSON: " + parse_error_text(e) +
+    fail(source, "is not valid JSON: " + exception_text(e) +
                      " (JSON allows no comments and no trailing commas)");
+  } catch (const json::out_of_range& e) {
+    // A number beyond double's range, e.g. 1e400.
+    fail(source, "holds a number JSON cannot represent: " + exception_text(e));
   }
 }
 
@@ -410,6 +453,9 @@ void apply_override(json& tree, const std::string& assignment, const ModelSchema
   const std::string key = assignment.substr(0, eq);
   const Schema full = full_schema(models);
   const Setting& setting = lookup(full, key, source);
+  if (!is_utf8(assignment.substr(eq + 1)))
+    fail(source, in_quotes(key) + " must be " + describe(setting) +
+                     "; the value holds bytes that are not UTF-8 text");
   const json value = normalize(
       setting, override_value(setting, assignment.substr(eq + 1), source, key), source, key);
 
@@ -444,10 +490,16 @@ Config resolve(Config config, int world_size) {
   if (world_size < 1) throw std::invalid_argument("resolve(): world_size must be >= 1");
   BatchConfig& b = config.batch;
   const std::int64_t ranks = world_size;
-  const std::int64_t per_micro_step = b.micro_batch * ranks;
   const std::string source = "batch settings for " + std::to_string(ranks) + " rank(s)";
+  std::int64_t per_micro_step = 0;
+  if (__builtin_mul_overflow(b.micro_batch, ranks, &per_micro_step))
+    fail(source, "batch.micro_batch (" + std::to_string(b.micro_batch) + ") x ranks (" +
+                     std::to_string(ranks) + ") overflows a 64-bit count; lower batch.micro_batch");
   if (b.global == 0) {
-    b.global = per_micro_step * b.accumulation;
+    if (__builtin_mul_overflow(per_micro_step, b.accumulation, &b.global))
+      fail(source, "batch.micro_batch x batch.accumulation x ranks = " + std::to_string(b.micro_batch) +
+                       " x " + std::to_string(b.accumulation) + " x " + std::to_string(ranks) +
+                       " overflows a 64-bit count; lower batch.accumulation or batch.micro_batch");
     return config;
   }
   if (b.global % per_micro_step != 0)

@@ -32,7 +32,8 @@ json::json_pointer pointer(const std::string& dotted) {
 
 // A value as the user wrote it, shortened so one bad entry cannot flood the message.
 std::string shown(const json& value) {
-  std::string s = value.dump();
+  // replace: a --set value may hold bytes that are not UTF-8, which dump() would throw on.
+  std::string s = value.dump(-1, ' ', false, json::error_handler_t::replace);
   return s.size() > 80 ? s.substr(0, 77) + "..." : s;
 }
 

@@ -408,6 +408,26 @@ struct Dataset::Impl {
       }
     }
     trim();
+    if (spec.id_limit > 0) {
+      if (tokens()) check_ids(out.inputs, located, "token");
+      check_ids(out.targets, located, tokens() ? "token" : "target");
+    }
+  }
+
+  // Ids the model cannot take (a damaged shard, or data made for another model) fail here,
+  // naming the file and sample, rather than deep inside an embedding or the loss.
+  void check_ids(const at::Tensor& ids, const std::vector<std::pair<std::int64_t, std::int64_t>>& located,
+                 const char* what) const {
+    const at::Tensor bad = ids.lt(0).logical_or_(ids.ge(spec.id_limit)).reshape({ids.size(0), -1});
+    if (!bad.any().item<bool>()) return;
+    const std::int64_t row = bad.any(1).nonzero()[0][0].item<std::int64_t>();
+    const auto [s, local] = located[static_cast<std::size_t>(row)];
+    const std::int64_t value = ids.reshape({ids.size(0), -1})[row].masked_select(bad[row])[0].item<std::int64_t>();
+    throw Error(h5::place(shards[static_cast<std::size_t>(s)].path) + ": sample " + std::to_string(local) + " holds " +
+                    what + " id " + std::to_string(value) + ", outside [0, " + std::to_string(spec.id_limit) +
+                    ") of the model: the shard is damaged or was made for another model (check it with h5shard "
+                    "verify, or the model's vocab_size / num_classes)",
+                ExitCode::bad_input);
   }
 };
 

@@ -258,8 +258,13 @@ Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, 
   try {
     m.sampler = std::make_unique<Sampler>(m.dataset->blocks(), sampling);
   } catch (const Error& e) {
-    throw Error("data loader, '" + spec.source + "' (" + std::to_string(m.dataset->files().size()) + " file(s)), " +
-                    std::to_string(options.batch_size) + " per rank x " + std::to_string(world_size) + " ranks: " + e.what(),
+    // A token stream's sample count depends on the sequence length, so name it too.
+    const std::string samples = spec.kind == Kind::tokens
+                                    ? ", samples of data.seq_len " + std::to_string(spec.seq_len) + " tokens"
+                                    : "";
+    throw Error("data loader, '" + spec.source + "' (" + std::to_string(m.dataset->files().size()) + " file(s)" +
+                    samples + "), " + std::to_string(options.batch_size) + " per rank x " +
+                    std::to_string(world_size) + " ranks: " + e.what(),
                 e.code());
   }
   m.position = {0, 0, options.seed, sampling.global_batch, m.dataset->size()};

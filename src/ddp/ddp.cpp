@@ -76,4 +76,8 @@ const Stats& DistributedDataParallel::stats() const { return reducer_->stats(); 
 
 std::vector<std::vector<std::string>> DistributedDataParallel::bucket_layout() const { return reducer_->layout(); }
 
+std::vector<std::optional<comm::WorkTiming>> DistributedDataParallel::last_bucket_timings() const {
+  return reducer_->last_timings();
+}
+
 }  // namespace mpitrain::ddp

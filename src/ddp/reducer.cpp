@@ -174,16 +174,24 @@ void Reducer::finish() {
   const auto start = std::chrono::steady_clock::now();
   for (Bucket& bucket : buckets_) bucket.work->wait();
   stats_.comm_wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  last_works_.clear();
   for (Bucket& bucket : buckets_) {
     if (bucket.wire.defined()) bucket.buffer.copy_(bucket.wire);
     if (comm_.size() > 1) bucket.buffer.div_(comm_.size());
-    bucket.work.reset();
+    last_works_.push_back(std::move(bucket.work));
     bucket.pending = bucket.params.size();
   }
   for (Param& param : params_) param.ready = false;
   next_launch_ = 0;
   launch_order_.clear();
   ++stats_.synchronised_backwards;
+}
+
+std::vector<std::optional<comm::WorkTiming>> Reducer::last_timings() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::optional<comm::WorkTiming>> timings;
+  for (const comm::WorkPtr& work : last_works_) timings.push_back(work->timing());
+  return timings;
 }
 
 std::vector<std::vector<std::string>> Reducer::layout() const {

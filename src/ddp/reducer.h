@@ -22,7 +22,8 @@
 //     find_unused_parameters, count as zero gradients and complete their buckets (so every
 //     rank still launches every bucket). Then each bucket is waited on in order, cast back
 //     from the wire dtype, and divided by the world size — after the wait, so the division
-//     cannot race with the collective. State is reset for the next backward.
+//     cannot race with the collective. State is reset for the next backward; the buckets'
+//     Works are kept until the next finish(), for last_timings().
 //  no_sync: while set, mark_ready() does nothing and finish() is not called by the trainer;
 //  gradients accumulate in `.grad`. The next synchronised backward's hooks see the accumulated
 //  gradients and reduce them.
@@ -34,6 +35,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -58,6 +60,8 @@ class Reducer {
 
   const Stats& stats() const { return stats_; }
   std::vector<std::vector<std::string>> layout() const;
+  /// DistributedDataParallel::last_bucket_timings().
+  std::vector<std::optional<comm::WorkTiming>> last_timings() const;
 
  private:
   struct Param {
@@ -91,6 +95,7 @@ class Reducer {
   std::vector<Bucket> buckets_;
   std::size_t next_launch_ = 0;
   std::vector<std::size_t> launch_order_;  // this backward's launches, checked in finish()
+  std::vector<comm::WorkPtr> last_works_;  // the last finished backward's, per bucket
   bool no_sync_ = false;
   Stats stats_;
   mutable std::mutex mutex_;

@@ -18,7 +18,7 @@ class Cnn : public Model {
  public:
   Cnn(std::int64_t in_channels, std::int64_t image_size, const std::vector<std::int64_t>& channels,
       std::int64_t num_classes)
-      : in_channels_(in_channels), image_size_(image_size) {
+      : in_channels_(in_channels), image_size_(image_size), num_classes_(num_classes) {
     std::int64_t width = in_channels;
     std::int64_t size = image_size;
     for (const std::int64_t c : channels) {
@@ -47,10 +47,12 @@ class Cnn : public Model {
   }
 
   Task task() const override { return Task::classification; }
+  std::int64_t output_classes() const override { return num_classes_; }
 
  private:
   std::int64_t in_channels_;
   std::int64_t image_size_;
+  std::int64_t num_classes_;
   torch::nn::Sequential features_;
   torch::nn::Linear head_{nullptr};
 };

@@ -166,6 +166,7 @@ class Gpt : public Model {
 
   Task task() const override { return Task::language_modeling; }
   std::int64_t context_length() const override { return seq_len_; }
+  std::int64_t output_classes() const override { return wte_->weight.size(0); }
 
   // PaLM's estimate (appendix B), as nanoGPT and llm.c count it: 6 per parameter per token for
   // the matmuls of forward and backward (the tied wte counted once, as the output head; wpe is a

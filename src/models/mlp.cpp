@@ -17,7 +17,7 @@ class Mlp : public Model {
  public:
   Mlp(std::int64_t input_dim, std::int64_t hidden, std::int64_t layers, std::int64_t num_classes,
       double dropout)
-      : input_dim_(input_dim) {
+      : input_dim_(input_dim), num_classes_(num_classes) {
     std::int64_t width = input_dim;
     for (std::int64_t i = 0; i < layers; ++i) {
       net_->push_back(torch::nn::Linear(width, hidden));
@@ -39,9 +39,11 @@ class Mlp : public Model {
   }
 
   Task task() const override { return Task::classification; }
+  std::int64_t output_classes() const override { return num_classes_; }
 
  private:
   std::int64_t input_dim_;
+  std::int64_t num_classes_;
   torch::nn::Sequential net_;
 };
 

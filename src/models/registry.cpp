@@ -56,6 +56,9 @@ class Registry {
   std::map<std::string, ModelSpec> specs_;
 };
 
+// LibTorch's messages carry a C++ backtrace after the first line.
+std::string first_line(const std::string& text) { return text.substr(0, text.find('\n')); }
+
 }  // namespace
 
 bool register_model(ModelSpec spec) {
@@ -90,7 +93,20 @@ std::shared_ptr<Model> create(const std::string& name, const nlohmann::json& opt
   const std::string path = "model." + name;
   const nlohmann::json resolved =
       config::resolve(found->second.options, options, "options of model \"" + name + "\"", path);
-  return found->second.factory(config::Section(resolved, path));
+  try {
+    return found->second.factory(config::Section(resolved, path));
+  } catch (const runtime::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    // Sizes that pass their ranges can still multiply into more memory than there is, or
+    // overflow LibTorch's element counts; say which options built it.
+    std::string given;
+    for (const auto& [key, value] : resolved.items())
+      given += (given.empty() ? "" : ", ") + key + " " + value.dump();
+    throw runtime::Error("in \"" + path + "\": the model cannot be built with " + given + ": " +
+                             first_line(e.what()) + ". Lower the sizes in " + path,
+                         runtime::ExitCode::bad_input);
+  }
 }
 
 }  // namespace mpitrain::models

@@ -40,12 +40,14 @@ void MetricsLog::print_progress(const nlohmann::json& record) {
     if (record.contains("eval_accuracy") && n > 0 && static_cast<std::size_t>(n) < sizeof line)
       std::snprintf(line + n, sizeof line - static_cast<std::size_t>(n), "  accuracy %.2f %%",
                     record["eval_accuracy"].get<double>() * 100);
-  } else {
+  } else if (record.contains("loss")) {
     const double per_step = step > first_step_ ? elapsed / static_cast<double>(step - first_step_) : 0.0;
     const double eta = per_step * static_cast<double>(total_steps_ - step);
     std::snprintf(line, sizeof line, "step %lld/%lld  loss %.4f  lr %.3g  %.0f samples/s  ETA %.0f s",
                   static_cast<long long>(step), static_cast<long long>(total_steps_), record.value("loss", 0.0),
                   record.value("lr", 0.0), record.value("samples_per_s", 0.0), eta);
+  } else {
+    return;  // other records (the step trace's) say what they are in their own log line
   }
   std::cout << line << std::endl;
 }

@@ -37,6 +37,7 @@
 #include "mpitrain/runtime/world.h"
 #include "mpitrain/train/metrics.h"
 #include "mpitrain/train/optim.h"
+#include "mpitrain/train/trace.h"
 
 namespace mpitrain::train {
 namespace {
@@ -45,7 +46,7 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 data::DatasetSpec dataset_spec(const config::Config& config, const config::DataSplit& split, const char* which,
-                               models::Task task, std::int64_t context_length) {
+                               models::Task task, std::int64_t context_length, std::int64_t id_limit) {
   if (split.files.size() > 1 && split.manifest.empty())
     throw runtime::Error(std::string("data.") + which + ".files: give one glob (e.g. \"shards/train-*.h5\") or a "
                              "manifest; lists of several patterns are not supported",
@@ -56,6 +57,7 @@ data::DatasetSpec dataset_spec(const config::Config& config, const config::DataS
                            : task == models::Task::language_modeling ? "tokens" : "classification";
   spec.kind = data::parse_kind(kind);
   spec.seq_len = config.data.seq_len > 0 ? config.data.seq_len : context_length;
+  spec.id_limit = id_limit;
   spec.file_locking = config.data.file_locking;
   return spec;
 }
@@ -153,6 +155,8 @@ struct Trainer::Impl {
   double flops_per_token = 0;  // training FLOPs (forward + backward), 0 = unknown
   double peak_tflops = 0;      // the device's peak at the training precision, 0 = unknown
   std::unique_ptr<runtime::GpuInfo> gpu;
+  StepTrace trace;
+  std::int64_t trace_from = 0;  // the first step this run traced
 
   // What happened since the last log line.
   at::Tensor window_loss;
@@ -162,7 +166,8 @@ struct Trainer::Impl {
   Clock::time_point window_start = Clock::now();
 
   Impl(const runtime::World& w, const config::Config& c, std::string dir, const runtime::StopSignals& s)
-      : world(w), config(c), run_dir(std::move(dir)), signals(s) {}
+      : world(w), config(c), run_dir(std::move(dir)), signals(s),
+        trace(c.log.trace_start_step, c.log.trace_steps, w.rank()) {}
 
   void check_same_config() {
     const auto fingerprint = static_cast<std::int64_t>(config::fingerprint(config));
@@ -221,7 +226,8 @@ struct Trainer::Impl {
     ddp = std::make_unique<ddp::DistributedDataParallel>(model, *comm, ddp_options(config.ddp));
 
     const auto task = model->task();
-    const data::DatasetSpec train_spec = dataset_spec(config, config.data.train, "train", task, model->context_length());
+    const data::DatasetSpec train_spec =
+        dataset_spec(config, config.data.train, "train", task, model->context_length(), model->output_classes());
     seq_len = train_spec.seq_len;
     flops_per_token = model->training_flops_per_token(seq_len);
     gpu = std::make_unique<runtime::GpuInfo>(device);
@@ -231,15 +237,20 @@ struct Trainer::Impl {
                                                   world.size(), *comm);
     if (!config.data.eval.empty()) {
       eval_loader = std::make_unique<data::Loader>(
-          dataset_spec(config, config.data.eval, "eval", task, model->context_length()),
+          dataset_spec(config, config.data.eval, "eval", task, model->context_length(), model->output_classes()),
           loader_options(config.data.eval, false), world.rank(), world.size(), *comm);
       eval_start = eval_loader->state();
     }
     const std::int64_t per_epoch = train_loader->steps_per_epoch() / config.batch.accumulation;
-    // train.steps and train.epochs: whichever is reached first (0 = that bound is off).
-    total_steps = config.train.steps > 0 ? config.train.steps : std::numeric_limits<std::int64_t>::max();
-    if (config.train.epochs > 0) total_steps = std::min(total_steps, config.train.epochs * per_epoch);
-    if (total_steps == std::numeric_limits<std::int64_t>::max()) total_steps = 0;
+    // train.steps and train.epochs: whichever is reached first (0 = that bound is off; the
+    // config check makes sure one is set). An epoch count too large to multiply is no bound.
+    total_steps = config.train.steps;
+    if (config.train.epochs > 0) {
+      std::int64_t by_epochs = 0;
+      if (__builtin_mul_overflow(config.train.epochs, per_epoch, &by_epochs))
+        by_epochs = std::numeric_limits<std::int64_t>::max();
+      total_steps = total_steps == 0 ? by_epochs : std::min(total_steps, by_epochs);
+    }
     if (total_steps <= 0)
       throw runtime::Error("nothing to train: the data gives " + std::to_string(per_epoch) +
                                " optimizer steps per epoch at batch.global " + std::to_string(config.batch.global) +
@@ -250,49 +261,139 @@ struct Trainer::Impl {
     scaler = std::make_unique<amp::LossScaler>(precision == amp::Precision::fp16, device,
                                                scaler_options(config.precision.loss_scale));
     window_loss = at::zeros({}, at::TensorOptions().device(device));
+    if (config.log.trace_steps > 0 && config.log.trace_start_step > total_steps)
+      world.log().info("no step trace: log.trace_start_step " + std::to_string(config.log.trace_start_step) +
+                       " is after the run's last step, " + std::to_string(total_steps));
   }
 
-  // One micro-batch: forward under autocast, backward of the scaled loss. Returns the loss.
-  at::Tensor forward_backward(const data::Batch& batch, bool last_micro_step) {
+  // Waits for the work queued on the device: on CUDA a traced phase then ends when its kernels
+  // have run rather than when they were queued.
+  void settle_device() {
+#ifdef MPITRAIN_HAVE_NCCL
+    if (device.is_cuda()) at::cuda::getCurrentCUDAStream(device.index()).synchronize();
+#endif
+  }
+
+  // Records [start, now] while the step trace records.
+  void trace_phase(const char* name, std::int64_t step, Clock::time_point start, int micro_step = -1,
+                   TraceCategory category = TraceCategory::phase) {
+    if (!trace.recording()) return;
+    settle_device();
+    trace.add(name, category, step, start, Clock::now(), micro_step);
+  }
+
+  // Collective: starts the trace at the first step of its window that this run reaches. The
+  // barrier gives every rank the same time zero.
+  void start_trace_if_due(std::int64_t step) {
+    if (trace.recording() || !trace.covers(step)) return;
+    settle_device();
+    world.barrier(comm->options().timeout, "the barrier that starts the step trace (log.trace_steps)");
+    comm->set_timing(true);
+    trace_from = step;
+    trace.start();
+  }
+
+  // Each bucket's all-reduce of this step; all have completed, since the optimizer phase waited
+  // for the device.
+  void trace_buckets(std::int64_t step) {
+    if (!trace.recording()) return;
+    const auto timings = ddp->last_bucket_timings();
+    for (std::size_t b = 0; b < timings.size(); ++b)
+      if (timings[b])
+        trace.add("all-reduce bucket " + std::to_string(b), TraceCategory::comm, step, timings[b]->started,
+                  timings[b]->completed, static_cast<int>(b), TraceThread::comm);
+  }
+
+  // Collective: ends the trace; rank 0 writes trace.json, logs the overlap figure and adds it to
+  // the metrics.
+  void finish_trace(MetricsLog& metrics) {
+    comm->set_timing(false);
+    const std::vector<TraceEvent> events = gather_trace(world, trace.stop(), comm->options().timeout);
+    if (!world.is_root()) return;
+    const std::filesystem::path path = std::filesystem::path(run_dir) / "trace.json";
+    {
+      std::ofstream out(path);
+      out << chrome_trace(events, world.size()).dump() << '\n';
+      if (!out.flush())
+        throw runtime::Error("cannot write the step trace " + path.string() +
+                             ": check that the run directory is writable and has space, or set log.trace_steps=0");
+    }
+    const Overlap overlap = communication_overlap(events);
+    const std::size_t buckets = ddp->bucket_layout().size();
+    nlohmann::json record = {{"step", steps_done},
+                             {"trace_file", path.filename().string()},
+                             {"trace_steps", {trace_from, steps_done}},
+                             {"trace_buckets", buckets}};
+    std::string line = "trace: steps " + std::to_string(trace_from) + "-" + std::to_string(steps_done) +
+                       " written to " + path.string() + "; ";
+    if (world.size() == 1) {
+      line += "one rank, so no gradient communication to hide behind backward";
+    } else if (const auto fraction = overlap.fraction()) {
+      char figure[160];
+      std::snprintf(figure, sizeof figure, "gradient communication hidden behind backward: %.1f %% (%.2f ms of %.2f ms)",
+                    *fraction * 100, overlap.hidden_us / 1e3, overlap.total_us / 1e3);
+      line += figure;
+      record["trace_overlap"] = *fraction;
+      record["trace_comm_hidden_s"] = overlap.hidden_us / 1e6;
+      record["trace_comm_s"] = overlap.total_us / 1e6;
+    } else {
+      line += "no gradient all-reduce was recorded (" + std::to_string(buckets) + " DDP buckets), so no overlap figure";
+    }
+    world.log().info(line);
+    metrics.write(record);
+  }
+
+  // One micro-batch: forward under autocast (after DDP's buffer broadcast before the last one),
+  // backward of the scaled loss. Returns the loss.
+  at::Tensor forward_backward(const data::Batch& batch, std::int64_t step, std::int64_t micro) {
+    const bool last = micro + 1 == config.batch.accumulation;
     const auto task = model->task();
+    auto start = Clock::now();
+    if (last) ddp->before_forward();
     at::Tensor loss;
     {
       amp::AutocastScope autocast(device, precision);
       loss = loss_of(model->forward(model_inputs(batch.inputs, task)), batch.targets, task);
     }
-    if (last_micro_step) {
+    trace_phase("forward", step, start, static_cast<int>(micro));
+    start = Clock::now();
+    if (last) {
       scaler->scale(loss / config.batch.accumulation).backward();
     } else {
       auto no_sync = ddp->no_sync();
       scaler->scale(loss / config.batch.accumulation).backward();
     }
+    trace_phase("backward", step, start, static_cast<int>(micro));
     return loss.detach();
   }
 
   StepResult step() {
     if (runtime::fault_armed("train.out_of_memory", world.rank()))
       TORCH_CHECK_WITH(OutOfMemoryError, false, "out of memory (injected by MPITRAIN_FAULT_AT for a test)");
+    const std::int64_t number = steps_done + 1;
+    start_trace_if_due(number);
+    const auto step_start = Clock::now();
     StepResult result;
     result.lr = learning_rate(config.schedule, config.optimizer.lr, steps_done, total_steps);
     set_learning_rate(*optimizer, result.lr);
 
     at::Tensor loss_sum = at::zeros({}, at::TensorOptions().device(device));
     for (std::int64_t micro = 0; micro < config.batch.accumulation; ++micro) {
-      const bool last = micro + 1 == config.batch.accumulation;
       auto start = Clock::now();
       const data::Batch batch = train_loader->next();
       epoch = batch.epoch;
       result.times.data += seconds_since(start);
+      trace_phase("data wait", number, start, static_cast<int>(micro));
 
       start = Clock::now();
-      if (last) ddp->before_forward();
-      loss_sum += forward_backward(batch, last);
+      loss_sum += forward_backward(batch, number, micro);
       result.times.compute += seconds_since(start);
     }
 
     auto start = Clock::now();
     ddp->finish_backward();
     result.times.comm = seconds_since(start);
+    trace_phase("all-reduce wait", number, start);
 
     start = Clock::now();
     std::vector<at::Tensor> grads;
@@ -308,6 +409,9 @@ struct Trainer::Impl {
     // Zero in place: gradients stay DDP bucket views, so no copy into the buckets next step.
     optimizer->zero_grad(/*set_to_none=*/false);
     result.times.optimizer = seconds_since(start);
+    trace_phase("optimizer", number, start);
+    trace_buckets(number);
+    trace_phase("step", number, step_start, -1, TraceCategory::step);
 
     result.skipped = !finite;
     result.loss = loss_sum / config.batch.accumulation;
@@ -318,6 +422,7 @@ struct Trainer::Impl {
   EvalResult evaluate() {
     EvalResult result;
     if (!eval_loader) return result;
+    const auto start = Clock::now();
     eval_loader->restore(eval_start);  // the same eval samples every time
     std::int64_t batches = eval_loader->steps_per_epoch();
     if (config.eval.max_batches > 0) batches = std::min(batches, config.eval.max_batches);
@@ -346,6 +451,7 @@ struct Trainer::Impl {
     result.loss = result.samples > 0 ? host[0].item<double>() / static_cast<double>(result.samples) : 0.0;
     if (task == models::Task::classification && result.samples > 0)
       result.accuracy = host[1].item<double>() / static_cast<double>(result.samples);
+    trace_phase("eval", steps_done, start);
     return result;
   }
 
@@ -399,11 +505,12 @@ struct Trainer::Impl {
 #endif
     checkpoint::write_file((dir / rank_file(world.rank())).string(), mine.dump());
     const std::string saved = writer.commit({config.checkpoint.keep_last, config.checkpoint.keep_every});
+    trace_phase("checkpoint", steps_done, start);
     world.log().info("checkpoint " + saved + " saved in " + std::to_string(seconds_since(start)) + " s");
     return saved;
   }
 
-  void check_config_change(const nlohmann::json& saved, bool allow) {
+  void check_config_change(const std::string& dir, const nlohmann::json& saved, bool allow) {
     const nlohmann::json now = config::to_json(config);
     std::string changed;
     for (const auto& op : nlohmann::json::diff(saved, now)) {
@@ -416,7 +523,7 @@ struct Trainer::Impl {
       world.log().warn("resuming with changed settings: " + changed);
       return;
     }
-    throw runtime::Error("the checkpoint was written with different settings for: " + changed +
+    throw runtime::Error("checkpoint " + dir + " was written with different settings (its trainer.json) for: " + changed +
                              ". Resuming would silently change the run; restore those settings, or pass "
                              "--allow-config-change to resume anyway",
                          runtime::ExitCode::bad_input);
@@ -424,44 +531,77 @@ struct Trainer::Impl {
 
   void restore(const std::string& dir, bool allow_config_change) {
     const std::string problem = checkpoint::verify(dir);
+    const std::string what_to_do = ". Pick another one, or use --resume auto to take the newest complete one";
     if (!problem.empty())
-      throw runtime::Error("checkpoint " + dir + " cannot be used: " + problem +
-                               ". Pick another one, or use --resume auto to take the newest complete one",
-                           runtime::ExitCode::bad_input);
-    const auto read_json = [&](const std::string& name) {
-      std::ifstream in(std::filesystem::path(dir) / name);
+      throw runtime::Error("checkpoint " + dir + " cannot be used: " + problem + what_to_do, runtime::ExitCode::bad_input);
+    // The manifest proves the files are as saved; this catches what it cannot: a checkpoint
+    // from another program or edited and resealed by hand.
+    const auto reading = [&](const std::string& name, const auto& read) {
+      try {
+        return read((std::filesystem::path(dir) / name).string());
+      } catch (const runtime::Error&) {
+        throw;
+      } catch (const std::exception& e) {
+        const std::string why = e.what();
+        throw runtime::Error("checkpoint " + dir + " cannot be used: " + name + ": " +
+                                 why.substr(0, why.find('\n')) + what_to_do,
+                             runtime::ExitCode::bad_input);
+      }
+    };
+    const auto read_json = [](const std::string& path) {
+      std::ifstream in(path);
+      if (!in) throw std::runtime_error("cannot be read");
       return nlohmann::json::parse(in);
     };
-    const nlohmann::json state = read_json("trainer.json");
-    check_config_change(state.at("config"), allow_config_change);
-    const int saved_world = state.at("world_size").get<int>();
+    const auto count = [](const nlohmann::json& state, const char* key, std::int64_t min) {
+      const auto v = state.at(key).get<std::int64_t>();
+      if (v < min) throw std::out_of_range(std::string(key) + " is " + std::to_string(v));
+      return v;
+    };
 
-    checkpoint::load_weights(*model, checkpoint::read_safetensors((std::filesystem::path(dir) / "model.safetensors").string()),
-                             "checkpoint " + dir);
-    torch::load(*optimizer, (std::filesystem::path(dir) / "optimizer.pt").string());
-    scaler->load_state(state.at("scaler"));
-    steps_done = state.at("step").get<std::int64_t>();
-    epoch = state.at("epoch").get<std::int64_t>();
+    std::int64_t step = 0, saved_epoch = 0, saved_world = 0;
+    reading("trainer.json", [&](const std::string& path) {
+      const nlohmann::json state = read_json(path);
+      if (!state.at("config").is_object()) throw std::invalid_argument("\"config\" is not an object");
+      check_config_change(dir, state.at("config"), allow_config_change);
+      step = count(state, "step", 0);
+      saved_epoch = count(state, "epoch", 0);
+      saved_world = count(state, "world_size", 1);
+      scaler->load_state(state.at("scaler"));
+      return 0;
+    });
+    reading("model.safetensors", [&](const std::string& path) {
+      checkpoint::load_weights(*model, checkpoint::read_safetensors(path), "checkpoint " + dir);
+      return 0;
+    });
+    reading("optimizer.pt", [&](const std::string& path) {
+      torch::load(*optimizer, path);
+      return 0;
+    });
+    steps_done = step;
+    epoch = saved_epoch;
 
     // The loader's position is global, so any rank's file gives it; the rest is per rank and
     // only carries over at the same world size.
     const bool same_world = saved_world == world.size();
-    const nlohmann::json mine = read_json(rank_file(same_world ? world.rank() : 0));
-    train_loader->restore(mine.at("loader").get<data::LoaderState>());
-    if (same_world) {
+    reading(rank_file(same_world ? world.rank() : 0), [&](const std::string& path) {
+      const nlohmann::json mine = read_json(path);
+      train_loader->restore(mine.at("loader").get<data::LoaderState>());
+      if (!same_world) return 0;
       window_loss.fill_(mine.at("window_loss").get<double>());
-      window_steps = mine.at("window_steps").get<std::int64_t>();
-      window_skipped = mine.at("window_skipped").get<std::int64_t>();
+      window_steps = count(mine, "window_steps", 0);
+      window_skipped = count(mine, "window_skipped", 0);
       set_generator_state(at::detail::getDefaultCPUGenerator(), mine.at("rng_cpu"));
 #ifdef MPITRAIN_HAVE_NCCL
       if (device.is_cuda() && mine.contains("rng_cuda"))
         set_generator_state(at::cuda::detail::getDefaultCUDAGenerator(device.index()), mine.at("rng_cuda"));
 #endif
-    } else {
+      return 0;
+    });
+    if (!same_world)
       world.log().warn("resuming " + std::to_string(saved_world) + " ranks' checkpoint on " +
                        std::to_string(world.size()) + " ranks: the data order continues exactly; random "
                        "streams (dropout) start afresh");
-    }
     world.log().info("resumed from " + dir + " at step " + std::to_string(steps_done));
   }
 
@@ -573,14 +713,19 @@ Outcome Trainer::run() {
     if (!last && s.config.eval.every_steps > 0 && s.steps_done % s.config.eval.every_steps == 0) log_eval();
     const bool cadence = s.config.checkpoint.every_steps > 0 && s.steps_done % s.config.checkpoint.every_steps == 0;
     if (!last && cadence) s.save_checkpoint();
+    // The trace's window ends after its last step's eval and checkpoint (the run's last step's
+    // after the final ones, below).
+    if (!last && s.trace.recording() && s.steps_done >= s.trace.last_step()) s.finish_trace(metrics);
     // Every rank asks at the same step boundary, so all stop at the same step.
     if (!last && s.signals.agree(s.world, s.comm->options().timeout)) {
       if (s.config.checkpoint.save_on_stop && !cadence) s.save_checkpoint();
+      if (s.trace.recording()) s.finish_trace(metrics);
       return Outcome::stopped;
     }
   }
   log_eval();
   if (s.steps_done > 0) s.save_checkpoint();
+  if (s.trace.recording()) s.finish_trace(metrics);
   return Outcome::finished;
 }
 

@@ -5,8 +5,10 @@
 // After ATen: c10 defines a CHECK macro of its own that Catch must override.
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <cstdlib>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "mpitrain/comm/communicator.h"
@@ -196,6 +198,34 @@ TEST_CASE("several async operations in flight complete in order", "[comm]") {
   communicator().barrier();
 }
 
+TEST_CASE("with timing on, completed work reports when it ran; with timing off, nothing", "[comm]") {
+  using Clock = std::chrono::steady_clock;
+  auto& comm = communicator();
+  // On CUDA wait() only orders the caller's stream; poll for completion instead.
+  const auto finish = [](comm::Work& work) {
+    work.wait();
+    while (!work.is_completed()) std::this_thread::yield();
+  };
+  at::Tensor t = on_device(pattern(1 << 16, 5, c10::kFloat), c10::kFloat);
+
+  comm.set_timing(true);
+  const auto before = Clock::now();
+  const comm::WorkPtr timed = comm.all_reduce_async(t, comm::ReduceOp::sum);
+  comm.set_timing(false);  // applies to later launches only
+  finish(*timed);
+  const auto after = Clock::now();
+  const auto timing = timed->timing();
+  REQUIRE(timing.has_value());
+  CHECK(before <= timing->started);
+  CHECK(timing->started <= timing->completed);
+  CHECK(timing->completed <= after);
+
+  const comm::WorkPtr untimed = comm.all_reduce_async(t, comm::ReduceOp::sum);
+  finish(*untimed);
+  CHECK_FALSE(untimed->timing().has_value());
+  comm.barrier();
+}
+
 TEST_CASE("bad arguments are clear errors, never a silent wrong answer", "[comm]") {
   auto& comm = communicator();
   const auto options = at::TensorOptions().device(comm.device());
@@ -236,7 +266,7 @@ TEST_CASE("backend choice", "[comm]") {
   CHECK(comm::parse_backend("mpi") == comm::Backend::mpi);
   CHECK_THROWS_WITH(comm::parse_backend("gloo"), Catch::Contains("expected auto, mpi or nccl"));
   CHECK_THROWS_WITH(comm::make_communicator(world(), c10::Device(c10::kCUDA, 0), {}, comm::Backend::mpi),
-                    Catch::Contains("MPI backend works on CPU tensors"));
+                    Catch::Contains("device.backend \"mpi\" works on CPU tensors"));
   CHECK(comm::format_bytes(16 << 10) == "16.0 KiB");
   CHECK(comm::format_bytes(3) == "3 B");
 }

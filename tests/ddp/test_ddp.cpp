@@ -1,11 +1,13 @@
 // The DDP engine's central promise and its protocol: N ranks x batch B (x k micro-steps) give the
 // same weights as one process with batch N*B (*k); buckets launch during backward, in the same
 // order on every rank; no_sync sends nothing; unused parameters and wire formats behave as
-// documented. Every rank also computes the single-process reference itself.
+// documented; last_bucket_timings says when each bucket's all-reduce ran. Every rank also
+// computes the single-process reference itself.
 #include <torch/torch.h>
 // After torch: c10 defines a CHECK macro of its own that Catch must override.
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -240,6 +242,46 @@ TEST_CASE("the first bucket is launched before backward returns, in the same ord
   auto gathered = at::empty({communicator().size()}, at::kLong);
   communicator().all_gather(gathered, at::full({1}, signature, at::kLong));
   CHECK(at::equal(gathered, at::full({communicator().size()}, signature, at::kLong)));
+}
+
+TEST_CASE("last_bucket_timings: one entry per bucket, set only while the communicator times", "[ddp]") {
+  using Clock = std::chrono::steady_clock;
+  auto model = std::make_shared<TinyMlp>(256);
+  ddp::Options options;
+  options.first_bucket_bytes = 4096;
+  options.bucket_bytes = 64 << 10;
+  ddp::DistributedDataParallel ddp(model, communicator(), options);
+  const size_t buckets = ddp.bucket_layout().size();
+  REQUIRE(buckets > 1);
+  CHECK(ddp.last_bucket_timings().empty());
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(13);
+  const auto step = [&] {
+    auto [x, y] = model->batch(8, g);
+    ddp.before_forward();
+    model->loss(model->forward(x), y).backward();
+    ddp.finish_backward();
+  };
+
+  communicator().set_timing(true);
+  const auto before = Clock::now();
+  step();
+  const auto after = Clock::now();
+  communicator().set_timing(false);
+  const auto timings = ddp.last_bucket_timings();
+  REQUIRE(timings.size() == buckets);
+  for (size_t b = 0; b < buckets; ++b) {
+    INFO("bucket " << b);
+    REQUIRE(timings[b].has_value());
+    CHECK(before <= timings[b]->started);
+    CHECK(timings[b]->started <= timings[b]->completed);
+    CHECK(timings[b]->completed <= after);
+    if (b > 0) CHECK(timings[b - 1]->started <= timings[b]->started);  // launched in bucket order
+  }
+
+  step();
+  const auto untimed = ddp.last_bucket_timings();
+  REQUIRE(untimed.size() == buckets);
+  for (const auto& timing : untimed) CHECK_FALSE(timing.has_value());
 }
 
 namespace {

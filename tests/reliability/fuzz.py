@@ -112,6 +112,8 @@ def parse_expected(path, text, models):
         s.choices = re.findall(r'"([^"]*)"', text)
     elif text == "a string or a list of strings":
         s.kind = "strs"
+    elif text == "a string or a list of strings, none empty":
+        s.kind, s.rule = "strs", "nonempty"
     elif text == "a string":
         pass
     elif text == "a file name without '/'":

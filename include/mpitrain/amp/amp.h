@@ -66,7 +66,8 @@ class LossScaler {
   void update(bool found_inf);
   double current_scale() const;
 
-  /// For checkpoints: {"scale": ..., "growth_tracker": ...}.
+  /// For checkpoints: {"scale": ..., "growth_tracker": ...}. load_state() throws
+  /// std::invalid_argument for a scale that is not finite and > 0 or a negative tracker.
   nlohmann::json state() const;
   void load_state(const nlohmann::json& state);
 

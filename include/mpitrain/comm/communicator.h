@@ -18,13 +18,18 @@
 // - With verify_collectives, each call first compares (operation, dtype, size, root) across
 //   ranks and a mismatch is an error on every rank; it costs one small collective per call, so
 //   it is meant for debugging and tests.
+// - While timing is on (set_timing), each operation launched records when it ran, on this
+//   host's steady clock, for the trainer's step timeline: Work::timing() gives it once the work
+//   has completed. Off by default, because on CUDA it costs two host callbacks per operation.
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <mpi.h>
@@ -42,6 +47,16 @@ enum class Backend { automatic, mpi, nccl };
 Backend parse_backend(const std::string& text);  // "auto" | "mpi" | "nccl"
 const char* to_string(Backend backend);
 
+/// When an operation ran, on this host's std::chrono::steady_clock.
+struct WorkTiming {
+  /// The backend started it: MPI when the progress thread posts it, NCCL when the
+  /// communicator's stream reaches it (after the caller's earlier work and earlier collectives).
+  std::chrono::steady_clock::time_point started;
+  /// The result was in place: MPI when the progress thread sees the request complete, NCCL when
+  /// the stream has run the collective.
+  std::chrono::steady_clock::time_point completed;
+};
+
 class Work {
  public:
   virtual ~Work() = default;
@@ -49,6 +64,9 @@ class Work {
   virtual bool is_completed() = 0;
   /// See the contract above: host-blocking for CPU tensors, stream-ordering for CUDA tensors.
   virtual void wait() = 0;
+  /// Once completed, when the operation ran, if it was launched while timing was on; otherwise
+  /// nothing. Never blocks.
+  virtual std::optional<WorkTiming> timing() = 0;
 };
 using WorkPtr = std::shared_ptr<Work>;
 
@@ -85,6 +103,10 @@ class Communicator {
   }
   void barrier() { barrier_async()->wait(); }
 
+  /// Whether operations launched from now on record their WorkTiming (see the contract).
+  void set_timing(bool on) { timing_.store(on, std::memory_order_relaxed); }
+  bool timing() const { return timing_.load(std::memory_order_relaxed); }
+
   /// Tears the communicator down without waiting for peers (the crash path). Safe to call from
   /// any thread; the communicator is unusable afterwards.
   virtual void abort() noexcept = 0;
@@ -107,6 +129,7 @@ class Communicator {
   int rank_ = 0;
   int size_ = 1;
   CommOptions options_;
+  std::atomic<bool> timing_{false};
 };
 
 /// Builds the communicator for device: NCCL for CUDA devices, MPI for CPU, unless backend

@@ -139,6 +139,8 @@ struct LogConfig {
   std::int64_t every_steps = 0;
   bool console = false;
   std::string metrics_file;  // in the run directory; "" = none
+  std::int64_t trace_steps = 0;  // 0: no step timeline
+  std::int64_t trace_start_step = 0;
 };
 
 struct EvalConfig {

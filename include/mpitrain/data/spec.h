@@ -32,6 +32,10 @@ struct DatasetSpec {
   std::string targets = "targets";
   std::string tokens = "tokens";
   std::int64_t seq_len = 0;  // tokens only: inputs and targets are seq_len tokens each
+  /// > 0: every target, and for tokens every input token, must be in [0, id_limit) (the
+  /// model's classes or vocabulary); reading a sample outside it throws Error(bad_input)
+  /// naming the file and sample. 0: not checked.
+  std::int64_t id_limit = 0;
   /// Unit of reading, caching and shuffling (a "block", see Sampler): the whole number of HDF5
   /// chunks along the rows nearest to this many bytes, at least one (rows of about this size
   /// for an unchunked dataset). 0: one chunk per block.

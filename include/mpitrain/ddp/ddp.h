@@ -102,6 +102,12 @@ class DistributedDataParallel {
   const Stats& stats() const;
   /// Parameter names per bucket, in launch order (for tests and diagnostics).
   std::vector<std::vector<std::string>> bucket_layout() const;
+  /// Per bucket, in launch order, when the last synchronised backward's all-reduce ran
+  /// (comm::Work::timing(), for the trainer's step timeline). An entry is unset when the
+  /// communicator's timing was off at the launch or the reduction has not completed yet: on
+  /// CUDA finish_backward() does not wait on the host, so synchronise the device first. Empty
+  /// before the first finish_backward().
+  std::vector<std::optional<comm::WorkTiming>> last_bucket_timings() const;
 
  private:
   std::shared_ptr<torch::nn::Module> module_;

@@ -35,6 +35,9 @@ class Model : public torch::nn::Module {
   /// Floating-point operations of one training step (forward and backward) per token at
   /// sequence length seq_len, for the model FLOPs utilisation metric; 0 = not known.
   virtual double training_flops_per_token(std::int64_t /*seq_len*/) const { return 0; }
+  /// Classes of the output (the vocabulary size for language models), so the data can be
+  /// checked against it; 0 = not known, not checked.
+  virtual std::int64_t output_classes() const { return 0; }
 };
 
 /// Number of scalars in the module's parameters, each distinct tensor counted once.

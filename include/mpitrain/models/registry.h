@@ -14,7 +14,9 @@
 //   file is used; register in a file of the executable, or call a registering function from
 //   main().
 // - create() validates the options and builds the model; an unknown name is
-//   runtime::Error(bad_input) with a "did you mean" and the list of registered names.
+//   runtime::Error(bad_input) with a "did you mean" and the list of registered names. A
+//   factory that throws (e.g. the sizes do not fit in memory) becomes runtime::Error(bad_input)
+//   naming the model's options and their values.
 //
 // Registering a model (see examples/custom_model and docs/models.md):
 //   static const bool registered = mpitrain::models::register_model({

@@ -1,6 +1,7 @@
 #pragma once
 // Training metrics: one JSON object per logged step in metrics.jsonl and a console progress
-// line, both from rank 0 only (other ranks' MetricsLog does nothing).
+// line (for training and eval records; others, such as the step trace's, are only written), both
+// from rank 0 only (other ranks' MetricsLog does nothing).
 //
 // Contract: write() appends one line and flushes it, so a killed run keeps every line written
 // so far; the file is opened in append mode so a resumed run continues it.

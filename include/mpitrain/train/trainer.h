@@ -16,6 +16,10 @@
 //   at log.every_steps and evaluates at eval.every_steps and at the end. Its result says why it
 //   ended. It saves a checkpoint every checkpoint.every_steps, at the end, and when a stop
 //   signal ends the run early (checkpoint.save_on_stop).
+// - With log.trace_steps > 0, steps log.trace_start_step onwards are traced (train/trace.h):
+//   each phase is timed, on CUDA after waiting for the device so phases show device time; when
+//   the window, the run or a stop ends, rank 0 writes trace.json in the run directory, logs the
+//   share of gradient communication hidden behind backward and adds it to the metrics.
 // - save_checkpoint() (collective) writes everything needed to continue the exact run
 //   (docs/checkpoints.md); restore() (collective) loads it: afterwards the run continues as if
 //   it had never stopped — bit for bit on CPU at the same world size. A different world size is
