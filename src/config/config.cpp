@@ -6,6 +6,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -21,7 +22,21 @@ using nlohmann::json;
 // breaks the round-trip test, so the table and the structs cannot drift apart.
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(RunConfig, name, dir, seed)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataSplit, files, manifest, shuffle, remainder)
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataConfig, kind, seq_len, prefetch, file_locking, train, eval)
+void to_json(json& j, const RankWeights& w) {
+  if (w.mode == RankWeights::Mode::list) j = w.weights;
+  else j = w.mode == RankWeights::Mode::auto_ ? "auto" : "equal";
+}
+void from_json(const json& j, RankWeights& w) {
+  w.weights.clear();
+  if (j.is_array()) {
+    w.mode = RankWeights::Mode::list;
+    w.weights = j.get<std::vector<double>>();
+  } else {
+    w.mode = j.get<std::string>() == "auto" ? RankWeights::Mode::auto_ : RankWeights::Mode::equal;
+  }
+}
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataConfig, kind, seq_len, prefetch, file_locking, rank_weights,
+                                   rebalance_every, train, eval)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(BatchConfig, micro_batch, accumulation, global)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(OptimizerConfig, name, lr, momentum, nesterov, betas, eps,
                                    weight_decay, grad_clip, fused)
@@ -127,6 +142,16 @@ Schema make_settings() {
       integer("data.prefetch", 2, "micro-batches read ahead in the background", Range::closed(1, 1024)),
       flag("data.file_locking", false,
            "use HDF5 file locking when opening shards (network file systems often lack it)"),
+      numbers("data.rank_weights", {},
+              "each rank's share of every global batch: equal, proportional to a weight per rank, "
+              "or auto (measured so that ranks finish backward together); docs/heterogeneous.md",
+              Range::above(0))
+          .items(1, std::numeric_limits<std::size_t>::max())
+          .or_one_of({"equal", "auto"}, "equal"),
+      integer("data.rebalance_every", 100,
+              "with data.rank_weights auto: optimizer steps between re-measurements of the ranks' "
+              "speeds (0 = measure once, after the first steps)",
+              non_negative),
       texts("data.train.files", {}, "training shards: a glob or a list of HDF5 files and globs")
           .with_rule("a string or a list of strings, none empty", no_empty_entry),
       text("data.train.manifest", "",
@@ -310,6 +335,9 @@ json override_value(const Setting& s, const std::string& text, const std::string
     auto v = parse_number(t);
     return v ? *v : json(t);
   };
+  // A word in place of a number or list ("auto"); a misspelt one is reported by normalize().
+  const bool word = !text.empty() && text.front() != '[' && text.find(',') == std::string::npos && !parse_number(text);
+  if (s.type != Type::string && !s.choices.empty() && word) return text;
   switch (s.type) {
     case Type::string:
       return text;
@@ -491,6 +519,10 @@ Config resolve(Config config, int world_size) {
   BatchConfig& b = config.batch;
   const std::int64_t ranks = world_size;
   const std::string source = "batch settings for " + std::to_string(ranks) + " rank(s)";
+  const RankWeights& weights = config.data.rank_weights;
+  if (weights.mode == RankWeights::Mode::list && weights.weights.size() != static_cast<std::size_t>(ranks))
+    fail(source, "data.rank_weights has " + std::to_string(weights.weights.size()) + " weight(s), one per rank is " +
+                     std::to_string(ranks) + "; give one weight per rank, or \"equal\" or \"auto\"");
   std::int64_t per_micro_step = 0;
   if (__builtin_mul_overflow(b.micro_batch, ranks, &per_micro_step))
     fail(source, "batch.micro_batch (" + std::to_string(b.micro_batch) + ") x ranks (" +

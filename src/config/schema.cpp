@@ -227,6 +227,12 @@ Setting Setting::with_rule(std::string form_text,
   return std::move(*this);
 }
 
+Setting Setting::or_one_of(std::vector<std::string> words, std::string default_word) && {
+  choices = std::move(words);
+  if (!default_word.empty()) default_value = std::move(default_word);
+  return std::move(*this);
+}
+
 namespace {
 
 Setting make(std::string path, Type type, json default_value, std::string doc, Range range = {}) {
@@ -279,8 +285,23 @@ const Setting* Schema::find(const std::string& path) const {
   return nullptr;
 }
 
+namespace {
+
+std::string words_text(const std::vector<std::string>& words) {
+  std::string text;
+  for (std::size_t i = 0; i < words.size(); ++i) text += (i ? ", " : "") + in_quotes(words[i]);
+  return text;
+}
+
+}  // namespace
+
 std::string describe(const Setting& s) {
   if (!s.form.empty()) return s.form;
+  if (s.type != Type::string && !s.choices.empty()) {
+    Setting plain = s;
+    plain.choices.clear();
+    return describe(plain) + ", or " + (s.choices.size() == 1 ? "" : "one of ") + words_text(s.choices);
+  }
   switch (s.type) {
     case Type::boolean:
       return "true or false";
@@ -290,10 +311,7 @@ std::string describe(const Setting& s) {
       return "a number" + range_text(s.range);
     case Type::string: {
       if (s.choices.empty()) return "a string";
-      std::string text = "one of ";
-      for (std::size_t i = 0; i < s.choices.size(); ++i)
-        text += (i ? ", " : "") + in_quotes(s.choices[i]);
-      return text;
+      return "one of " + words_text(s.choices);
     }
     case Type::integer_list:
       return "a list of integers" + range_text(s.range) + items_text(s);
@@ -310,6 +328,13 @@ json normalize(const Setting& s, const json& value, const std::string& source,
   const auto wrong = [&](const std::string& why) {
     fail(source, in_quotes(full_path) + " must be " + describe(s) + ", got " + shown(value) + why);
   };
+  // A word in place of a number or list (e.g. "auto").
+  if (s.type != Type::string && !s.choices.empty() && value.is_string()) {
+    const auto word = value.get<std::string>();
+    if (std::find(s.choices.begin(), s.choices.end(), word) != s.choices.end()) return value;
+    const std::string near = closest(word, s.choices);
+    wrong(near.empty() ? "" : "; did you mean " + in_quotes(near) + "?");
+  }
   json canonical;
   if (is_list(s.type)) {
     // One string is a list of one: "files": "train-*.h5".

@@ -7,6 +7,7 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <thread>
 
@@ -47,6 +48,15 @@ struct Ready {
 #endif
 };
 
+void check_shares(const std::vector<std::int64_t>& shares, int world) {
+  bool ok = shares.size() == static_cast<std::size_t>(world);
+  for (std::int64_t share : shares) ok = ok && share >= 1;
+  if (!ok)
+    throw Error("data loader: the shares of a global batch must be one count >= 1 per rank (" + std::to_string(world) +
+                    " ranks, " + std::to_string(shares.size()) + " shares given)",
+                ExitCode::bad_input);
+}
+
 }  // namespace
 
 struct Loader::Impl {
@@ -71,7 +81,10 @@ struct Loader::Impl {
 
   // One all-gather of a fixed-size summary; every rank reaches the same verdict.
   void agree(comm::Communicator& comm, const std::string& open_error) {
-    const std::string order = "batch=" + std::to_string(options.batch_size) + " world=" + std::to_string(world) +
+    std::string shares;
+    for (std::int64_t share : options.shares) shares += (shares.empty() ? "" : ",") + std::to_string(share);
+    const std::string order = "batch=" + (shares.empty() ? std::to_string(options.batch_size) : shares) +
+                              " world=" + std::to_string(world) +
                               " seed=" + std::to_string(options.seed) + " shuffle=" + std::to_string(options.shuffle) +
                               " window=" + std::to_string(options.shuffle_window) + " remainder=" +
                               to_string(options.remainder);
@@ -120,7 +133,7 @@ struct Loader::Impl {
   Batch make_batch(bool cuda) {
     if (cuda) return dataset->allocate(options.batch_size, /*pinned=*/true);  // the caching host allocator reuses
     for (auto it = recycled.begin(); it != recycled.end(); ++it) {
-      if (unused(it->inputs) && unused(it->targets)) {
+      if (unused(it->inputs) && unused(it->targets) && it->inputs.size(0) == options.batch_size) {
         Batch batch = std::move(*it);
         recycled.erase(it);
         return batch;
@@ -158,7 +171,7 @@ struct Loader::Impl {
         Ready ready;
         try {
           ready.batch = make_batch(cuda);
-          dataset->read_into(Sampler::slice(sampler->global_batch(order, step), rank, world), ready.batch);
+          dataset->read_into(Sampler::slice(sampler->global_batch(order, step), options.shares, rank), ready.batch);
           ready.batch.epoch = epoch;
           ready.batch.step = step;
           if (cuda) to_device(ready);
@@ -231,6 +244,9 @@ Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, 
                     std::to_string(options.prefetch) + ") must be >= 1, and rank " + std::to_string(rank) +
                     " must lie in a world of " + std::to_string(world_size),
                 ExitCode::bad_input);
+  if (m.options.shares.empty()) m.options.shares.assign(static_cast<std::size_t>(world_size), options.batch_size);
+  check_shares(m.options.shares, world_size);
+  m.options.batch_size = m.options.shares[static_cast<std::size_t>(rank)];
   if (options.device.is_cuda()) {
 #ifdef MPITRAIN_HAVE_NCCL
     m.copy_stream = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, options.device.index());
@@ -250,7 +266,7 @@ Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, 
   }
   m.agree(comm, open_error);
   SamplerOptions sampling;
-  sampling.global_batch = options.batch_size * world_size;
+  sampling.global_batch = std::accumulate(m.options.shares.begin(), m.options.shares.end(), std::int64_t{0});
   sampling.seed = options.seed;
   sampling.shuffle = options.shuffle;
   sampling.window = options.shuffle_window;
@@ -263,7 +279,7 @@ Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, 
                                     ? ", samples of data.seq_len " + std::to_string(spec.seq_len) + " tokens"
                                     : "";
     throw Error("data loader, '" + spec.source + "' (" + std::to_string(m.dataset->files().size()) + " file(s)" +
-                    samples + "), " + std::to_string(options.batch_size) + " per rank x " +
+                    samples + "), " + std::to_string(sampling.global_batch) + " samples per batch over " +
                     std::to_string(world_size) + " ranks: " + e.what(),
                 e.code());
   }
@@ -315,6 +331,23 @@ void Loader::restore(const LoaderState& state) {
   m.position = state;
   m.start(state.epoch, state.step);
 }
+
+void Loader::set_shares(const std::vector<std::int64_t>& shares) {
+  Impl& m = *impl_;
+  check_shares(shares, m.world);
+  if (std::accumulate(shares.begin(), shares.end(), std::int64_t{0}) != m.sampler->options().global_batch)
+    throw Error("data loader: new shares must keep the global batch of " +
+                    std::to_string(m.sampler->options().global_batch) + " samples",
+                ExitCode::bad_input);
+  if (shares == m.options.shares) return;
+  m.halt();
+  m.recycled.clear();
+  m.options.shares = shares;
+  m.options.batch_size = shares[static_cast<std::size_t>(m.rank)];
+  m.start(m.position.epoch, m.position.step);
+}
+
+std::int64_t Loader::batch_size() const { return impl_->options.batch_size; }
 
 std::int64_t Loader::steps_per_epoch() const { return impl_->sampler->steps_per_epoch(); }
 std::int64_t Loader::global_batch() const { return impl_->sampler->options().global_batch; }

@@ -1,6 +1,7 @@
 #include "mpitrain/data/sampler.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 #include "mpitrain/runtime/error.h"
@@ -140,8 +141,55 @@ std::vector<std::int64_t> Sampler::slice(const std::vector<std::int64_t>& global
     throw Error("rank " + std::to_string(rank) + " of " + std::to_string(world) + " cannot take an equal slice of a global batch of " +
                     std::to_string(g),
                 ExitCode::bad_input);
-  const std::int64_t per_rank = g / world;
-  return std::vector<std::int64_t>(global_batch.begin() + rank * per_rank, global_batch.begin() + (rank + 1) * per_rank);
+  return slice(global_batch, std::vector<std::int64_t>(static_cast<std::size_t>(world), g / world), rank);
+}
+
+std::vector<std::int64_t> Sampler::slice(const std::vector<std::int64_t>& global_batch,
+                                         const std::vector<std::int64_t>& shares, int rank) {
+  if (rank < 0 || static_cast<std::size_t>(rank) >= shares.size() ||
+      std::accumulate(shares.begin(), shares.end(), std::int64_t{0}) != static_cast<std::int64_t>(global_batch.size()))
+    throw Error("rank " + std::to_string(rank) + " of " + std::to_string(shares.size()) +
+                    " cannot take its share of a global batch of " + std::to_string(global_batch.size()) +
+                    ": the shares do not add up to it",
+                ExitCode::bad_input);
+  const std::int64_t begin = std::accumulate(shares.begin(), shares.begin() + rank, std::int64_t{0});
+  return std::vector<std::int64_t>(global_batch.begin() + begin, global_batch.begin() + begin + shares[rank]);
+}
+
+std::vector<std::int64_t> apportion(std::int64_t total, const std::vector<double>& weights) {
+  const auto n = static_cast<std::int64_t>(weights.size());
+  double sum = 0;
+  for (std::size_t i = 0; i < weights.size(); ++i) {
+    if (!std::isfinite(weights[i]) || weights[i] <= 0)
+      throw Error("weight " + std::to_string(i) + " is " + std::to_string(weights[i]) + ": weights must be positive numbers",
+                  ExitCode::bad_input);
+    sum += weights[i];
+  }
+  if (n == 0 || total < n)
+    throw Error(std::to_string(total) + " samples cannot be shared out to " + std::to_string(n) +
+                    " ranks with at least one each",
+                ExitCode::bad_input);
+  // Largest remainder: floor of each exact share, then one more to the largest fractions.
+  std::vector<std::int64_t> shares(weights.size());
+  std::vector<std::pair<double, std::size_t>> fractions;
+  std::int64_t given = 0;
+  for (std::size_t i = 0; i < weights.size(); ++i) {
+    const double exact = static_cast<double>(total) * (weights[i] / sum);
+    shares[i] = std::min(total, static_cast<std::int64_t>(std::floor(exact)));
+    given += shares[i];
+    fractions.emplace_back(exact - std::floor(exact), i);
+  }
+  std::stable_sort(fractions.begin(), fractions.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  for (std::size_t k = 0; given < total; k = (k + 1) % fractions.size(), ++given) ++shares[fractions[k].second];
+  for (std::size_t k = fractions.size(); given > total && k-- > 0;)
+    if (shares[fractions[k].second] > 0) --shares[fractions[k].second], --given;
+  for (std::size_t i = 0; i < shares.size(); ++i)
+    if (shares[i] < 1)
+      throw Error(std::to_string(total) + " samples shared out by weight give rank " + std::to_string(i) +
+                      " none (weight " + std::to_string(weights[i]) + " of " + std::to_string(sum) +
+                      "): raise its weight or the batch",
+                  ExitCode::bad_input);
+  return shares;
 }
 
 }  // namespace mpitrain::data

@@ -4,6 +4,7 @@
 #include <c10/core/GradMode.h>
 
 #include <sstream>
+#include <stdexcept>
 #include <utility>
 
 #include "fingerprint.h"
@@ -78,6 +79,11 @@ std::vector<std::vector<std::string>> DistributedDataParallel::bucket_layout() c
 
 std::vector<std::optional<comm::WorkTiming>> DistributedDataParallel::last_bucket_timings() const {
   return reducer_->last_timings();
+}
+
+double sample_weight(std::int64_t local, std::int64_t global, int world) {
+  if (local < 1 || global < 1 || world < 1) throw std::invalid_argument("sample_weight(): counts must be >= 1");
+  return local * world == global ? 1.0 : static_cast<double>(local * world) / static_cast<double>(global);
 }
 
 }  // namespace mpitrain::ddp

@@ -37,6 +37,7 @@
 #include "mpitrain/runtime/world.h"
 #include "mpitrain/train/metrics.h"
 #include "mpitrain/train/optim.h"
+#include "mpitrain/train/shares.h"
 #include "mpitrain/train/trace.h"
 
 namespace mpitrain::train {
@@ -93,7 +94,7 @@ void set_generator_state(at::Generator generator, const nlohmann::json& json) {
 bool safe_to_change(const std::string& path) {
   for (const char* prefix : {"/model/init_from", "/train/", "/log/", "/eval/", "/checkpoint/", "/ddp/comm_timeout_s", "/data/prefetch",
                              "/data/file_locking", "/device/", "/run/dir", "/run/name", "/batch/micro_batch",
-                             "/batch/accumulation"})
+                             "/batch/accumulation", "/data/rank_weights", "/data/rebalance_every"})
     if (path.rfind(prefix, 0) == 0) return true;
   return false;
 }
@@ -142,6 +143,7 @@ struct Trainer::Impl {
   std::shared_ptr<models::Model> model;
   std::int64_t parameters = 0;
   std::unique_ptr<ddp::DistributedDataParallel> ddp;
+  std::unique_ptr<RankShares> shares;  // of each micro-batch (data.rank_weights)
   std::unique_ptr<data::Loader> train_loader;
   std::unique_ptr<data::Loader> eval_loader;
   data::LoaderState eval_start;
@@ -233,8 +235,10 @@ struct Trainer::Impl {
     gpu = std::make_unique<runtime::GpuInfo>(device);
     const bool half = precision == amp::Precision::bf16 || precision == amp::Precision::fp16;
     peak_tflops = config.device.peak_tflops > 0 ? config.device.peak_tflops : half ? gpu->peak_tflops_16bit() : 0.0;
-    train_loader = std::make_unique<data::Loader>(train_spec, loader_options(config.data.train, true), world.rank(),
-                                                  world.size(), *comm);
+    shares = std::make_unique<RankShares>(config, world.rank(), world.size());
+    data::LoaderOptions train_options = loader_options(config.data.train, true);
+    train_options.shares = shares->shares();
+    train_loader = std::make_unique<data::Loader>(train_spec, train_options, world.rank(), world.size(), *comm);
     if (!config.data.eval.empty()) {
       eval_loader = std::make_unique<data::Loader>(
           dataset_spec(config, config.data.eval, "eval", task, model->context_length(), model->output_classes()),
@@ -347,6 +351,8 @@ struct Trainer::Impl {
   // backward of the scaled loss. Returns the loss.
   at::Tensor forward_backward(const data::Batch& batch, std::int64_t step, std::int64_t micro) {
     const bool last = micro + 1 == config.batch.accumulation;
+    // The mean over this rank's samples, weighted by its share (RankShares), over the micro-steps.
+    const double divisor = static_cast<double>(config.batch.accumulation) / shares->loss_factor();
     const auto task = model->task();
     auto start = Clock::now();
     if (last) ddp->before_forward();
@@ -358,13 +364,38 @@ struct Trainer::Impl {
     trace_phase("forward", step, start, static_cast<int>(micro));
     start = Clock::now();
     if (last) {
-      scaler->scale(loss / config.batch.accumulation).backward();
+      scaler->scale(loss / divisor).backward();
     } else {
       auto no_sync = ddp->no_sync();
-      scaler->scale(loss / config.batch.accumulation).backward();
+      scaler->scale(loss / divisor).backward();
     }
     trace_phase("backward", step, start, static_cast<int>(micro));
     return loss.detach();
+  }
+
+  // A stand-in for a slower device in tests and benchmarks (fault point train.slow_rank): three
+  // more forwards of the micro-batch, without gradients, so the extra time grows with its size
+  // (about twice the compute of a step on this rank).
+  void forward_again(const data::Batch& batch) {
+    at::NoGradGuard no_grad;
+    amp::AutocastScope autocast(device, precision);
+    for (int k = 0; k < 3; ++k) model->forward(model_inputs(batch.inputs, model->task()));
+  }
+
+  // Collective (data.rank_weights auto): new shares from the measured speeds, if worth it.
+  void rebalance(MetricsLog& metrics) {
+    if (!shares->rebalance(steps_done, *comm)) return;
+    train_loader->set_shares(shares->shares());
+    std::string shares_text, speeds_text;
+    char figure[32];
+    for (std::size_t r = 0; r < shares->shares().size(); ++r) {
+      shares_text += (r ? ", " : "") + std::to_string(shares->shares()[r]);
+      std::snprintf(figure, sizeof figure, "%s%.3f", r ? ", " : "", shares->seconds_per_sample()[r] * 1e3);
+      speeds_text += figure;
+    }
+    world.log().info("data.rank_weights auto after step " + std::to_string(steps_done) + ": shares of each micro-batch " +
+                     shares_text + " (measured ms of forward + backward per sample: " + speeds_text + ")");
+    metrics.write({{"step", steps_done}, {"rank_shares", shares->shares()}, {"rank_seconds_per_sample", shares->seconds_per_sample()}});
   }
 
   StepResult step() {
@@ -378,6 +409,7 @@ struct Trainer::Impl {
     set_learning_rate(*optimizer, result.lr);
 
     at::Tensor loss_sum = at::zeros({}, at::TensorOptions().device(device));
+    const bool measured = shares->measures(number);
     for (std::int64_t micro = 0; micro < config.batch.accumulation; ++micro) {
       auto start = Clock::now();
       const data::Batch batch = train_loader->next();
@@ -385,9 +417,14 @@ struct Trainer::Impl {
       result.times.data += seconds_since(start);
       trace_phase("data wait", number, start, static_cast<int>(micro));
 
+      if (measured) settle_device();
       start = Clock::now();
       loss_sum += forward_backward(batch, number, micro);
-      result.times.compute += seconds_since(start);
+      if (runtime::fault_armed("train.slow_rank", world.rank())) forward_again(batch);
+      if (measured) settle_device();
+      const double compute = seconds_since(start);
+      result.times.compute += compute;
+      if (measured) shares->record(compute, batch.targets.size(0));
     }
 
     auto start = Clock::now();
@@ -414,7 +451,8 @@ struct Trainer::Impl {
     trace_phase("step", number, step_start, -1, TraceCategory::step);
 
     result.skipped = !finite;
-    result.loss = loss_sum / config.batch.accumulation;
+    // Weighted like the gradient, so that the ranks' average is the global batch's mean loss.
+    result.loss = loss_sum / (static_cast<double>(config.batch.accumulation) / shares->loss_factor());
     result.step = ++steps_done;
     return result;
   }
@@ -688,6 +726,7 @@ Outcome Trainer::run() {
     if (eval.accuracy >= 0) record["eval_accuracy"] = eval.accuracy;
     metrics.write(record);
   };
+  s.shares->begin(s.steps_done);
   while (s.steps_done < s.total_steps) {
     const StepResult result = step();
     s.window_loss += result.loss;
@@ -710,6 +749,7 @@ Outcome Trainer::run() {
                            " holds the weights from before them. Lower optimizer.lr, set optimizer.grad_clip or check "
                            "the data, then resume with --resume auto (train.max_nonfinite_steps allows more in a row)");
     }
+    if (!last && s.shares->due(s.steps_done)) s.rebalance(metrics);
     if (!last && s.config.eval.every_steps > 0 && s.steps_done % s.config.eval.every_steps == 0) log_eval();
     const bool cadence = s.config.checkpoint.every_steps > 0 && s.steps_done % s.config.checkpoint.every_steps == 0;
     if (!last && cadence) s.save_checkpoint();

@@ -405,3 +405,25 @@ TEST_CASE("did-you-mean and typed sections", "[config]") {
   CHECK_THROWS_AS(s.number("a"), std::logic_error);  // an integer setting is not read as number
   CHECK_THROWS_AS(s.integer("z"), std::logic_error);
 }
+
+TEST_CASE("data.rank_weights: equal, auto, or one positive weight per rank", "[config]") {
+  using Mode = config::RankWeights::Mode;
+  CHECK(load(kBase).data.rank_weights.mode == Mode::equal);
+  CHECK(load(kBase, {"data.rank_weights=auto"}).data.rank_weights.mode == Mode::auto_);
+  const config::Config listed = load(kBase, {"data.rank_weights=[3, 5]"});
+  CHECK(listed.data.rank_weights.mode == Mode::list);
+  CHECK(listed.data.rank_weights.weights == std::vector<double>{3, 5});
+  CHECK(config::to_json(listed)["data"]["rank_weights"] == json::array({3.0, 5.0}));
+  CHECK(config::to_json(load(kBase, {"data.rank_weights=auto"}))["data"]["rank_weights"] == "auto");
+  CHECK(config::resolve(listed, 2).data.rank_weights.weights.size() == 2);
+
+  const std::string form = "must be a list of numbers > 0, at least 1 item, or one of \"equal\", \"auto\"";
+  CHECK(error_of([] { load(kBase, {"data.rank_weights=[1, 0]"}); }) ==
+        "--set \"data.rank_weights=[1, 0]\": \"data.rank_weights\" " + form + ", got [1,0]");
+  CHECK_THAT(error_of([] { load(kBase, {"data.rank_weights=[-1, 2]"}); }), Catch::Contains(form));
+  CHECK_THAT(error_of([] { load(kBase, {"data.rank_weights=[]"}); }), Catch::Contains(form));
+  CHECK_THAT(error_of([] { load(kBase, {"data.rank_weights=autp"}); }), Catch::Contains("did you mean \"auto\"?"));
+  CHECK(error_of([&] { config::resolve(listed, 4); }) ==
+        "batch settings for 4 rank(s): data.rank_weights has 2 weight(s), one per rank is 4; give one weight per "
+        "rank, or \"equal\" or \"auto\"");
+}

@@ -7,6 +7,7 @@
 
 #include <hdf5.h>
 
+#include <cmath>
 #include <fstream>
 #include <numeric>
 #include <optional>
@@ -418,4 +419,67 @@ TEST_CASE("file locking can be turned off", "[data]") {
   data::Dataset dataset(spec);
   CHECK(dataset.read({5}).targets.item<std::int64_t>() == (37 * 5) % 1000 - 500);
   CHECK(data::inspect_file(fixture("h5py_gzip.h5"), false).datasets.size() == 2);
+}
+
+TEST_CASE("apportion: shares proportional to weights, at least one each, summing to the total", "[data][hetero]") {
+  using V = std::vector<std::int64_t>;
+  CHECK(data::apportion(8, {3, 5}) == V{3, 5});
+  CHECK(data::apportion(12, {1, 2, 3, 6}) == V{1, 2, 3, 6});
+  CHECK(data::apportion(16, {0.375, 0.625}) == V{6, 10});
+  CHECK(data::apportion(10, {1, 1, 1}) == V{4, 3, 3});  // largest remainder; a tie goes to the lower index
+  CHECK(data::apportion(7, {2, 1}) == V{5, 2});         // 4.67 and 2.33
+  CHECK(data::apportion(5, {1e-9, 1e-9, 3e-9}) == V{1, 1, 3});
+  CHECK_THROWS_WITH(data::apportion(8, {10, 0.01}), Contains("give rank 1 none"));
+  CHECK_THROWS_WITH(data::apportion(8, {1, -1}), Contains("positive"));
+  CHECK_THROWS_WITH(data::apportion(8, {1, std::nan("")}), Contains("positive"));
+  CHECK_THROWS_WITH(data::apportion(2, {1, 1, 1}), Contains("at least one each"));
+  // A rank's slice starts after the shares of the ranks before it.
+  const V batch = {10, 11, 12, 13, 14, 15, 16, 17};
+  CHECK(data::Sampler::slice(batch, V{3, 5}, 0) == V{10, 11, 12});
+  CHECK(data::Sampler::slice(batch, V{3, 5}, 1) == V{13, 14, 15, 16, 17});
+  CHECK_THROWS_WITH(data::Sampler::slice(batch, V{3, 4}, 0), Contains("do not add up"));
+}
+
+TEST_CASE("unequal shares read the global batches of one rank; new shares mid-epoch keep the order", "[data][hetero]") {
+  const std::string source = write_ids(scratch("shares"), 96, 3, 8);
+  const auto spec = chunked(source);
+  // Runs `steps` global batches of 8 as `shares.size()` ranks simulated in this process (each
+  // Loader construction is collective over the real communicator, in the same order on every
+  // rank), switching to `later` shares after `switch_after` steps.
+  const auto run = [&](const std::vector<std::int64_t>& shares, std::int64_t steps, std::int64_t switch_after,
+                       const std::vector<std::int64_t>& later) {
+    const int ranks = static_cast<int>(shares.size());
+    std::vector<std::unique_ptr<data::Loader>> loaders;
+    for (int r = 0; r < ranks; ++r) {
+      data::LoaderOptions o = options(1);
+      o.shares = shares;
+      loaders.push_back(std::make_unique<data::Loader>(spec, o, r, ranks, communicator()));
+      CHECK(loaders.back()->batch_size() == shares[static_cast<std::size_t>(r)]);
+      CHECK(loaders.back()->global_batch() == 8);
+    }
+    std::vector<std::vector<std::int64_t>> batches;
+    for (std::int64_t s = 0; s < steps; ++s) {
+      if (s == switch_after)
+        for (auto& loader : loaders) loader->set_shares(later);
+      std::vector<std::int64_t> global;
+      for (int r = 0; r < ranks; ++r) {
+        const auto mine = to_vector(loaders[static_cast<std::size_t>(r)]->next().targets);
+        const auto& now = switch_after < 0 || s < switch_after ? shares : later;
+        CHECK(static_cast<std::int64_t>(mine.size()) == now[static_cast<std::size_t>(r)]);
+        global.insert(global.end(), mine.begin(), mine.end());
+      }
+      batches.push_back(global);
+    }
+    return batches;
+  };
+  const auto reference = run({8}, 20, -1, {});  // 12 steps per epoch: crosses into epoch 1
+  CHECK(run({3, 5}, 20, -1, {}) == reference);
+  CHECK(run({1, 2, 3, 2}, 20, -1, {}) == reference);
+  CHECK(run({3, 5}, 20, 7, {6, 2}) == reference);         // mid-epoch
+  CHECK(run({1, 2, 3, 2}, 20, 12, {2, 2, 2, 2}) == reference);  // at the epoch's end
+  data::LoaderOptions o = options(1);
+  o.shares = {3, 5};
+  data::Loader loader(spec, o, 0, 2, communicator());
+  CHECK_THROWS_WITH(loader.set_shares({3, 4}), Contains("keep the global batch of 8"));
+  CHECK_THROWS_WITH(loader.set_shares({8, 0}), Contains("one count >= 1 per rank"));
 }

@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <memory>
+#include <numeric>
 #include <string>
 
 #include "mpitrain/comm/communicator.h"
@@ -63,6 +64,8 @@ struct Run {
   bool set_to_none = true;
   int steps = 10;
   int64_t per_rank_batch = 4;
+  /// Samples per rank of each micro-step (one per rank); empty: per_rank_batch each.
+  std::vector<int64_t> shares;
   bool cast_model = true;  // false: the model keeps the dtypes it built itself
 };
 
@@ -87,20 +90,27 @@ double train_against_reference(const Run& run, ddp::Options options = {}) {
   auto reference_opt = make_optimizer(run.optimizer, reference->parameters());
   auto opt = make_optimizer(run.optimizer, model->parameters());
   at::Generator data = at::make_generator<at::CPUGeneratorImpl>(1234);
-  const int64_t b = run.per_rank_batch;
+  std::vector<int64_t> shares = run.shares;
+  if (shares.empty()) shares.assign(static_cast<size_t>(n), run.per_rank_batch);
+  REQUIRE(shares.size() == static_cast<size_t>(n));
+  const int64_t global = std::accumulate(shares.begin(), shares.end(), int64_t{0});
+  const int64_t offset = std::accumulate(shares.begin(), shares.begin() + r, int64_t{0});
+  const int64_t b = shares[static_cast<size_t>(r)];
+  // This rank's mean loss weighted by its share of the samples.
+  const double divisor = run.accumulation / ddp::sample_weight(b, global, n);
   for (int step = 0; step < run.steps; ++step) {
     for (int micro = 0; micro < run.accumulation; ++micro) {
-      auto [x, y] = reference->batch(n * b, data);  // the global micro-batch, same on every rank
+      auto [x, y] = reference->batch(global, data);  // the global micro-batch, same on every rank
       x = as(x, run.dtype);
       (reference->loss(reference->forward(x), y) / run.accumulation).backward();
 
-      const auto xs = x.narrow(0, r * b, b), ys = y.narrow(0, r * b, b);
+      const auto xs = x.narrow(0, offset, b), ys = y.narrow(0, offset, b);
       if (micro + 1 < run.accumulation) {
         auto guard = ddp.no_sync();
-        (model->loss(model->forward(xs), ys) / run.accumulation).backward();
+        (model->loss(model->forward(xs), ys) / divisor).backward();
       } else {
         ddp.before_forward();
-        (model->loss(model->forward(xs), ys) / run.accumulation).backward();
+        (model->loss(model->forward(xs), ys) / divisor).backward();
         ddp.finish_backward();
       }
     }
@@ -147,6 +157,31 @@ TEST_CASE("gradient accumulation: N ranks x B x k micro-steps equal one process 
     INFO("mlp " << mlp << ", gpt " << gpt);
     CHECK(mlp <= 1e-10);
     CHECK(gpt <= 1e-10);
+  }
+}
+
+TEST_CASE("unequal shares: ranks with different batches, each loss weighted by its share, equal one process", "[ddp][hetero]") {
+  const int n = communicator().size();
+  // np 2: 3 + 5 = one process x 8; np 4: 1 + 2 + 3 + 6 = one process x 12 (np 1: 7).
+  const std::vector<int64_t> shares = n == 2 ? std::vector<int64_t>{3, 5}
+                                      : n == 4 ? std::vector<int64_t>{1, 2, 3, 6}
+                                               : std::vector<int64_t>(static_cast<size_t>(n), 7);
+  CHECK(ddp::sample_weight(3, 8, 2) == 0.75);
+  CHECK(ddp::sample_weight(4, 8, 2) == 1.0);
+  for (c10::ScalarType dtype : {at::kDouble, at::kFloat}) {
+    for (int accumulation : {1, 3}) {
+      Run run;
+      run.optimizer = Opt::adamw;
+      run.dtype = dtype;
+      run.accumulation = accumulation;
+      run.shares = shares;
+      const double tolerance = dtype == at::kDouble ? 1e-10 : 1e-5;
+      const double mlp = train_against_reference<TinyMlp>(run);
+      const double gpt = train_against_reference<TinyGpt>(run);
+      INFO(c10::toString(dtype) << " accumulation " << accumulation << ": mlp " << mlp << ", gpt " << gpt);
+      CHECK(mlp <= tolerance);
+      CHECK(gpt <= tolerance);
+    }
   }
 }
 

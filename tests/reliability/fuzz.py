@@ -85,6 +85,7 @@ class Spec:
     min_items: int = 0
     max_items: int = None
     rule: str = None  # name, name_or_empty, nonempty
+    words: list = None  # taken in place of a number or list ("auto")
 
 
 def parse_range(text, spec):
@@ -105,6 +106,16 @@ def parse_range(text, spec):
 
 
 def parse_expected(path, text, models):
+    words = None
+    m = re.fullmatch(r'(.+), or (?:one of )?((?:"[^"]*"(?:, )?)+)', text)
+    if m and not text.startswith("one of "):
+        text, words = m.group(1), re.findall(r'"([^"]*)"', m.group(2))
+    s = parse_plain(path, text, models)
+    s.words = words
+    return s
+
+
+def parse_plain(path, text, models):
     s = Spec(path, "str")
     if text == "true or false":
         s.kind = "bool"
@@ -131,7 +142,8 @@ def parse_expected(path, text, models):
         s.kind = "num"
         parse_range(text[len("a number"):], s)
     else:
-        m = re.fullmatch(r"a list of (integers|numbers)(.*?)(?:, (?:exactly (\d+) items|(\d+) to (\d+) items))?", text)
+        m = re.fullmatch(r"a list of (integers|numbers)(.*?)"
+                         r"(?:, (?:exactly (\d+) items|(\d+) to (\d+) items|at least (\d+) items?))?", text)
         if not m:
             raise SetupError("docs/config.md: %s: cannot read %r" % (path, text))
         s.kind = "ints" if m.group(1) == "integers" else "nums"
@@ -140,6 +152,8 @@ def parse_expected(path, text, models):
             s.min_items = s.max_items = int(m.group(3))
         elif m.group(4):
             s.min_items, s.max_items = int(m.group(4)), int(m.group(5))
+        elif m.group(6):
+            s.min_items = int(m.group(6))
     return s
 
 
@@ -215,6 +229,8 @@ def scalar_ok(kind, v, s):
 
 def valid(s, v):
     """Whether the documented type and range accept v (cross-key checks come on top)."""
+    if s.words and isinstance(v, str):
+        return v in s.words
     if s.kind in ("strs", "ints", "nums"):
         items = [v] if s.kind == "strs" and isinstance(v, str) else v
         if not isinstance(items, list) or len(items) < s.min_items:
@@ -228,6 +244,8 @@ def valid(s, v):
 
 def canonical(s, v):
     """The value as the resolved config holds it."""
+    if s.words and isinstance(v, str):
+        return v
     if s.kind == "int":
         return as_int(v)
     if s.kind == "num":
@@ -559,6 +577,8 @@ def valid_value(rng, s, fx):
     if s.path in PATH_KEYS:
         return rng.choice(["", "missing.h5", "*.h5", "/", ".", "config.json", fx.rel["raw"] + "/" + SHARD,
                            fx.rel["tok"] + "/" + SHARD, fx.rel["cls"] + "/train.json", "x" * 300])
+    if s.words and rng.random() < 0.5:
+        return rng.choice(s.words)
     if s.kind == "bool":
         return rng.choice([True, False])
     if s.kind in ("int", "num"):
@@ -581,6 +601,9 @@ def valid_value(rng, s, fx):
 def invalid_value(rng, s):
     """A value of the right JSON type that the documented range or choices refuse."""
     opts = []
+    if s.words:
+        w = rng.choice(s.words)
+        opts += [w.upper(), w + " ", w[:-1], ""]
     if s.kind in ("int", "num"):
         if s.lo is not None:
             opts += [s.lo if s.lo_open else s.lo - 1, s.lo - 1e-9 if s.kind == "num" else int(s.lo) - 1]

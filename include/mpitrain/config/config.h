@@ -57,11 +57,20 @@ struct DataSplit {
   bool empty() const { return files.empty() && manifest.empty(); }
 };
 
+/// data.rank_weights: "equal", "auto" or a list of positive weights (one per rank).
+struct RankWeights {
+  enum class Mode { equal, list, auto_ };
+  Mode mode = Mode::equal;
+  std::vector<double> weights;  // Mode::list only
+};
+
 struct DataConfig {
   std::string kind;  // "auto" | "classification" | "tokens"
   std::int64_t seq_len = 0;
   std::int64_t prefetch = 0;
   bool file_locking = false;
+  RankWeights rank_weights;
+  std::int64_t rebalance_every = 0;
   DataSplit train;
   DataSplit eval;
 };
@@ -195,6 +204,8 @@ Config load(const std::string& path, const std::vector<std::string>& overrides,
 /// Derives the batch sizes for `world_size` ranks: with batch.global set, accumulation =
 /// global / (micro_batch * world_size), which must divide exactly and agree with an explicit
 /// accumulation other than 1; otherwise global = micro_batch * accumulation * world_size.
+/// micro_batch is the mean per rank when data.rank_weights is not equal, and a list of
+/// data.rank_weights must hold one weight per rank.
 Config resolve(Config config, int world_size);
 
 /// The canonical tree (only the selected model's options under model); see the contract.

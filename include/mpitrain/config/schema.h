@@ -51,7 +51,9 @@ struct Setting {
   nlohmann::json default_value;
   std::string doc;
   Range range;                       // numbers, integers and the items of numeric lists
-  std::vector<std::string> choices;  // strings: the allowed values; empty: any string
+  /// Strings: the allowed values (empty: any string). Other types: words accepted in place of
+  /// the number or list, e.g. "auto" for a list of weights (see or_one_of()).
+  std::vector<std::string> choices;
   std::size_t min_items = 0;         // lists only
   std::size_t max_items = std::numeric_limits<std::size_t>::max();
   /// An extra rule on a well-typed value: returns "" or what is wrong. `form` then replaces
@@ -62,6 +64,9 @@ struct Setting {
   /// Fluent adjustments for the table: numbers("betas", ...).items(2, 2).
   Setting items(std::size_t min, std::size_t max) &&;
   Setting with_rule(std::string form, std::function<std::string(const nlohmann::json&)> rule) &&;
+  /// A numeric setting or list that also takes one of these words; the word is stored as given
+  /// and the rule is not run on it. A non-empty `default_word` becomes the default.
+  Setting or_one_of(std::vector<std::string> words, std::string default_word = "") &&;
 };
 
 // Table builders: path, default, one-line doc, then the constraint.

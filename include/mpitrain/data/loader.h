@@ -9,8 +9,12 @@
 //   world size, seed, shuffle, window, remainder). A rank that could not open the dataset, or
 //   any disagreement, is a runtime::Error(bad_input) on every rank, never a hang.
 // - rank/world_size choose this rank's slice of each global batch (global batch = batch_size *
-//   world_size); comm is used for the agreement only. Sampler documents the order, the slices
-//   and the remainder policy; every rank runs steps_per_epoch() steps per epoch.
+//   world_size, or the sum of LoaderOptions::shares when given, rank r reading shares[r]
+//   samples); comm is used for the agreement only. Sampler documents the order, the slices and
+//   the remainder policy; every rank runs steps_per_epoch() steps per epoch.
+// - set_shares() changes the shares between two next() calls, keeping their sum: the batches
+//   read ahead are dropped and reading restarts at state(), so the global order is unchanged.
+//   Every rank must make the same call before its next next().
 // - next() returns this rank's next batch and never ends: after the last step of an epoch
 //   comes step 0 of the next. Batch::epoch/step say which global batch it is a slice of.
 //   On a CUDA device the tensors are read into pinned host memory and copied on a side stream;
@@ -24,13 +28,14 @@
 //   and joins the thread, whatever state it is in.
 // - state() is the position after the last batch next() returned; restore(state) makes the
 //   following next() calls return exactly what an uninterrupted run would have returned after
-//   that point, on any world size that keeps the global batch (batch_size * world_size) equal.
+//   that point, on any world size and shares that keep the global batch equal.
 //   A state from a different seed, global batch or dataset is refused (bad_input).
 
 #include <c10/core/Device.h>
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "mpitrain/data/dataset.h"
 #include "mpitrain/data/sampler.h"
@@ -43,7 +48,9 @@ class Communicator;
 namespace mpitrain::data {
 
 struct LoaderOptions {
-  std::int64_t batch_size = 1;  // per rank
+  std::int64_t batch_size = 1;  // per rank, when `shares` is empty
+  /// Samples per rank of each global batch, one entry per rank (empty: batch_size each).
+  std::vector<std::int64_t> shares;
   std::uint64_t seed = 0;
   bool shuffle = true;
   std::int64_t shuffle_window = 16;  // blocks per shuffle window, see Sampler; 0: uniform
@@ -63,6 +70,10 @@ class Loader {
   Batch next();
   LoaderState state() const;
   void restore(const LoaderState& state);
+  /// New per-rank shares with the same sum; see the contract.
+  void set_shares(const std::vector<std::int64_t>& shares);
+  /// This rank's samples per batch.
+  std::int64_t batch_size() const;
 
   std::int64_t steps_per_epoch() const;
   std::int64_t global_batch() const;

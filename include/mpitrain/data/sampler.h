@@ -9,8 +9,9 @@
 //   permutes all samples uniformly. The generator is mpitrain's own (splitmix64 with unbiased
 //   bounded draws), so an order is the same on every platform and library version.
 // - Global batch `step` of an epoch is order[step*G, (step+1)*G) with G = global_batch; rank r
-//   of w takes its contiguous slice [r*G/w, (r+1)*G/w). All ranks therefore run the same number
-//   of steps, and the union of their slices is the global batch.
+//   of w takes its contiguous slice [r*G/w, (r+1)*G/w), or, with per-rank shares s (summing to
+//   G), [s_0 + ... + s_{r-1}, s_0 + ... + s_r). All ranks therefore run the same number of
+//   steps, and the union of their slices is the global batch, whatever the shares.
 // - Remainder policy for N % G != 0: drop runs N / G steps (the last N % G samples of the order
 //   are not used in that epoch; the order changes every epoch, so different ones are dropped);
 //   wrap runs ceil(N / G) steps and fills the last batch from the start of the same order (those
@@ -50,6 +51,11 @@ void to_json(nlohmann::json& json, const LoaderState& state);
 /// Throws runtime::Error(bad_input) on a missing or mistyped field.
 void from_json(const nlohmann::json& json, LoaderState& state);
 
+/// Splits `total` samples into one share per weight, proportional to the weights (largest
+/// remainder; ties go to the lower index), every share at least 1. Throws
+/// runtime::Error(bad_input) when a weight is not finite and positive or a share would be 0.
+std::vector<std::int64_t> apportion(std::int64_t total, const std::vector<double>& weights);
+
 /// A uniform permutation of 0..n-1 from the same generator (train/validation splits).
 std::vector<std::int64_t> permutation(std::int64_t n, std::uint64_t seed);
 
@@ -67,6 +73,10 @@ class Sampler {
   std::vector<std::int64_t> global_batch(const std::vector<std::int64_t>& order, std::int64_t step) const;
   /// Rank `rank`'s slice of one global batch; world must divide its size.
   static std::vector<std::int64_t> slice(const std::vector<std::int64_t>& global_batch, int rank, int world);
+  /// Rank `rank`'s slice of one global batch shared out by `shares` (one per rank, summing to
+  /// the batch's size).
+  static std::vector<std::int64_t> slice(const std::vector<std::int64_t>& global_batch,
+                                         const std::vector<std::int64_t>& shares, int rank);
 
  private:
   std::vector<std::int64_t> blocks_;

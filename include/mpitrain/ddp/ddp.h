@@ -65,6 +65,13 @@ struct Stats {
 
 class Reducer;
 
+/// Ranks holding different numbers of samples (data.rank_weights): the factor by which a rank
+/// with `local` of the `global` samples of a micro-step, over `world` ranks, multiplies its
+/// mean loss, so that the average finish_backward() computes is the mean over all `global`
+/// samples (the sum of the per-rank sums divided by `global` once), as one process with the
+/// whole batch would compute it: local x world / global, exactly 1 when the shares are equal.
+double sample_weight(std::int64_t local, std::int64_t global, int world);
+
 class DistributedDataParallel {
  public:
   DistributedDataParallel(std::shared_ptr<torch::nn::Module> module, comm::Communicator& comm,

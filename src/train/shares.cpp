@@ -1,0 +1,96 @@
+#include "mpitrain/train/shares.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "mpitrain/comm/communicator.h"
+#include "mpitrain/data/sampler.h"
+#include "mpitrain/ddp/ddp.h"
+#include "mpitrain/runtime/error.h"
+
+namespace mpitrain::train {
+namespace {
+
+using Mode = config::RankWeights::Mode;
+
+constexpr std::int64_t kMeasuredSteps = 3;
+constexpr std::int64_t kFirstRebalance = 4;  // steps after the start; the first step warms up
+constexpr double kWorthwhile = 0.97;         // adopt shares that cut the slowest compute by 3 %
+
+std::vector<std::int64_t> split(std::int64_t total, const std::vector<double>& weights) {
+  try {
+    return data::apportion(total, weights);
+  } catch (const runtime::Error& e) {
+    throw runtime::Error(std::string("data.rank_weights: ") + e.what(), runtime::ExitCode::bad_input);
+  }
+}
+
+// The slowest rank's compute for shares at the measured seconds per sample.
+double slowest(const std::vector<std::int64_t>& shares, const std::vector<double>& seconds_per_sample) {
+  double worst = 0;
+  for (std::size_t r = 0; r < shares.size(); ++r)
+    worst = std::max(worst, static_cast<double>(shares[r]) * seconds_per_sample[r]);
+  return worst;
+}
+
+}  // namespace
+
+RankShares::RankShares(const config::Config& config, int rank, int world_size)
+    : rank_(rank),
+      total_(config.batch.micro_batch * world_size),
+      every_(config.data.rebalance_every),
+      automatic_(config.data.rank_weights.mode == Mode::auto_) {
+  if (config.data.rank_weights.mode == Mode::list)
+    shares_ = split(total_, config.data.rank_weights.weights);
+  else
+    shares_.assign(static_cast<std::size_t>(world_size), config.batch.micro_batch);
+}
+
+double RankShares::loss_factor() const {
+  return ddp::sample_weight(mine(), total_, static_cast<int>(shares_.size()));
+}
+
+void RankShares::begin(std::int64_t steps_done) {
+  start_ = steps_done;
+  next_ = steps_done + kFirstRebalance;
+  seconds_ = 0;
+  samples_ = 0;
+}
+
+bool RankShares::measures(std::int64_t step) const {
+  return automatic_ && next_ > 0 && step <= next_ && step > std::max(start_ + 1, next_ - kMeasuredSteps);
+}
+
+void RankShares::record(double compute_seconds, std::int64_t samples) {
+  seconds_ += compute_seconds;
+  samples_ += samples;
+}
+
+bool RankShares::due(std::int64_t step) const { return automatic_ && next_ > 0 && step == next_; }
+
+bool RankShares::rebalance(std::int64_t step, comm::Communicator& comm) {
+  const auto options = at::TensorOptions().dtype(at::kDouble).device(comm.device());
+  at::Tensor all = at::empty({comm.size()}, options);
+  comm.all_gather(all, at::full({1}, samples_ > 0 ? seconds_ / static_cast<double>(samples_) : 0.0, options));
+  const at::Tensor host = all.cpu();
+  seconds_per_sample_.assign(host.data_ptr<double>(), host.data_ptr<double>() + comm.size());
+  seconds_ = 0;
+  samples_ = 0;
+  next_ = every_ > 0 ? step + every_ : 0;
+
+  // Every rank computes the same shares from the same gathered figures.
+  std::vector<double> speeds;
+  for (double s : seconds_per_sample_) {
+    if (!(s > 0) || !std::isfinite(s)) return false;  // nothing measured: keep the shares
+    speeds.push_back(1.0 / s);
+  }
+  const std::vector<std::int64_t> proposed = split(total_, speeds);
+  if (proposed == shares_ || slowest(proposed, seconds_per_sample_) > kWorthwhile * slowest(shares_, seconds_per_sample_))
+    return false;
+  shares_ = proposed;
+  return true;
+}
+
+}  // namespace mpitrain::train
