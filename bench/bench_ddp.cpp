@@ -183,7 +183,11 @@ config::Config train_step_config(const runtime::World& world, const std::vector<
   const config::ModelSchemas schemas = models::option_schemas();
   nlohmann::json tree = {{"train", {{"steps", 1}}}, {"data", {{"train", {{"files", {"unused"}}}}}}};
   for (const auto& assignment : sets) config::apply_override(tree, assignment, schemas);
-  return config::resolve(config::validate(tree, "bench_ddp --set", schemas), world.size());
+  config::Config config = config::resolve(config::validate(tree, "bench_ddp --set", schemas), world.size());
+  if (config.batch.micro_batch == 0)
+    throw runtime::Error("bench_ddp --train-step times a given batch: set batch.micro_batch to a number, not auto",
+                         runtime::ExitCode::bad_input);
+  return config;
 }
 
 // What one step needs, set up as Trainer::setup sets it up (no loader, no checkpoint).

@@ -84,7 +84,7 @@ int run_training(const runtime::World& world, const runtime::StopSignals& signal
       std::cout << "config " << args.config << " is valid; model " << config.model.name << " has "
                 << trainer.parameter_count() << " parameters; " << trainer.total_steps() << " optimizer steps of "
                 << config.batch.global << " samples on " << world.size() << " rank(s)\n"
-                << "resolved config:\n" << config::to_json(config).dump(2) << '\n';
+                << "resolved config:\n" << config::to_json(trainer.config()).dump(2) << '\n';
     }
     return 0;
   }
@@ -112,7 +112,7 @@ int run_training(const runtime::World& world, const runtime::StopSignals& signal
   train::Trainer trainer(world, start, run_dir, signals);
   if (!checkpoint.empty()) trainer.restore(checkpoint, args.allow_config_change);
   if (world.is_root()) {
-    save_resolved_config(run_dir, config);
+    save_resolved_config(run_dir, trainer.config());  // with batch.micro_batch auto's value
     if (!config.log.metrics_file.empty())
       truncate_metrics((std::filesystem::path(run_dir) / config.log.metrics_file).string(), trainer.steps_done());
   }

@@ -37,7 +37,18 @@ void from_json(const json& j, RankWeights& w) {
 }
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataConfig, kind, seq_len, prefetch, file_locking, rank_weights,
                                    rebalance_every, train, eval)
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(BatchConfig, micro_batch, accumulation, global)
+// batch.micro_batch "auto" is 0 in the struct until the trainer has found the value.
+void to_json(json& j, const BatchConfig& b) {
+  j = json{{"micro_batch", b.micro_batch == 0 ? json("auto") : json(b.micro_batch)},
+           {"accumulation", b.accumulation},
+           {"global", b.global}};
+}
+void from_json(const json& j, BatchConfig& b) {
+  const json& micro = j.at("micro_batch");
+  b.micro_batch = micro.is_string() ? 0 : micro.get<std::int64_t>();
+  b.accumulation = j.at("accumulation").get<std::int64_t>();
+  b.global = j.at("global").get<std::int64_t>();
+}
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(OptimizerConfig, name, lr, momentum, nesterov, betas, eps,
                                    weight_decay, grad_clip, fused)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(ScheduleConfig, name, warmup_steps, min_lr_ratio)
@@ -106,6 +117,13 @@ std::string check_run(const Section& s) {
       return "name the training shards with data.train.files (a glob or a list of files) or "
              "data.train.manifest";
   }
+  if (s.json().at("batch").at("micro_batch").is_string()) {
+    if (s.integer("batch.global") == 0)
+      return "batch.micro_batch auto needs batch.global: the global batch it keeps while it derives "
+             "batch.accumulation";
+    if (s.integer("batch.accumulation") != 1)
+      return "batch.micro_batch auto derives batch.accumulation; leave batch.accumulation at 1";
+  }
   if (s.text("optimizer.name") == "sgd" && s.boolean("optimizer.nesterov") &&
       s.number("optimizer.momentum") == 0.0)
     return "optimizer.nesterov needs optimizer.momentum > 0";
@@ -172,8 +190,11 @@ Schema make_settings() {
            "samples left after the last full global batch of the evaluation set: drop or wrap",
            {"drop", "wrap"}),
 
-      integer("batch.micro_batch", 32, "samples per rank in one forward and backward pass",
-              Range::at_least(1)),
+      integer("batch.micro_batch", 32,
+              "samples per rank in one forward and backward pass; auto = the largest that fits in "
+              "memory (with batch.global set; docs/heterogeneous.md)",
+              Range::at_least(1))
+          .or_one_of({"auto"}),
       integer("batch.accumulation", 1,
               "micro-batches accumulated per optimizer step (derived when batch.global is set)",
               Range::at_least(1)),
@@ -523,6 +544,7 @@ Config resolve(Config config, int world_size) {
   if (weights.mode == RankWeights::Mode::list && weights.weights.size() != static_cast<std::size_t>(ranks))
     fail(source, "data.rank_weights has " + std::to_string(weights.weights.size()) + " weight(s), one per rank is " +
                      std::to_string(ranks) + "; give one weight per rank, or \"equal\" or \"auto\"");
+  if (b.micro_batch == 0) return config;  // auto: the trainer finds it, then resolves again
   std::int64_t per_micro_step = 0;
   if (__builtin_mul_overflow(b.micro_batch, ranks, &per_micro_step))
     fail(source, "batch.micro_batch (" + std::to_string(b.micro_batch) + ") x ranks (" +

@@ -20,6 +20,7 @@
 
 #include "mpitrain/comm/communicator.h"
 #include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/memory_budget.h"
 
 namespace mpitrain::data {
 namespace {
@@ -159,6 +160,8 @@ struct Loader::Impl {
 
   // The reader thread: batch after batch in order, until stopped or an error.
   void read_ahead(std::int64_t epoch, std::int64_t step) {
+    // Read-ahead buffers are host memory (pinned staging on a GPU machine), outside a budget.
+    const runtime::UncountedScope host_memory;
     try {
       const bool cuda = options.device.is_cuda();
       std::vector<std::int64_t> order = sampler->order(epoch);

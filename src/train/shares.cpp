@@ -27,6 +27,31 @@ std::vector<std::int64_t> split(std::int64_t total, const std::vector<double>& w
   }
 }
 
+// Shares by weight with none above its cap: a share over its cap is fixed at the cap and the
+// rest shared out again among the others. Empty when the caps cannot hold `total`.
+std::vector<std::int64_t> capped(std::int64_t total, const std::vector<double>& weights,
+                                 const std::vector<std::int64_t>& caps) {
+  std::vector<std::int64_t> shares(weights.size(), 0);
+  std::vector<bool> fixed(weights.size(), false);
+  for (;;) {
+    std::vector<double> open_weights;
+    std::vector<std::size_t> open;
+    std::int64_t left = total;
+    for (std::size_t r = 0; r < weights.size(); ++r) {
+      if (fixed[r]) left -= shares[r];
+      else open.push_back(r), open_weights.push_back(weights[r]);
+    }
+    if (open.empty() || left < static_cast<std::int64_t>(open.size())) return {};
+    const std::vector<std::int64_t> part = split(left, open_weights);
+    bool over = false;
+    for (std::size_t k = 0; k < open.size(); ++k) {
+      shares[open[k]] = part[k];
+      if (!caps.empty() && part[k] > caps[open[k]]) shares[open[k]] = caps[open[k]], fixed[open[k]] = true, over = true;
+    }
+    if (!over) return shares;
+  }
+}
+
 // The slowest rank's compute for shares at the measured seconds per sample.
 double slowest(const std::vector<std::int64_t>& shares, const std::vector<double>& seconds_per_sample) {
   double worst = 0;
@@ -37,11 +62,12 @@ double slowest(const std::vector<std::int64_t>& shares, const std::vector<double
 
 }  // namespace
 
-RankShares::RankShares(const config::Config& config, int rank, int world_size)
+RankShares::RankShares(const config::Config& config, int rank, int world_size, std::vector<std::int64_t> caps)
     : rank_(rank),
       total_(config.batch.micro_batch * world_size),
       every_(config.data.rebalance_every),
-      automatic_(config.data.rank_weights.mode == Mode::auto_) {
+      automatic_(config.data.rank_weights.mode == Mode::auto_),
+      caps_(std::move(caps)) {
   if (config.data.rank_weights.mode == Mode::list)
     shares_ = split(total_, config.data.rank_weights.weights);
   else
@@ -86,8 +112,8 @@ bool RankShares::rebalance(std::int64_t step, comm::Communicator& comm) {
     if (!(s > 0) || !std::isfinite(s)) return false;  // nothing measured: keep the shares
     speeds.push_back(1.0 / s);
   }
-  const std::vector<std::int64_t> proposed = split(total_, speeds);
-  if (proposed == shares_ || slowest(proposed, seconds_per_sample_) > kWorthwhile * slowest(shares_, seconds_per_sample_))
+  const std::vector<std::int64_t> proposed = capped(total_, speeds, caps_);
+  if (proposed.empty() || proposed == shares_ || slowest(proposed, seconds_per_sample_) > kWorthwhile * slowest(shares_, seconds_per_sample_))
     return false;
   shares_ = proposed;
   return true;

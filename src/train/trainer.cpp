@@ -33,9 +33,11 @@
 #include "mpitrain/runtime/error.h"
 #include "mpitrain/runtime/fault.h"
 #include "mpitrain/runtime/gpu_info.h"
+#include "mpitrain/runtime/memory_budget.h"
 #include "mpitrain/runtime/signals.h"
 #include "mpitrain/runtime/world.h"
 #include "mpitrain/train/metrics.h"
+#include "mpitrain/train/micro_batch.h"
 #include "mpitrain/train/optim.h"
 #include "mpitrain/train/shares.h"
 #include "mpitrain/train/trace.h"
@@ -144,6 +146,7 @@ struct Trainer::Impl {
   std::int64_t parameters = 0;
   std::unique_ptr<ddp::DistributedDataParallel> ddp;
   std::unique_ptr<RankShares> shares;  // of each micro-batch (data.rank_weights)
+  std::int64_t cpu_budget = 0;         // MPITRAIN_CPU_MEMORY_BUDGET, bytes (0 = none)
   std::unique_ptr<data::Loader> train_loader;
   std::unique_ptr<data::Loader> eval_loader;
   data::LoaderState eval_start;
@@ -198,6 +201,10 @@ struct Trainer::Impl {
 
   void setup_device() {
     device = runtime::choose_device(world, {runtime::parse_device_kind(config.device.kind), config.device.allow_shared_gpu});
+    if (device.is_cpu()) {
+      cpu_budget = runtime::cpu_memory_budget_from_environment();
+      runtime::install_cpu_memory_budget(cpu_budget);
+    }
 #ifdef MPITRAIN_HAVE_NCCL
     if (device.is_cuda()) {
       at::cuda::set_device(device.index());
@@ -235,7 +242,9 @@ struct Trainer::Impl {
     gpu = std::make_unique<runtime::GpuInfo>(device);
     const bool half = precision == amp::Precision::bf16 || precision == amp::Precision::fp16;
     peak_tflops = config.device.peak_tflops > 0 ? config.device.peak_tflops : half ? gpu->peak_tflops_16bit() : 0.0;
-    shares = std::make_unique<RankShares>(config, world.rank(), world.size());
+    std::vector<std::int64_t> caps;
+    if (config.batch.micro_batch == 0) caps = choose_micro_batch(train_spec);
+    shares = std::make_unique<RankShares>(config, world.rank(), world.size(), caps);
     data::LoaderOptions train_options = loader_options(config.data.train, true);
     train_options.shares = shares->shares();
     train_loader = std::make_unique<data::Loader>(train_spec, train_options, world.rank(), world.size(), *comm);
@@ -268,6 +277,82 @@ struct Trainer::Impl {
     if (config.log.trace_steps > 0 && config.log.trace_start_step > total_steps)
       world.log().info("no step trace: log.trace_start_step " + std::to_string(config.log.trace_start_step) +
                        " is after the run's last step, " + std::to_string(total_steps));
+  }
+
+  // batch.micro_batch auto (trainer.h): what fits on each rank, then the micro-batch that fits
+  // on all and keeps batch.global. Returns each rank's cap; sets config.batch.
+  std::vector<std::int64_t> choose_micro_batch(const data::DatasetSpec& spec) {
+    constexpr double kMargin = 0.1;  // allocator fragmentation, eval, checkpoint copies
+    const std::int64_t upper = config.batch.global / world.size();  // no accumulation needed
+    std::int64_t cap = upper;
+    const bool limited = device.is_cuda() || cpu_budget > 0;
+    if (limited) {
+      data::Dataset dataset(spec, /*cache_blocks=*/2);
+      config::OptimizerConfig frozen = config.optimizer;
+      frozen.lr = 0;  // real optimizer steps (their state takes memory) that leave the weights as they are
+      auto trial_optimizer = make_optimizer(frozen, *model, device);
+      cap = largest_fitting([&](std::int64_t m) { return trial_step(dataset, *trial_optimizer, m); }, upper, kMargin);
+      trial_optimizer.reset();
+      release_cached_memory();
+    }
+    const auto options = at::TensorOptions().device(comm->device()).dtype(at::kLong);
+    at::Tensor all = at::empty({comm->size()}, options);
+    comm->all_gather(all, at::full({1}, cap, options));
+    const at::Tensor host = all.cpu();
+    const std::vector<std::int64_t> caps(host.data_ptr<std::int64_t>(), host.data_ptr<std::int64_t>() + comm->size());
+    const std::vector<double> weights =
+        config.data.rank_weights.mode == config::RankWeights::Mode::list ? config.data.rank_weights.weights : std::vector<double>{};
+    config.batch.micro_batch = micro_batch_for(caps, weights, config.batch.global);
+    config.batch.accumulation = 1;
+    config = config::resolve(config, world.size());
+    std::string listed;
+    for (std::int64_t c : caps) listed += (listed.empty() ? "" : ", ") + std::to_string(c);
+    world.log().info("batch.micro_batch auto: " + std::to_string(config.batch.micro_batch) + " per rank x " +
+                     std::to_string(config.batch.accumulation) + " accumulation x " + std::to_string(world.size()) +
+                     " ranks = batch.global " + std::to_string(config.batch.global) + " (fits per rank: " + listed +
+                     (limited ? "; where memory was the limit, " + std::to_string(static_cast<int>(kMargin * 100)) +
+                                    " % below the largest that ran)"
+                              : "; no memory limit on CPU)"));
+    return caps;
+  }
+
+  // One training step at micro-batch m on the first m samples (repeated if fewer), without
+  // communication; false when it ran out of memory (cleaned up). Non-finite gradients skip the
+  // update so that even lr 0 cannot write NaN into the weights.
+  bool trial_step(data::Dataset& dataset, torch::optim::Optimizer& optimizer, std::int64_t m) {
+    try {
+      data::Batch batch = dataset.allocate(m);
+      std::vector<std::int64_t> indices(static_cast<std::size_t>(m));
+      for (std::int64_t i = 0; i < m; ++i) indices[static_cast<std::size_t>(i)] = i % dataset.size();
+      dataset.read_into(indices, batch);
+      const auto task = model->task();
+      const at::Tensor inputs = batch.inputs.to(device), targets = batch.targets.to(device);
+      {
+        auto no_sync = ddp->no_sync();
+        at::Tensor loss;
+        {
+          amp::AutocastScope autocast(device, precision);
+          loss = loss_of(model->forward(model_inputs(inputs, task)), targets, task);
+        }
+        loss.backward();
+      }
+      bool finite = true;
+      for (const auto& parameter : model->parameters())
+        if (parameter.grad().defined()) finite = finite && parameter.grad().isfinite().all().item<bool>();
+      if (finite) optimizer.step();
+      optimizer.zero_grad(/*set_to_none=*/false);
+      return true;
+    } catch (const c10::OutOfMemoryError&) {
+      optimizer.zero_grad(/*set_to_none=*/false);
+      release_cached_memory();
+      return false;
+    }
+  }
+
+  void release_cached_memory() {
+#ifdef MPITRAIN_HAVE_NCCL
+    if (device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
   }
 
   // Waits for the work queued on the device: on CUDA a traced phase then ends when its kernels
@@ -778,5 +863,6 @@ void Trainer::restore(const std::string& checkpoint_dir, bool allow_config_chang
 std::int64_t Trainer::steps_done() const { return impl_->steps_done; }
 std::int64_t Trainer::total_steps() const { return impl_->total_steps; }
 std::int64_t Trainer::parameter_count() const { return impl_->parameters; }
+const config::Config& Trainer::config() const { return impl_->config; }
 
 }  // namespace mpitrain::train

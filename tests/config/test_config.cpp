@@ -105,12 +105,12 @@ TEST_CASE("config errors name the file, the key path and the expected form", "[c
       {R"({"model": {"name": "gtp"}})",
        R"("model.name" must be one of "cnn", "gpt", "mlp", got "gtp"; did you mean "gpt"?)"},
       {R"({"batch": {"micro_batch": "32"}})",
-       R"("batch.micro_batch" must be an integer >= 1, got "32")"},
+       R"("batch.micro_batch" must be an integer >= 1, or "auto", got "32")"},
       {R"({"data": {"train": {"shuffle": 1}}})",
        R"("data.train.shuffle" must be true or false, got 1)"},
       {R"({"optimizer": {"lr": -0.1}})", R"("optimizer.lr" must be a number > 0, got -0.1)"},
       {R"({"batch": {"micro_batch": 0}})",
-       R"("batch.micro_batch" must be an integer >= 1, got 0)"},
+       R"("batch.micro_batch" must be an integer >= 1, or "auto", got 0)"},
       {R"({"train": {"steps": 10.5}})", R"("train.steps" must be an integer >= 0, got 10.5)"},
       {R"({"optimizer": {"name": "adam"}})",
        R"("optimizer.name" must be one of "sgd", "adamw", got "adam"; did you mean "adamw"?)"},
@@ -225,8 +225,8 @@ TEST_CASE("bad --set arguments are errors naming the argument", "[config]") {
       {"=1", "expected key.path=value, e.g. --set optimizer.lr=3e-4"},
       {"optimizer.lr.x=1",
        R"("optimizer.lr" is a setting, not a section: "optimizer.lr.x" does not exist)"},
-      {"batch.micro_batch=abc", R"("batch.micro_batch" must be an integer >= 1, got "abc")"},
-      {"batch.micro_batch=0", R"("batch.micro_batch" must be an integer >= 1, got 0)"},
+      {"batch.micro_batch=abc", R"("batch.micro_batch" must be an integer >= 1, or "auto", got "abc")"},
+      {"batch.micro_batch=0", R"("batch.micro_batch" must be an integer >= 1, or "auto", got 0)"},
       {"data.train.shuffle=yes", R"("data.train.shuffle" must be true or false, got "yes")"},
       {"optimizer.betas=0.9,x",
        R"("optimizer.betas" must be a list of numbers in [0, 1), exactly 2 items, got [0.9,"x"])"},
@@ -426,4 +426,18 @@ TEST_CASE("data.rank_weights: equal, auto, or one positive weight per rank", "[c
   CHECK(error_of([&] { config::resolve(listed, 4); }) ==
         "batch settings for 4 rank(s): data.rank_weights has 2 weight(s), one per rank is 4; give one weight per "
         "rank, or \"equal\" or \"auto\"");
+}
+
+TEST_CASE("batch.micro_batch auto needs batch.global and leaves batch.accumulation to the trainer", "[config]") {
+  const config::Config c = load(kBase, {"batch.micro_batch=auto", "batch.global=512"});
+  CHECK(c.batch.micro_batch == 0);
+  CHECK(config::to_json(c)["batch"]["micro_batch"] == "auto");
+  const config::Config resolved = config::resolve(c, 4);  // nothing to derive yet
+  CHECK(resolved.batch.micro_batch == 0);
+  CHECK(resolved.batch.global == 512);
+  CHECK_THAT(error_of([] { load(kBase, {"batch.micro_batch=auto"}); }),
+             Catch::Contains("batch.micro_batch auto needs batch.global"));
+  CHECK_THAT(error_of([] { load(kBase, {"batch.micro_batch=auto", "batch.global=512", "batch.accumulation=2"}); }),
+             Catch::Contains("leave batch.accumulation at 1"));
+  CHECK_THAT(error_of([] { load(kBase, {"batch.micro_batch=atuo"}); }), Catch::Contains("did you mean \"auto\"?"));
 }

@@ -7,7 +7,11 @@
 #  3. auto: a rank slowed down (fault point train.slow_rank) is given the smaller share after
 #     step 4, and the weights are bit-identical to a run with equal shares for 4 steps resumed
 #     with the shares auto chose;
-#  4. invalid weights are config errors (exit 2) naming data.rank_weights, before step 1.
+#  4. invalid weights are config errors (exit 2) naming data.rank_weights, before step 1;
+#  5. batch.micro_batch auto under a CPU memory budget (MPITRAIN_CPU_MEMORY_BUDGET): a micro-batch
+#     below what fits, batch.global kept, saved in config.json, and training runs within the
+#     budget; with different budgets per rank the smaller cap rules; without a budget on CPU the
+#     micro-batch is batch.global / ranks.
 # Environment (set by CTest): MPIEXEC, BIN.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../support/tiny_run.sh"
@@ -87,4 +91,34 @@ refused 'data.rank_weights has 1 weight(s), one per rank is 2' --set 'data.rank_
 refused '"data.rank_weights" must be a list of numbers > 0' --set 'data.rank_weights=[1,0]'
 refused '"data.rank_weights" must be a list of numbers > 0' --set 'data.rank_weights=[-1,2]'
 refused 'data.rank_weights: 8 samples shared out by weight give rank 1 none' --set 'data.rank_weights=[1000,0.001]'
+
+echo "--- 5. batch.micro_batch auto"
+micro=(--set model.mlp.hidden=256 --set batch.micro_batch=auto --set batch.global=512 --set train.steps=3)
+MPITRAIN_CPU_MEMORY_BUDGET=5100000 train 2 "${common[@]}" "${micro[@]}" --set run.name=micro > "$work/micro.log" 2>&1 ||
+  { cat "$work/micro.log"; fail "training with batch.micro_batch auto under a budget failed"; }
+grep "batch.micro_batch auto:" "$work/micro.log"
+python3 - "$work/runs/micro/config.json" "$work/micro.log" <<'PY'
+import json, re, sys
+batch = json.load(open(sys.argv[1]))["batch"]
+caps = [int(c) for c in re.search(r"fits per rank: ([\d, ]+);", open(sys.argv[2]).read()).group(1).split(", ")]
+assert isinstance(batch["micro_batch"], int) and 1 <= batch["micro_batch"] <= min(caps) < 256, (batch, caps)
+assert batch["micro_batch"] * 2 * batch["accumulation"] == batch["global"] == 512, batch
+print(f"PASS: micro-batch {batch['micro_batch']} x accumulation {batch['accumulation']} (caps {caps})")
+PY
+grep -q "done: 3 steps" "$work/micro.log" || fail "the run under the budget did not finish"
+# Different budgets per rank: the smaller cap rules (a dry run: the search, then the printed config).
+"$MPIEXEC" --oversubscribe --bind-to none \
+  -np 1 env MPITRAIN_CPU_MEMORY_BUDGET=5100000 "$BIN/train" --config "$work/run.json" "${common[@]}" "${micro[@]}" --dry-run : \
+  -np 1 env MPITRAIN_CPU_MEMORY_BUDGET=50000000 "$BIN/train" --config "$work/run.json" "${common[@]}" "${micro[@]}" --dry-run \
+  > "$work/mixed.log" 2>&1 || { cat "$work/mixed.log"; fail "the dry run with two budgets failed"; }
+python3 - "$work/mixed.log" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+m = re.search(r"batch.micro_batch auto: (\d+) per rank x (\d+) accumulation x 2 ranks = batch.global 512 \(fits per rank: (\d+), (\d+);", text)
+assert m, text
+micro, caps = int(m.group(1)), [int(m.group(3)), int(m.group(4))]
+assert caps[0] < caps[1] == 256 and micro <= caps[0], (micro, caps)
+print(f"PASS: caps {caps}: micro-batch {micro}")
+PY
+train 2 "${common[@]}" "${micro[@]}" --dry-run | grep -q '"micro_batch": 256' || fail "without a budget: want batch.global / ranks"
 echo "PASS"

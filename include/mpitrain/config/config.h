@@ -76,7 +76,7 @@ struct DataConfig {
 };
 
 struct BatchConfig {
-  std::int64_t micro_batch = 0;
+  std::int64_t micro_batch = 0;  // 0 = "auto", until the trainer sets it
   std::int64_t accumulation = 0;
   std::int64_t global = 0;  // 0 until resolve() when not given
 };
@@ -205,7 +205,8 @@ Config load(const std::string& path, const std::vector<std::string>& overrides,
 /// global / (micro_batch * world_size), which must divide exactly and agree with an explicit
 /// accumulation other than 1; otherwise global = micro_batch * accumulation * world_size.
 /// micro_batch is the mean per rank when data.rank_weights is not equal, and a list of
-/// data.rank_weights must hold one weight per rank.
+/// data.rank_weights must hold one weight per rank. With batch.micro_batch auto (0) it checks
+/// nothing: the trainer resolves again once it has found the micro-batch.
 Config resolve(Config config, int world_size);
 
 /// The canonical tree (only the selected model's options under model); see the contract.

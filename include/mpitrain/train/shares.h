@@ -16,7 +16,8 @@
 //   most) before each re-balance, never the run's first (it warms up); the first re-balance
 //   follows step 4 of the run, later ones every data.rebalance_every steps (0: only the first). rebalance() is collective (one all-gather of seconds per sample), called by
 //   every rank after the same step; it adopts the new shares only when they shorten the
-//   slowest rank's predicted compute by at least 3 %, so noise does not churn the loader.
+//   slowest rank's predicted compute by at least 3 %, so noise does not churn the loader. No
+//   share exceeds its rank's cap (what fits in its memory) when caps are given.
 // - Throws runtime::Error(bad_input) naming data.rank_weights when a share would be 0.
 
 #include <cstdint>
@@ -32,7 +33,8 @@ namespace mpitrain::train {
 
 class RankShares {
  public:
-  RankShares(const config::Config& config, int rank, int world_size);
+  /// `caps`: the most samples each rank can take (batch.micro_batch auto), or empty.
+  RankShares(const config::Config& config, int rank, int world_size, std::vector<std::int64_t> caps = {});
 
   const std::vector<std::int64_t>& shares() const { return shares_; }
   std::int64_t mine() const { return shares_[static_cast<std::size_t>(rank_)]; }
@@ -57,6 +59,7 @@ class RankShares {
   std::int64_t every_;
   bool automatic_;
   std::vector<std::int64_t> shares_;
+  std::vector<std::int64_t> caps_;
   std::int64_t start_ = 0;       // the step the run started after
   std::int64_t next_ = 0;        // the step after which the next rebalance() is due
   double seconds_ = 0;           // measured since the last rebalance()

@@ -7,7 +7,13 @@
 //   (seeded by run.seed, so every rank builds the same one before DDP broadcasts it anyway;
 //   then loads model.init_from when set, with an error listing every tensor that does not fit),
 //   wraps it in DDP, opens the train (and eval) loaders, and builds the optimizer, scheduler
-//   and loss scaler.
+//   and loss scaler. With batch.micro_batch auto it first finds, on every rank, the largest
+//   micro-batch whose forward, backward and optimizer step fit in memory (train/micro_batch.h;
+//   real steps on the training data with the learning rate at 0, so the weights do not change),
+//   then takes the largest micro-batch that fits on every rank and keeps batch.global; config()
+//   is the resolved config with the values chosen.
+// - data.rank_weights: each rank's share of the micro-steps' samples (train/shares.h); its loss
+//   is weighted by its share, so the update is the same whatever the shares.
 // - step() runs one optimizer step, the same on every rank: accumulation micro-batches (all but
 //   the last under no_sync), forward under autocast, loss divided by the accumulation count and
 //   scaled (fp16), backward, wait for DDP, unscale (found-inf agreed across ranks), clip,
@@ -87,6 +93,8 @@ class Trainer {
   std::int64_t steps_done() const;
   std::int64_t total_steps() const;
   std::int64_t parameter_count() const;
+  /// The resolved config the run uses (batch.micro_batch auto replaced by the value found).
+  const config::Config& config() const;
 
  private:
   struct Impl;
