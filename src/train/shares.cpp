@@ -70,8 +70,9 @@ RankShares::RankShares(const config::Config& config, int rank, int world_size, s
       caps_(std::move(caps)) {
   if (config.data.rank_weights.mode == Mode::list)
     shares_ = split(total_, config.data.rank_weights.weights);
-  else
-    shares_.assign(static_cast<std::size_t>(world_size), config.batch.micro_batch);
+  else if (automatic_ && !caps_.empty())
+    shares_ = capped(total_, std::vector<double>(caps_.begin(), caps_.end()), caps_);
+  if (shares_.empty()) shares_.assign(static_cast<std::size_t>(world_size), config.batch.micro_batch);
 }
 
 double RankShares::loss_factor() const {

@@ -300,8 +300,12 @@ struct Trainer::Impl {
     comm->all_gather(all, at::full({1}, cap, options));
     const at::Tensor host = all.cpu();
     const std::vector<std::int64_t> caps(host.data_ptr<std::int64_t>(), host.data_ptr<std::int64_t>() + comm->size());
-    const std::vector<double> weights =
-        config.data.rank_weights.mode == config::RankWeights::Mode::list ? config.data.rank_weights.weights : std::vector<double>{};
+    // Equal shares: the smallest cap rules. A list: each weighted share within its cap. auto: each
+    // rank starts with a share in proportion to its own cap (RankShares), so none waits on the
+    // smallest.
+    std::vector<double> weights;
+    if (config.data.rank_weights.mode == config::RankWeights::Mode::list) weights = config.data.rank_weights.weights;
+    if (config.data.rank_weights.mode == config::RankWeights::Mode::auto_) weights.assign(caps.begin(), caps.end());
     config.batch.micro_batch = micro_batch_for(caps, weights, config.batch.global);
     config.batch.accumulation = 1;
     config = config::resolve(config, world.size());

@@ -10,8 +10,9 @@
 #  4. invalid weights are config errors (exit 2) naming data.rank_weights, before step 1;
 #  5. batch.micro_batch auto under a CPU memory budget (MPITRAIN_CPU_MEMORY_BUDGET): a micro-batch
 #     below what fits, batch.global kept, saved in config.json, and training runs within the
-#     budget; with different budgets per rank the smaller cap rules; without a budget on CPU the
-#     micro-batch is batch.global / ranks.
+#     budget; with different budgets per rank the smaller cap rules with equal shares, and each
+#     rank keeps its own with rank_weights auto; without a budget on CPU the micro-batch is
+#     batch.global / ranks.
 # Environment (set by CTest): MPIEXEC, BIN.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../support/tiny_run.sh"
@@ -120,5 +121,18 @@ micro, caps = int(m.group(1)), [int(m.group(3)), int(m.group(4))]
 assert caps[0] < caps[1] == 256 and micro <= caps[0], (micro, caps)
 print(f"PASS: caps {caps}: micro-batch {micro}")
 PY
+# With rank_weights auto each rank keeps its own cap: at batch.global 1024 (512 per rank at
+# most), equal shares are held to the smaller cap (micro-batch 128), auto shares are not (256).
+for weights in equal auto; do
+  "$MPIEXEC" --oversubscribe --bind-to none \
+    -np 1 env MPITRAIN_CPU_MEMORY_BUDGET=5100000 "$BIN/train" --config "$work/run.json" "${common[@]}" "${micro[@]}" \
+      --set batch.global=1024 --set data.rank_weights=$weights --dry-run : \
+    -np 1 env MPITRAIN_CPU_MEMORY_BUDGET=50000000 "$BIN/train" --config "$work/run.json" "${common[@]}" "${micro[@]}" \
+      --set batch.global=1024 --set data.rank_weights=$weights --dry-run > "$work/own-$weights.log" 2>&1 ||
+    { cat "$work/own-$weights.log"; fail "the dry run with rank_weights $weights failed"; }
+  grep "batch.micro_batch auto:" "$work/own-$weights.log"
+done
+grep -q "batch.micro_batch auto: 128 per rank x 4 accumulation" "$work/own-equal.log" || fail "equal: want micro-batch 128"
+grep -q "batch.micro_batch auto: 256 per rank x 2 accumulation" "$work/own-auto.log" || fail "auto: want micro-batch 256"
 train 2 "${common[@]}" "${micro[@]}" --dry-run | grep -q '"micro_batch": 256' || fail "without a budget: want batch.global / ranks"
 echo "PASS"

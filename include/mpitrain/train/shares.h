@@ -5,8 +5,8 @@
 // Contract:
 // - A micro-step's global sample count M = batch.micro_batch x ranks stays fixed; the shares
 //   split it: equal (micro_batch each), proportional to the configured weights, or (auto)
-//   equal until the first measurement, then proportional to each rank's measured samples per
-//   second of forward + backward. data::apportion() does the split: every share >= 1, the sum
+//   equal (in proportion to the caps when given) until the first measurement, then
+//   proportional to each rank's measured samples per second of forward + backward. data::apportion() does the split: every share >= 1, the sum
 //   exactly M, the same on every rank.
 // - loss_factor() = share x ranks / M: the trainer multiplies its rank's mean loss by it, so
 //   that DDP's average over ranks is the mean over all M samples (the sum of the per-rank sums
