@@ -33,10 +33,24 @@ std::int64_t micro_batch_for(const std::vector<std::int64_t>& caps, const std::v
                              std::int64_t global) {
   const auto ranks = static_cast<std::int64_t>(caps.size());
   const std::vector<double> w = weights.empty() ? std::vector<double>(caps.size(), 1.0) : weights;
-  std::int64_t room = 0;  // every share within its cap needs m x ranks <= the caps' sum
-  for (std::int64_t cap : caps) room += cap;
-  for (std::int64_t m = std::min(global, room) / std::max<std::int64_t>(ranks, 1); m >= 1; --m) {
-    if (global % (m * ranks) != 0) continue;
+  std::string listed;
+  for (std::int64_t cap : caps) listed += (listed.empty() ? "" : ", ") + std::to_string(cap);
+  const auto none = [&](const std::string& what) {
+    return runtime::Error("batch.micro_batch auto: no micro-batch keeps batch.global " + std::to_string(global) + " over " +
+                              std::to_string(ranks) + " ranks within what fits on each (" + listed + "): " + what,
+                          runtime::ExitCode::bad_input);
+  };
+  if (ranks < 1 || global % ranks != 0) throw none("make batch.global a multiple of the number of ranks");
+  // m x ranks divides global exactly when m divides global / ranks. Every share within its cap
+  // needs m x ranks <= the caps' sum, so the search starts at most there (caps are what fit in
+  // memory, so this loop is short unless memory is no limit, where it ends at once).
+  const std::int64_t per_rank = global / ranks;
+  std::int64_t room = 0;
+  for (std::int64_t cap : caps)
+    if (__builtin_add_overflow(room, cap, &room)) room = global;
+  room = std::min(room, global);
+  for (std::int64_t m = std::min(per_rank, room / ranks); m >= 1; --m) {
+    if (per_rank % m != 0) continue;
     std::vector<std::int64_t> shares;
     try {
       shares = data::apportion(m * ranks, w);
@@ -47,12 +61,7 @@ std::int64_t micro_batch_for(const std::vector<std::int64_t>& caps, const std::v
     for (std::size_t r = 0; r < caps.size(); ++r) within = within && shares[r] <= caps[r];
     if (within) return m;
   }
-  std::string listed;
-  for (std::int64_t cap : caps) listed += (listed.empty() ? "" : ", ") + std::to_string(cap);
-  throw runtime::Error("batch.micro_batch auto: no micro-batch keeps batch.global " + std::to_string(global) +
-                           " over " + std::to_string(ranks) + " ranks within what fits on each (" + listed +
-                           "): make batch.global a multiple of the number of ranks",
-                       runtime::ExitCode::bad_input);
+  throw none("lower the model's memory use or set data.rank_weights to fit the caps");
 }
 
 }  // namespace mpitrain::train

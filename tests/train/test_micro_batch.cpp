@@ -44,6 +44,13 @@ TEST_CASE("micro_batch_for: the largest mean micro-batch within every cap that d
   CHECK(train::micro_batch_for({100, 30}, {3, 1}, 512) == 32);  // shares 48 and 16 of 64
   CHECK(train::micro_batch_for({7, 7, 7}, {}, 48) == 4);       // 4 x 3 x 4 = 48
   CHECK_THROWS_WITH(train::micro_batch_for({8, 8}, {}, 15), Contains("make batch.global a multiple of the number of ranks"));
+  // Unequal weights may give one rank more than batch.global / ranks.
+  CHECK(train::micro_batch_for({10, 1000}, {10, 1000}, 1024) == 256);  // shares 5 and 507 of 512
+  // No search through every integer when memory is no limit.
+  CHECK(train::micro_batch_for({std::int64_t{1} << 61, std::int64_t{1} << 61}, {}, std::int64_t{1} << 62) ==
+        std::int64_t{1} << 61);
+  CHECK_THROWS_WITH(train::micro_batch_for({1000, 1000}, {}, (std::int64_t{1} << 62) + 1),
+                    Contains("make batch.global a multiple of the number of ranks"));
 }
 
 TEST_CASE("the CPU memory budget raises LibTorch's out-of-memory error and gives freed bytes back", "[hetero]") {
