@@ -199,6 +199,19 @@ struct Trainer::Impl {
     return options;
   }
 
+  // A loader of this rank. With data.seq_len 0 the sample length comes from the model, so a
+  // refusal that depends on it says which options to look at.
+  std::unique_ptr<data::Loader> open_loader(const data::DatasetSpec& spec, const data::LoaderOptions& options) {
+    try {
+      return std::make_unique<data::Loader>(spec, options, world.rank(), world.size(), *comm);
+    } catch (const runtime::Error& e) {
+      if (spec.kind != data::Kind::tokens || config.data.seq_len > 0) throw;
+      throw runtime::Error(std::string(e.what()) + " (data.seq_len is 0, so a sample is the model's context length, " +
+                               std::to_string(spec.seq_len) + " tokens, set by model." + config.model.name + "'s options)",
+                           e.code());
+    }
+  }
+
   void setup_device() {
     device = runtime::choose_device(world, {runtime::parse_device_kind(config.device.kind), config.device.allow_shared_gpu});
     if (device.is_cpu()) {
@@ -247,11 +260,11 @@ struct Trainer::Impl {
     shares = std::make_unique<RankShares>(config, world.rank(), world.size(), caps);
     data::LoaderOptions train_options = loader_options(config.data.train, true);
     train_options.shares = shares->shares();
-    train_loader = std::make_unique<data::Loader>(train_spec, train_options, world.rank(), world.size(), *comm);
+    train_loader = open_loader(train_spec, train_options);
     if (!config.data.eval.empty()) {
-      eval_loader = std::make_unique<data::Loader>(
+      eval_loader = open_loader(
           dataset_spec(config, config.data.eval, "eval", task, model->context_length(), model->output_classes()),
-          loader_options(config.data.eval, false), world.rank(), world.size(), *comm);
+          loader_options(config.data.eval, false));
       eval_start = eval_loader->state();
     }
     const std::int64_t per_epoch = train_loader->steps_per_epoch() / config.batch.accumulation;
