@@ -82,10 +82,9 @@ struct Loader::Impl {
 
   // One all-gather of a fixed-size summary; every rank reaches the same verdict.
   void agree(comm::Communicator& comm, const std::string& open_error) {
-    std::string shares;
+    std::string shares;  // every rank's, filled in by the constructor
     for (std::int64_t share : options.shares) shares += (shares.empty() ? "" : ",") + std::to_string(share);
-    const std::string order = "batch=" + (shares.empty() ? std::to_string(options.batch_size) : shares) +
-                              " world=" + std::to_string(world) +
+    const std::string order = "batch=" + shares + " world=" + std::to_string(world) +
                               " seed=" + std::to_string(options.seed) + " shuffle=" + std::to_string(options.shuffle) +
                               " window=" + std::to_string(options.shuffle_window) + " remainder=" +
                               to_string(options.remainder);

@@ -6,6 +6,7 @@
 
 #include "mpitrain/data/sampler.h"
 #include "mpitrain/runtime/error.h"
+#include "per_rank.h"
 
 namespace mpitrain::train {
 
@@ -33,11 +34,9 @@ std::int64_t micro_batch_for(const std::vector<std::int64_t>& caps, const std::v
                              std::int64_t global) {
   const auto ranks = static_cast<std::int64_t>(caps.size());
   const std::vector<double> w = weights.empty() ? std::vector<double>(caps.size(), 1.0) : weights;
-  std::string listed;
-  for (std::int64_t cap : caps) listed += (listed.empty() ? "" : ", ") + std::to_string(cap);
   const auto none = [&](const std::string& what) {
     return runtime::Error("batch.micro_batch auto: no micro-batch keeps batch.global " + std::to_string(global) + " over " +
-                              std::to_string(ranks) + " ranks within what fits on each (" + listed + "): " + what,
+                              std::to_string(ranks) + " ranks within what fits on each (" + detail::per_rank_text(caps) + "): " + what,
                           runtime::ExitCode::bad_input);
   };
   if (ranks < 1 || global % ranks != 0) throw none("make batch.global a multiple of the number of ranks");

@@ -1,7 +1,5 @@
 #include "mpitrain/train/shares.h"
 
-#include <ATen/ATen.h>
-
 #include <algorithm>
 #include <cmath>
 
@@ -9,6 +7,7 @@
 #include "mpitrain/data/sampler.h"
 #include "mpitrain/ddp/ddp.h"
 #include "mpitrain/runtime/error.h"
+#include "per_rank.h"
 
 namespace mpitrain::train {
 namespace {
@@ -98,11 +97,7 @@ void RankShares::record(double compute_seconds, std::int64_t samples) {
 bool RankShares::due(std::int64_t step) const { return automatic_ && next_ > 0 && step == next_; }
 
 bool RankShares::rebalance(std::int64_t step, comm::Communicator& comm) {
-  const auto options = at::TensorOptions().dtype(at::kDouble).device(comm.device());
-  at::Tensor all = at::empty({comm.size()}, options);
-  comm.all_gather(all, at::full({1}, samples_ > 0 ? seconds_ / static_cast<double>(samples_) : 0.0, options));
-  const at::Tensor host = all.cpu();
-  seconds_per_sample_.assign(host.data_ptr<double>(), host.data_ptr<double>() + comm.size());
+  seconds_per_sample_ = detail::gather_per_rank(comm, samples_ > 0 ? seconds_ / static_cast<double>(samples_) : 0.0);
   seconds_ = 0;
   samples_ = 0;
   next_ = every_ > 0 ? step + every_ : 0;

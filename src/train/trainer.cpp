@@ -41,6 +41,7 @@
 #include "mpitrain/train/optim.h"
 #include "mpitrain/train/shares.h"
 #include "mpitrain/train/trace.h"
+#include "per_rank.h"
 
 namespace mpitrain::train {
 namespace {
@@ -176,12 +177,9 @@ struct Trainer::Impl {
 
   void check_same_config() {
     const auto fingerprint = static_cast<std::int64_t>(config::fingerprint(config));
-    const auto options = at::TensorOptions().device(comm->device()).dtype(at::kLong);
-    at::Tensor all = at::empty({comm->size()}, options);
-    comm->all_gather(all, at::full({1}, fingerprint, options));
-    const at::Tensor host = all.cpu();
+    const std::vector<std::int64_t> all = detail::gather_per_rank(*comm, fingerprint);
     for (int r = 0; r < comm->size(); ++r)
-      if (host[r].item<std::int64_t>() != fingerprint)
+      if (all[static_cast<std::size_t>(r)] != fingerprint)
         throw runtime::Error("the resolved config differs between rank " + std::to_string(r) + " and rank " +
                                  std::to_string(comm->rank()) + ": start every rank with the same --config and --set "
                                  "arguments",
@@ -308,11 +306,7 @@ struct Trainer::Impl {
       trial_optimizer.reset();
       release_cached_memory();
     }
-    const auto options = at::TensorOptions().device(comm->device()).dtype(at::kLong);
-    at::Tensor all = at::empty({comm->size()}, options);
-    comm->all_gather(all, at::full({1}, cap, options));
-    const at::Tensor host = all.cpu();
-    const std::vector<std::int64_t> caps(host.data_ptr<std::int64_t>(), host.data_ptr<std::int64_t>() + comm->size());
+    const std::vector<std::int64_t> caps = detail::gather_per_rank(*comm, cap);
     // Equal shares: the smallest cap rules. A list: each weighted share within its cap. auto: each
     // rank starts with a share in proportion to its own cap (RankShares), so none waits on the
     // smallest.
@@ -322,11 +316,9 @@ struct Trainer::Impl {
     config.batch.micro_batch = micro_batch_for(caps, weights, config.batch.global);
     config.batch.accumulation = 1;
     config = config::resolve(config, world.size());
-    std::string listed;
-    for (std::int64_t c : caps) listed += (listed.empty() ? "" : ", ") + std::to_string(c);
     world.log().info("batch.micro_batch auto: " + std::to_string(config.batch.micro_batch) + " per rank x " +
                      std::to_string(config.batch.accumulation) + " accumulation x " + std::to_string(world.size()) +
-                     " ranks = batch.global " + std::to_string(config.batch.global) + " (fits per rank: " + listed +
+                     " ranks = batch.global " + std::to_string(config.batch.global) + " (fits per rank: " + detail::per_rank_text(caps) +
                      (limited ? "; where memory was the limit, " + std::to_string(static_cast<int>(kMargin * 100)) +
                                     " % below the largest that ran)"
                               : "; no memory limit on CPU)"));
@@ -453,8 +445,6 @@ struct Trainer::Impl {
   // backward of the scaled loss. Returns the loss.
   at::Tensor forward_backward(const data::Batch& batch, std::int64_t step, std::int64_t micro) {
     const bool last = micro + 1 == config.batch.accumulation;
-    // The mean over this rank's samples, weighted by its share (RankShares), over the micro-steps.
-    const double divisor = static_cast<double>(config.batch.accumulation) / shares->loss_factor();
     const auto task = model->task();
     auto start = Clock::now();
     if (last) ddp->before_forward();
@@ -466,14 +456,18 @@ struct Trainer::Impl {
     trace_phase("forward", step, start, static_cast<int>(micro));
     start = Clock::now();
     if (last) {
-      scaler->scale(loss / divisor).backward();
+      scaler->scale(loss / loss_divisor()).backward();
     } else {
       auto no_sync = ddp->no_sync();
-      scaler->scale(loss / divisor).backward();
+      scaler->scale(loss / loss_divisor()).backward();
     }
     trace_phase("backward", step, start, static_cast<int>(micro));
     return loss.detach();
   }
+
+  // The mean loss over this rank's samples becomes its part of the step's loss: weighted by its
+  // share (RankShares) and divided over the micro-steps.
+  double loss_divisor() const { return static_cast<double>(config.batch.accumulation) / shares->loss_factor(); }
 
   // A stand-in for a slower device in tests and benchmarks (fault point train.slow_rank): three
   // more forwards of the micro-batch, without gradients, so the extra time grows with its size
@@ -488,15 +482,15 @@ struct Trainer::Impl {
   void rebalance(MetricsLog& metrics) {
     if (!shares->rebalance(steps_done, *comm)) return;
     train_loader->set_shares(shares->shares());
-    std::string shares_text, speeds_text;
+    std::string speeds;
     char figure[32];
-    for (std::size_t r = 0; r < shares->shares().size(); ++r) {
-      shares_text += (r ? ", " : "") + std::to_string(shares->shares()[r]);
-      std::snprintf(figure, sizeof figure, "%s%.3f", r ? ", " : "", shares->seconds_per_sample()[r] * 1e3);
-      speeds_text += figure;
+    for (double seconds : shares->seconds_per_sample()) {
+      std::snprintf(figure, sizeof figure, "%s%.3f", speeds.empty() ? "" : ", ", seconds * 1e3);
+      speeds += figure;
     }
     world.log().info("data.rank_weights auto after step " + std::to_string(steps_done) + ": shares of each micro-batch " +
-                     shares_text + " (measured ms of forward + backward per sample: " + speeds_text + ")");
+                     detail::per_rank_text(shares->shares()) + " (measured ms of forward + backward per sample: " +
+                     speeds + ")");
     metrics.write({{"step", steps_done}, {"rank_shares", shares->shares()}, {"rank_seconds_per_sample", shares->seconds_per_sample()}});
   }
 
@@ -554,7 +548,7 @@ struct Trainer::Impl {
 
     result.skipped = !finite;
     // Weighted like the gradient, so that the ranks' average is the global batch's mean loss.
-    result.loss = loss_sum / (static_cast<double>(config.batch.accumulation) / shares->loss_factor());
+    result.loss = loss_sum / loss_divisor();
     result.step = ++steps_done;
     return result;
   }
