@@ -2,12 +2,15 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
+#include <torch/nn/utils/clip_grad.h>
 
 #include <sstream>
 #include <stdexcept>
 #include <utility>
 
+#include "combiners.h"
 #include "fingerprint.h"
+#include "mpitrain/runtime/error.h"
 #include "reducer.h"
 
 namespace mpitrain::ddp {
@@ -33,6 +36,18 @@ void broadcast_from_root(comm::Communicator& comm, std::vector<at::Tensor>& tens
 DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Module> module,
                                                  comm::Communicator& comm, Options options)
     : module_(std::move(module)), comm_(comm), options_(options) {
+  if (options_.zero_stage != 0 && options_.zero_stage != 1)
+    throw runtime::Error("DDP: zero_stage " + std::to_string(options_.zero_stage) + " is not supported; use 0 or 1",
+                         runtime::ExitCode::bad_input);
+  if (options_.compression == Options::Compression::topk) {
+    if (options_.zero_stage != 0 || options_.wire_dtype)
+      throw runtime::Error("DDP: top-k compression needs zero_stage 0 and no wire dtype (it sends the gradients' own "
+                           "dtype); turn one of them off",
+                           runtime::ExitCode::bad_input);
+    if (!(options_.topk_ratio > 0 && options_.topk_ratio <= 1))
+      throw runtime::Error("DDP: topk_ratio " + std::to_string(options_.topk_ratio) + " must be in (0, 1]",
+                           runtime::ExitCode::bad_input);
+  }
   std::vector<std::string> entries;
   std::vector<std::pair<std::string, at::Tensor>> trainable;
   std::vector<at::Tensor> state;  // everything rank 0 broadcasts
@@ -61,6 +76,43 @@ void DistributedDataParallel::before_forward() {
 }
 
 void DistributedDataParallel::finish_backward() { reducer_->finish(); }
+
+std::vector<at::Tensor> DistributedDataParallel::gradients() const {
+  std::vector<at::Tensor> grads;
+  if (reducer_->zero_stage() == 1) {
+    for (const ShardSlice& slice : reducer_->shard()) grads.push_back(slice.grad);
+  } else {
+    for (const auto& parameter : module_->parameters(/*recurse=*/true))
+      if (parameter.requires_grad() && parameter.grad().defined()) grads.push_back(parameter.grad());
+  }
+  return grads;
+}
+
+double DistributedDataParallel::clip_grad_norm(double max_norm) {
+  if (reducer_->zero_stage() == 0) return torch::nn::utils::clip_grad_norm_(module_->parameters(), max_norm);
+  at::NoGradGuard no_grad;
+  const std::vector<at::Tensor> grads = gradients();
+  // As torch::nn::utils::clip_grad_norm_ (stage 0) computes it, from per-tensor norms in
+  // float32, but with the shards' sums of squares added up across ranks.
+  at::Tensor squares = at::zeros({1}, at::TensorOptions().device(comm_.device()).dtype(at::kFloat));
+  for (const at::Tensor& grad : grads) squares += at::linalg_vector_norm(grad, 2).to(at::kFloat).square();
+  comm_.all_reduce(squares, comm::ReduceOp::sum);
+  const at::Tensor norm = squares.sqrt();
+  const at::Tensor factor = (max_norm / (norm + 1e-6)).clamp_max(1.0);
+  for (const at::Tensor& grad : grads) grad.mul_(factor.to(grad.scalar_type()));
+  return norm.item<double>();
+}
+
+void DistributedDataParallel::finish_step() { reducer_->gather_parameters(); }
+
+const std::vector<ShardSlice>& DistributedDataParallel::shard() const { return reducer_->shard(); }
+
+std::map<std::string, at::Tensor> DistributedDataParallel::state() const { return reducer_->combiner().state(); }
+
+void DistributedDataParallel::load_state(const std::map<std::string, at::Tensor>& state) {
+  at::NoGradGuard no_grad;
+  reducer_->combiner().load_state(state);
+}
 
 DistributedDataParallel::NoSync::NoSync(Reducer& reducer) : reducer_(&reducer), previous_(reducer.set_no_sync(true)) {}
 

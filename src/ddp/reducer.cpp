@@ -4,25 +4,49 @@
 #include <c10/core/GradMode.h>
 #include <c10/util/strides.h>
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <stdexcept>
 #include <tuple>
 
+#include "combiners.h"
 #include "grad_hooks.h"
 #include "mpitrain/runtime/error.h"
 
 namespace mpitrain::ddp {
+namespace {
+
+// elements [offset, offset + numel(sizes)) of base's storage, contiguous, shaped `sizes`. Shares
+// the storage without being an autograd view: optimizers call detach_() on gradients in
+// zero_grad(), which autograd refuses on views.
+at::Tensor storage_alias(const at::Tensor& base, std::int64_t offset, at::IntArrayRef sizes) {
+  at::Tensor alias = at::empty({0}, base.options().requires_grad(false));
+  alias.set_(base.storage(), base.storage_offset() + offset, sizes, c10::contiguous_strides(sizes));
+  return alias;
+}
+
+}  // namespace
 
 Reducer::Reducer(std::vector<std::pair<std::string, at::Tensor>> parameters, comm::Communicator& comm,
                  const Options& options)
-    : comm_(comm), wire_dtype_(options.wire_dtype), find_unused_(options.find_unused_parameters) {
+    : comm_(comm), find_unused_(options.find_unused_parameters), zero_stage_(options.zero_stage) {
   for (auto& [name, tensor] : parameters) {
     params_.emplace_back();
     params_.back().name = name;
     params_.back().tensor = tensor;
   }
   build_buckets(options);
+  std::vector<at::Tensor> buffers;
+  for (const Bucket& bucket : buckets_) buffers.push_back(bucket.buffer);
+  if (zero_stage_ == 1) {
+    build_shard();
+    combiner_ = detail::make_shard(comm_, buffers, shard_grads_, options.wire_dtype);
+  } else if (options.compression == Options::Compression::topk) {
+    combiner_ = detail::make_topk(comm_, buffers, options.topk_ratio);
+  } else {
+    combiner_ = detail::make_all_reduce(comm_, buffers, options.wire_dtype);
+  }
   for (std::size_t i = 0; i < params_.size(); ++i)
     detail::set_grad_ready_hook(params_[i].tensor, [this, i] { mark_ready(i); });
 }
@@ -65,26 +89,60 @@ void Reducer::build_buckets(const Options& options) {
   for (std::size_t b = 0; b < buckets_.size(); ++b) {
     Bucket& bucket = buckets_[b];
     const at::Tensor& first = params_[bucket.params.front()].tensor;
-    bucket.buffer = at::zeros({numel[b]}, first.options().requires_grad(false));
-    if (wire_dtype_ && *wire_dtype_ != first.scalar_type() && at::isFloatingType(first.scalar_type()))
-      bucket.wire = at::empty({numel[b]}, bucket.buffer.options().dtype(*wire_dtype_));
+    // ZeRO: padded so that it splits into world-size equal shards; the padding stays zero.
+    const std::int64_t n = comm_.size();
+    const std::int64_t size = zero_stage_ == 1 ? (numel[b] + n - 1) / n * n : numel[b];
+    bucket.buffer = at::zeros({size}, first.options().requires_grad(false));
     bucket.pending = bucket.params.size();
   }
   // Gradients become views into the buckets; an existing gradient is kept (copied in).
   for (Param& param : params_) {
-    param.alias = alias_of(param);
+    param.alias = storage_alias(buckets_[param.bucket].buffer, param.offset, param.tensor.sizes());
     rebind_grad(param, /*zero_if_missing=*/true);
   }
 }
 
-at::Tensor Reducer::alias_of(const Param& param) const {
-  // Shares the bucket's storage without being an autograd view: optimizers call detach_() on
-  // gradients in zero_grad(), which autograd refuses on views.
-  const at::Tensor& buffer = buckets_[param.bucket].buffer;
-  at::Tensor grad = at::empty({0}, buffer.options());
-  grad.set_(buffer.storage(), buffer.storage_offset() + param.offset, param.tensor.sizes(),
-            c10::contiguous_strides(param.tensor.sizes()));
-  return grad;
+void Reducer::build_shard() {
+  const std::int64_t n = comm_.size(), r = comm_.rank();
+  struct Found {
+    std::size_t param;
+    std::int64_t begin, numel;
+    std::size_t bucket;
+    std::int64_t place;
+  };
+  std::vector<Found> found;
+  for (std::size_t b = 0; b < buckets_.size(); ++b) {
+    const at::Tensor& buffer = buckets_[b].buffer;
+    const std::int64_t size = buffer.numel() / n, first = r * size, end = first + size;
+    shard_grads_.push_back(at::zeros({size}, buffer.options()));
+    shard_values_.push_back(at::zeros({size}, buffer.options()));
+    gathered_.push_back(at::empty_like(buffer));
+    for (std::size_t k : buckets_[b].params) {
+      const Param& param = params_[k];
+      const std::int64_t lo = std::max(param.offset, first), hi = std::min(param.offset + param.tensor.numel(), end);
+      if (lo < hi) found.push_back({k, lo - param.offset, hi - lo, b, lo - first});
+    }
+  }
+  // Registration order, so that an optimizer over the slices is laid out like one over the model.
+  std::sort(found.begin(), found.end(),
+            [](const Found& a, const Found& b) { return std::tie(a.param, a.begin) < std::tie(b.param, b.begin); });
+  for (const Found& f : found) {
+    const Param& param = params_[f.param];
+    if (!param.tensor.is_contiguous())
+      throw runtime::Error("DDP with ZeRO stage 1: parameter '" + param.name +
+                               "' is not contiguous, so its elements cannot be sliced into shards; make it contiguous "
+                               "before wrapping the model",
+                           runtime::ExitCode::bad_input);
+    ShardSlice slice;
+    slice.name = param.name;
+    slice.parameter = param.tensor;
+    slice.begin = f.begin;
+    slice.value = storage_alias(param.tensor, f.begin, {f.numel});
+    slice.grad = storage_alias(shard_grads_[f.bucket], f.place, {f.numel});
+    slice.value.mutable_grad() = slice.grad;
+    shard_.push_back(std::move(slice));
+    slice_places_.emplace_back(f.bucket, f.place);
+  }
 }
 
 void Reducer::rebind_grad(Param& param, bool zero_if_missing) {
@@ -132,13 +190,12 @@ void Reducer::mark_ready_locked(std::size_t index, bool during_backward) {
 void Reducer::launch_ready_buckets(bool during_backward) {
   while (next_launch_ < buckets_.size() && buckets_[next_launch_].pending == 0) {
     Bucket& bucket = buckets_[next_launch_];
-    if (bucket.wire.defined()) bucket.wire.copy_(bucket.buffer);
-    at::Tensor& payload = bucket.wire.defined() ? bucket.wire : bucket.buffer;
-    bucket.work = comm_.all_reduce_async(payload, comm::ReduceOp::sum);
+    const detail::Launch launch = combiner_->start(next_launch_, bucket.buffer);
+    bucket.work = launch.work;
     launch_order_.push_back(next_launch_);
     ++stats_.buckets_launched;
     if (during_backward) ++stats_.buckets_launched_during_backward;
-    stats_.bytes_reduced += payload.numel() * static_cast<std::int64_t>(payload.element_size());
+    stats_.bytes_reduced += launch.bytes;
     ++next_launch_;
   }
 }
@@ -175,9 +232,9 @@ void Reducer::finish() {
   for (Bucket& bucket : buckets_) bucket.work->wait();
   stats_.comm_wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   last_works_.clear();
-  for (Bucket& bucket : buckets_) {
-    if (bucket.wire.defined()) bucket.buffer.copy_(bucket.wire);
-    if (comm_.size() > 1) bucket.buffer.div_(comm_.size());
+  for (std::size_t b = 0; b < buckets_.size(); ++b) {
+    Bucket& bucket = buckets_[b];
+    combiner_->finish(b, bucket.buffer);
     last_works_.push_back(std::move(bucket.work));
     bucket.pending = bucket.params.size();
   }
@@ -185,6 +242,27 @@ void Reducer::finish() {
   next_launch_ = 0;
   launch_order_.clear();
   ++stats_.synchronised_backwards;
+}
+
+void Reducer::gather_parameters() {
+  if (zero_stage_ != 1) return;
+  at::NoGradGuard no_grad;
+  for (std::size_t i = 0; i < shard_.size(); ++i) {
+    const auto [b, place] = slice_places_[i];
+    shard_values_[b].narrow(0, place, shard_[i].value.numel()).copy_(shard_[i].value);
+  }
+  std::vector<comm::WorkPtr> works;
+  for (std::size_t b = 0; b < buckets_.size(); ++b) {
+    works.push_back(comm_.all_gather_async(gathered_[b], shard_values_[b]));
+    stats_.bytes_gathered += shard_values_[b].numel() * static_cast<std::int64_t>(shard_values_[b].element_size());
+  }
+  for (std::size_t b = 0; b < buckets_.size(); ++b) {
+    works[b]->wait();
+    for (std::size_t k : buckets_[b].params) {
+      const Param& param = params_[k];
+      param.tensor.detach().view({-1}).copy_(gathered_[b].narrow(0, param.offset, param.tensor.numel()));
+    }
+  }
 }
 
 std::vector<std::optional<comm::WorkTiming>> Reducer::last_timings() const {

@@ -17,13 +17,19 @@
 //     INVARIANT: every rank launches buckets 0, 1, 2, ... in that order, whatever order its
 //     hooks fire in, so the all-reduces match across ranks. finish() checks that all of them
 //     were launched, in order, exactly once.
-//     A launch casts to the wire dtype if one is set, and starts an asynchronous all-reduce(sum).
+//     A launch hands the bucket to the combiner (combiners.h: all-reduce, ZeRO's reduce-scatter
+//     or top-k), which starts its asynchronous collectives.
 //  4. Finish (after backward returns). Unready parameters are an error, or, with
 //     find_unused_parameters, count as zero gradients and complete their buckets (so every
-//     rank still launches every bucket). Then each bucket is waited on in order, cast back
-//     from the wire dtype, and divided by the world size — after the wait, so the division
-//     cannot race with the collective. State is reset for the next backward; the buckets'
-//     Works are kept until the next finish(), for last_timings().
+//     rank still launches every bucket). Then each bucket is waited on in order and the
+//     combiner finishes it (casts back from the wire dtype, divides by the world size) — after
+//     the wait, so nothing races with the collective. State is reset for the next backward;
+//     the buckets' Works are kept until the next finish(), for last_timings().
+//  ZeRO stage 1: buffers are padded with zeros to a multiple of the world size; rank r's shard
+//  of bucket b is elements [r s, (r + 1) s) of it, s = padded size / world size. Its slices
+//  (ddp.h's ShardSlice) are the pieces of parameters inside that range. gather_parameters()
+//  copies the slices into a shard buffer, all-gathers every bucket, and copies the result into
+//  the parameters.
 //  no_sync: while set, mark_ready() does nothing and finish() is not called by the trainer;
 //  gradients accumulate in `.grad`. The next synchronised backward's hooks see the accumulated
 //  gradients and reduce them.
@@ -34,6 +40,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -43,6 +50,11 @@
 #include "mpitrain/ddp/ddp.h"
 
 namespace mpitrain::ddp {
+
+namespace detail {
+class Combiner;
+}
+using detail::Combiner;
 
 class Reducer {
  public:
@@ -54,6 +66,10 @@ class Reducer {
   Reducer& operator=(const Reducer&) = delete;
 
   void finish();
+  void gather_parameters();
+  const std::vector<ShardSlice>& shard() const { return shard_; }
+  int zero_stage() const { return zero_stage_; }
+  Combiner& combiner() { return *combiner_; }
   bool no_sync() const;
   /// Returns the previous value.
   bool set_no_sync(bool value);
@@ -73,15 +89,14 @@ class Reducer {
     bool ready = false;
   };
   struct Bucket {
-    at::Tensor buffer;            // every gradient of the bucket, flat
-    at::Tensor wire;              // the buffer cast to Options::wire_dtype, when set
+    at::Tensor buffer;            // every gradient of the bucket, flat (padded at ZeRO stage 1)
     std::vector<std::size_t> params;
     std::size_t pending = 0;      // parameters not yet ready in this backward
     comm::WorkPtr work;
   };
 
   void build_buckets(const Options& options);
-  at::Tensor alias_of(const Param& param) const;
+  void build_shard();
   /// Makes param's .grad the bucket view again; zero_if_missing: an undefined grad becomes zeros.
   void rebind_grad(Param& param, bool zero_if_missing);
   void mark_ready(std::size_t index);
@@ -89,10 +104,16 @@ class Reducer {
   void launch_ready_buckets(bool during_backward);
 
   comm::Communicator& comm_;
-  std::optional<c10::ScalarType> wire_dtype_;
   bool find_unused_;
+  int zero_stage_;
   std::vector<Param> params_;
   std::vector<Bucket> buckets_;
+  std::unique_ptr<Combiner> combiner_;
+  // ZeRO stage 1, per bucket: the averaged gradient of this rank's shard, the shard's values
+  // (the all-gather's input) and the gathered parameters (its output).
+  std::vector<at::Tensor> shard_grads_, shard_values_, gathered_;
+  std::vector<ShardSlice> shard_;
+  std::vector<std::pair<std::size_t, std::int64_t>> slice_places_;  // per slice: bucket, offset in the shard
   std::size_t next_launch_ = 0;
   std::vector<std::size_t> launch_order_;  // this backward's launches, checked in finish()
   std::vector<comm::WorkPtr> last_works_;  // the last finished backward's, per bucket

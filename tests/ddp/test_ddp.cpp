@@ -15,8 +15,8 @@
 #include "mpitrain/comm/communicator.h"
 #include "mpitrain/ddp/ddp.h"
 #include "mpitrain/runtime/error.h"
+#include "ddp_support.h"
 #include "recording_communicator.h"
-#include "test_world.h"
 #include "tiny_models.h"
 
 using namespace mpitrain;
@@ -24,33 +24,12 @@ using namespace mpitrain::testing;
 
 namespace {
 
-comm::Communicator& communicator() {
-  static std::unique_ptr<comm::Communicator> comm = [] {
-    comm::CommOptions options;
-    options.timeout = std::chrono::seconds(120);
-    options.verify_collectives = true;  // a protocol slip fails loudly instead of hanging
-    return comm::make_communicator(world(), c10::Device(c10::kCPU), options);
-  }();
-  return *comm;
-}
-
 enum class Opt { sgd, adamw };
 
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(Opt kind, const std::vector<torch::Tensor>& params) {
   if (kind == Opt::sgd)
     return std::make_unique<torch::optim::SGD>(params, torch::optim::SGDOptions(0.05).momentum(0.9));
   return std::make_unique<torch::optim::AdamW>(params, torch::optim::AdamWOptions(1e-2).weight_decay(0.01));
-}
-
-// max |a - b| / max |b| over every tensor pair.
-double worst_relative_difference(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b) {
-  REQUIRE(a.size() == b.size());
-  double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double scale = std::max(b[i].abs().max().item<double>(), 1e-300);
-    worst = std::max(worst, (a[i] - b[i]).abs().max().item<double>() / scale);
-  }
-  return worst;
 }
 
 torch::Tensor as(const torch::Tensor& x, c10::ScalarType dtype) {

@@ -6,7 +6,9 @@
 //   for each optimizer step:
 //     for each micro-step but the last: { auto guard = ddp.no_sync(); forward; loss.backward(); }
 //     ddp.before_forward(); forward; loss.backward(); ddp.finish_backward();
-//     clip, optimizer.step(), optimizer.zero_grad()
+//     ddp.clip_grad_norm(max), optimizer.step(), ddp.finish_step(), zero the gradients
+//   where the optimizer steps ddp.gradients()' owners: the module's parameters at ZeRO stage 0,
+//   the slices of ddp.shard() at stage 1.
 //
 // Contract:
 // - Construction is collective. It compares a fingerprint of the model (every parameter's and
@@ -25,11 +27,28 @@
 //   follows outside no_sync reduces the accumulated gradients.
 // - A parameter that gets no gradient in a synchronised backward is an error naming it, unless
 //   Options::find_unused_parameters, in which case its local gradient counts as zero.
+// - How a bucket is combined is pluggable (Options): an all-reduce (stage 0, the default), a
+//   reduce-scatter (ZeRO stage 1), or top-k compression with error feedback.
+// - ZeRO stage 1 (Options::zero_stage = 1): every bucket is padded to a multiple of the world
+//   size and split into equal contiguous shards, shard r belonging to rank r. finish_backward()
+//   reduce-scatters instead of all-reducing, so this rank ends with the averaged gradient of its
+//   shard only: shard() lists its pieces (parameter slices), each with a `value` sharing the
+//   parameter's storage and a `grad` (also value.grad()) holding that average. An optimizer
+//   built over the slices' values keeps state for 1/N of the model. After it stepped,
+//   finish_step() (collective) all-gathers the shards so that every replica holds the updated
+//   parameters. A parameter's own `.grad` then holds only this rank's local gradient: use
+//   gradients() and clip_grad_norm(), which mean the averaged gradients at every stage.
+// - Top-k compression (Options::compression): each rank adds the bucket's gradient to its
+//   error-feedback residual, sends the k largest-magnitude elements (k = ceil(topk_ratio x
+//   elements), indices and values, all-gathered) and keeps the rest as the next residual; the
+//   result is the average of the ranks' sparse contributions. The residuals are state: state()
+//   and load_state() carry them through checkpoints.
 // - The module must outlive this object; parameters must not be added or replaced meanwhile.
 
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -49,6 +68,25 @@ struct Options {
   bool broadcast_buffers = true;
   /// Reduce in this dtype (bf16 or fp16) instead of the gradients' own; unset: no cast.
   std::optional<c10::ScalarType> wire_dtype;
+  /// 0: every rank holds every averaged gradient; 1: ZeRO stage 1 (see the contract).
+  int zero_stage = 0;
+  enum class Compression { none, topk };
+  /// topk needs zero_stage 0 and no wire_dtype (it sends the gradients' own dtype).
+  Compression compression = Compression::none;
+  /// Fraction of each bucket's elements top-k sends, in (0, 1].
+  double topk_ratio = 0.01;
+};
+
+/// ZeRO stage 1: a contiguous piece of one parameter that this rank's shard holds.
+struct ShardSlice {
+  std::string name;        // the parameter's name in the module
+  at::Tensor parameter;    // the whole parameter
+  std::int64_t begin = 0;  // first element, counted in the flattened parameter
+  /// parameter.flatten()[begin, begin + numel), sharing the parameter's storage (not an autograd
+  /// view): what the optimizer steps.
+  at::Tensor value;
+  /// The averaged gradient of the same elements after finish_backward(); value.grad() is it.
+  at::Tensor grad;
 };
 
 /// What the communication cost, for the trainer's metrics. Counters accumulate.
@@ -57,7 +95,8 @@ struct Stats {
   std::int64_t buckets_launched = 0;
   /// Of those, launched from a gradient hook while backward was still running.
   std::int64_t buckets_launched_during_backward = 0;
-  std::int64_t bytes_reduced = 0;  // bytes sent into all-reduce, in the wire dtype
+  std::int64_t bytes_reduced = 0;  // bytes this rank sent into gradient collectives (wire dtype)
+  std::int64_t bytes_gathered = 0;  // ZeRO stage 1: bytes this rank sent into parameter all-gathers
   /// Host time spent in finish_backward() waiting for the reductions (on CUDA the host does not
   /// block, so this is near zero there and the wait shows in the step time instead).
   double comm_wait_seconds = 0;
@@ -89,6 +128,28 @@ class DistributedDataParallel {
   /// Call after each synchronised backward: starts what has not started (unused parameters),
   /// waits for every bucket and divides by the world size. Inside no_sync() it does nothing.
   void finish_backward();
+
+  /// The averaged gradients after finish_backward(), as the optimizer sees them: every
+  /// parameter's `.grad` at stage 0, the shard slices' grads at stage 1.
+  std::vector<at::Tensor> gradients() const;
+
+  /// Scales gradients() so that the global norm over every rank's gradients (the norm of the
+  /// whole averaged gradient, at every stage) is at most max_norm; returns that norm before
+  /// clipping. Collective at stage 1 (one all-reduce of a scalar).
+  double clip_grad_norm(double max_norm);
+
+  /// Call after optimizer.step(), collective at stage 1: all-gathers the updated shards into
+  /// every replica's parameters. Does nothing at stage 0.
+  void finish_step();
+
+  /// Stage 1: this rank's slices, in parameter registration order. Empty at stage 0.
+  const std::vector<ShardSlice>& shard() const;
+
+  /// What must survive a checkpoint for an exact resume on the same world size (top-k's
+  /// error-feedback residuals), by name; empty without compression. load_state() takes what
+  /// state() returned and refuses (runtime::Error, bad_input) names or shapes it does not know.
+  std::map<std::string, at::Tensor> state() const;
+  void load_state(const std::map<std::string, at::Tensor>& state);
 
   /// RAII scope of a micro-step whose gradients are only accumulated locally.
   class NoSync {

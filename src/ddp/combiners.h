@@ -1,0 +1,53 @@
+#pragma once
+// How a bucket's gradients are combined across ranks: the reducer's pluggable part.
+//
+// Protocol, per synchronised backward: the reducer calls start(b, buffer) once for every bucket,
+// in bucket order, when the bucket's gradients are complete (from autograd's thread, under the
+// reducer's lock); after backward it waits on each returned work in bucket order and calls
+// finish(b, buffer). `buffer` is the bucket's flat gradient buffer holding this rank's local
+// gradients at start(); the combiner may not write it before its work completed. After
+// finish(), the averaged result is in place: in `buffer` for AllReduce and TopK, in the shard
+// gradient buffer for Shard (ZeRO stage 1), whose `buffer` keeps the local gradients.
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mpitrain/comm/communicator.h"
+#include "mpitrain/ddp/ddp.h"
+
+namespace mpitrain::ddp::detail {
+
+struct Launch {
+  comm::WorkPtr work;       // the last collective started; the ones before it complete first
+  std::int64_t bytes = 0;  // what this rank sent
+};
+
+class Combiner {
+ public:
+  virtual ~Combiner() = default;
+  virtual Launch start(std::size_t bucket, const at::Tensor& buffer) = 0;
+  virtual void finish(std::size_t bucket, at::Tensor& buffer) = 0;
+  /// DistributedDataParallel::state() / load_state().
+  virtual std::map<std::string, at::Tensor> state() const { return {}; }
+  virtual void load_state(const std::map<std::string, at::Tensor>& state);
+};
+
+/// All-reduce (sum), optionally in a narrower wire dtype, then divide by the world size.
+std::unique_ptr<Combiner> make_all_reduce(comm::Communicator& comm, const std::vector<at::Tensor>& buffers,
+                                          std::optional<c10::ScalarType> wire_dtype);
+
+/// Reduce-scatter (sum) into shard_grads[b] (buffers[b].numel() / world size elements), then
+/// divide by the world size.
+std::unique_ptr<Combiner> make_shard(comm::Communicator& comm, const std::vector<at::Tensor>& buffers,
+                                     std::vector<at::Tensor> shard_grads, std::optional<c10::ScalarType> wire_dtype);
+
+/// Top-k with error feedback (ddp.h's contract).
+std::unique_ptr<Combiner> make_topk(comm::Communicator& comm, const std::vector<at::Tensor>& buffers, double ratio);
+
+}  // namespace mpitrain::ddp::detail
