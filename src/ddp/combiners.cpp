@@ -28,7 +28,8 @@ class AllReduce final : public Combiner {
   Launch start(std::size_t b, const at::Tensor& buffer) override {
     at::Tensor payload = buffer;
     if (wire_[b].defined()) payload = wire_[b].copy_(buffer);
-    return {comm_.all_reduce_async(payload, comm::ReduceOp::sum), bytes_of(payload)};
+    return {comm_.all_reduce_async(payload, comm::ReduceOp::sum), bytes_of(payload),
+            ring_bytes(bytes_of(payload), comm_.size(), /*all_reduce=*/true)};
   }
 
   void finish(std::size_t b, at::Tensor& buffer) override {
@@ -56,7 +57,8 @@ class Shard final : public Combiner {
     at::Tensor payload = buffer;
     if (wire_[b].defined()) payload = wire_[b].copy_(buffer);
     at::Tensor& out = wire_[b].defined() ? wire_grads_[b] : grads_[b];
-    return {comm_.reduce_scatter_async(out, payload, comm::ReduceOp::sum), bytes_of(payload)};
+    return {comm_.reduce_scatter_async(out, payload, comm::ReduceOp::sum), bytes_of(payload),
+            ring_bytes(bytes_of(payload), comm_.size(), /*all_reduce=*/false)};
   }
 
   void finish(std::size_t b, at::Tensor&) override {
@@ -97,8 +99,10 @@ class TopK final : public Combiner {
     bucket.sent_values.copy_(bucket.residual.index_select(0, chosen));
     bucket.residual.index_fill_(0, chosen, 0);
     comm_.all_gather_async(bucket.indices, bucket.sent_indices);
+    const std::int64_t gathered = bytes_of(bucket.indices) + bytes_of(bucket.values);
     return {comm_.all_gather_async(bucket.values, bucket.sent_values),
-            bytes_of(bucket.sent_indices) + bytes_of(bucket.sent_values)};
+            bytes_of(bucket.sent_indices) + bytes_of(bucket.sent_values),
+            ring_bytes(gathered, comm_.size(), /*all_reduce=*/false)};
   }
 
   void finish(std::size_t b, at::Tensor& buffer) override {
@@ -145,6 +149,10 @@ class TopK final : public Combiner {
 };
 
 }  // namespace
+
+std::int64_t ring_bytes(std::int64_t bytes, int ranks, bool all_reduce) {
+  return bytes * (all_reduce ? 2 : 1) * (ranks - 1) / ranks;
+}
 
 void Combiner::load_state(const std::map<std::string, at::Tensor>& state) {
   const std::map<std::string, at::Tensor> mine = this->state();

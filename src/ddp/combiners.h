@@ -24,9 +24,14 @@
 namespace mpitrain::ddp::detail {
 
 struct Launch {
-  comm::WorkPtr work;       // the last collective started; the ones before it complete first
-  std::int64_t bytes = 0;  // what this rank sent
+  comm::WorkPtr work;         // the last collective started; the ones before it complete first
+  std::int64_t payload = 0;  // bytes handed to the collectives (Stats::bytes_reduced)
+  std::int64_t sent = 0;     // Stats::bytes_sent
 };
+
+/// Stats::bytes_sent of one collective over `ranks` ranks whose whole (all-reduce: payload;
+/// reduce-scatter: input; all-gather: output) is `bytes`.
+std::int64_t ring_bytes(std::int64_t bytes, int ranks, bool all_reduce);
 
 class Combiner {
  public:

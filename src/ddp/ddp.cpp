@@ -2,7 +2,6 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
-#include <torch/nn/utils/clip_grad.h>
 
 #include <sstream>
 #include <stdexcept>
@@ -89,14 +88,14 @@ std::vector<at::Tensor> DistributedDataParallel::gradients() const {
 }
 
 double DistributedDataParallel::clip_grad_norm(double max_norm) {
-  if (reducer_->zero_stage() == 0) return torch::nn::utils::clip_grad_norm_(module_->parameters(), max_norm);
   at::NoGradGuard no_grad;
   const std::vector<at::Tensor> grads = gradients();
-  // As torch::nn::utils::clip_grad_norm_ (stage 0) computes it, from per-tensor norms in
-  // float32, but with the shards' sums of squares added up across ranks.
-  at::Tensor squares = at::zeros({1}, at::TensorOptions().device(comm_.device()).dtype(at::kFloat));
-  for (const at::Tensor& grad : grads) squares += at::linalg_vector_norm(grad, 2).to(at::kFloat).square();
-  comm_.all_reduce(squares, comm::ReduceOp::sum);
+  // Per-tensor norms in float64, squared and summed (across ranks at stage 1, where each holds
+  // a shard): the norm then does not depend on how the gradient is cut, so both stages clip
+  // by the same factor, as torch::nn::utils::clip_grad_norm_ would up to its float32 rounding.
+  at::Tensor squares = at::zeros({1}, at::TensorOptions().device(comm_.device()).dtype(at::kDouble));
+  for (const at::Tensor& grad : grads) squares += at::linalg_vector_norm(grad, 2, {}, false, at::kDouble).square();
+  if (reducer_->zero_stage() == 1) comm_.all_reduce(squares, comm::ReduceOp::sum);
   const at::Tensor norm = squares.sqrt();
   const at::Tensor factor = (max_norm / (norm + 1e-6)).clamp_max(1.0);
   for (const at::Tensor& grad : grads) grad.mul_(factor.to(grad.scalar_type()));

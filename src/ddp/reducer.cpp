@@ -195,7 +195,8 @@ void Reducer::launch_ready_buckets(bool during_backward) {
     launch_order_.push_back(next_launch_);
     ++stats_.buckets_launched;
     if (during_backward) ++stats_.buckets_launched_during_backward;
-    stats_.bytes_reduced += launch.bytes;
+    stats_.bytes_reduced += launch.payload;
+    stats_.bytes_sent += launch.sent;
     ++next_launch_;
   }
 }
@@ -254,7 +255,8 @@ void Reducer::gather_parameters() {
   std::vector<comm::WorkPtr> works;
   for (std::size_t b = 0; b < buckets_.size(); ++b) {
     works.push_back(comm_.all_gather_async(gathered_[b], shard_values_[b]));
-    stats_.bytes_gathered += shard_values_[b].numel() * static_cast<std::int64_t>(shard_values_[b].element_size());
+    const std::int64_t gathered = gathered_[b].numel() * static_cast<std::int64_t>(gathered_[b].element_size());
+    stats_.bytes_sent += detail::ring_bytes(gathered, comm_.size(), /*all_reduce=*/false);
   }
   for (std::size_t b = 0; b < buckets_.size(); ++b) {
     works[b]->wait();

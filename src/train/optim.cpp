@@ -86,13 +86,11 @@ bool use_fused_adamw(const config::OptimizerConfig& config, c10::Device device) 
   return config.name == "adamw" && (config.fused == "on" || (config.fused == "auto" && device.is_cuda()));
 }
 
+namespace {
+
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerConfig& config,
-                                                        torch::nn::Module& module, c10::Device device) {
-  std::vector<torch::Tensor> decay, no_decay;
-  for (const auto& parameter : module.parameters(/*recurse=*/true)) {
-    if (!parameter.requires_grad()) continue;
-    (parameter.dim() >= 2 ? decay : no_decay).push_back(parameter);
-  }
+                                                        std::vector<torch::Tensor> decay,
+                                                        std::vector<torch::Tensor> no_decay, c10::Device device) {
   if (config.name == "sgd") {
     if (config.nesterov && config.momentum <= 0)
       throw runtime::Error("optimizer.nesterov = true needs optimizer.momentum > 0 (got " +
@@ -120,6 +118,42 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerC
     return std::make_unique<torch::optim::AdamW>(std::move(groups), torch::optim::AdamWOptions(config.lr));
   }
   throw runtime::Error("optimizer.name '" + config.name + "': expected sgd or adamw", runtime::ExitCode::bad_input);
+}
+
+}  // namespace
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerConfig& config,
+                                                        torch::nn::Module& module, c10::Device device) {
+  std::vector<torch::Tensor> decay, no_decay;
+  for (const auto& parameter : module.parameters(/*recurse=*/true)) {
+    if (!parameter.requires_grad()) continue;
+    (parameter.dim() >= 2 ? decay : no_decay).push_back(parameter);
+  }
+  return make_optimizer(config, std::move(decay), std::move(no_decay), device);
+}
+
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerConfig& config,
+                                                        const std::vector<ddp::ShardSlice>& shard, c10::Device device) {
+  std::vector<torch::Tensor> decay, no_decay;
+  for (const ddp::ShardSlice& slice : shard) (slice.parameter.dim() >= 2 ? decay : no_decay).push_back(slice.value);
+  return make_optimizer(config, std::move(decay), std::move(no_decay), device);
+}
+
+std::int64_t optimizer_state_bytes(const torch::optim::Optimizer& optimizer) {
+  std::int64_t bytes = 0;
+  const auto add = [&](const at::Tensor& t) {
+    if (t.defined()) bytes += t.numel() * static_cast<std::int64_t>(t.element_size());
+  };
+  for (const auto& [key, state] : optimizer.state()) {
+    if (const auto* adam = dynamic_cast<const torch::optim::AdamWParamState*>(state.get())) {
+      add(adam->exp_avg());
+      add(adam->exp_avg_sq());
+      add(adam->max_exp_avg_sq());
+    } else if (const auto* sgd = dynamic_cast<const torch::optim::SGDParamState*>(state.get())) {
+      add(sgd->momentum_buffer());
+    }
+  }
+  return bytes;
 }
 
 double learning_rate(const config::ScheduleConfig& schedule, double lr, std::int64_t step, std::int64_t total_steps) {

@@ -1,7 +1,6 @@
 #include "mpitrain/train/trainer.h"
 
 #include <ATen/ATen.h>
-#include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/optimizer.h>
 #include <torch/serialize.h>
 
@@ -39,6 +38,7 @@
 #include "mpitrain/train/metrics.h"
 #include "mpitrain/train/micro_batch.h"
 #include "mpitrain/train/optim.h"
+#include "mpitrain/train/shard_state.h"
 #include "mpitrain/train/shares.h"
 #include "mpitrain/train/trace.h"
 #include "per_rank.h"
@@ -73,11 +73,14 @@ at::Tensor model_inputs(const at::Tensor& inputs, models::Task task) {
   return inputs;
 }
 
-std::string rank_file(int rank) {
-  char name[32];
-  std::snprintf(name, sizeof name, "rank-%05d.json", rank);
+// A checkpoint file of one rank: rank-00003.json, optimizer-rank-00003.safetensors, ...
+std::string rank_file(int rank, const char* prefix = "", const char* extension = ".json") {
+  char name[64];
+  std::snprintf(name, sizeof name, "%srank-%05d%s", prefix, rank, extension);
   return name;
 }
+constexpr const char* kShardFile = "optimizer-";  // ZeRO stage 1: each rank's optimizer state
+constexpr const char* kDdpFile = "ddp-";          // the DDP engine's state (top-k residuals)
 
 nlohmann::json generator_state(at::Generator generator) {
   const at::Tensor state = generator.get_state();
@@ -116,6 +119,9 @@ ddp::Options ddp_options(const config::DdpConfig& config) {
   options.broadcast_buffers = config.broadcast_buffers;
   if (config.wire_dtype == "bf16") options.wire_dtype = at::kBFloat16;
   if (config.wire_dtype == "fp16") options.wire_dtype = at::kHalf;
+  options.zero_stage = static_cast<int>(config.zero_stage);
+  if (config.compression == "topk") options.compression = ddp::Options::Compression::topk;
+  options.topk_ratio = config.topk_ratio;
   return options;
 }
 
@@ -169,6 +175,7 @@ struct Trainer::Impl {
   std::int64_t window_steps = 0;
   std::int64_t window_skipped = 0;
   StepTimes window_times;
+  std::int64_t comm_bytes_logged = 0;  // DDP's bytes sent, as of the last log line
   Clock::time_point window_start = Clock::now();
 
   Impl(const runtime::World& w, const config::Config& c, std::string dir, const runtime::StopSignals& s)
@@ -281,7 +288,9 @@ struct Trainer::Impl {
                                "; set train.steps, or use more data or a smaller batch",
                            runtime::ExitCode::bad_input);
 
-    optimizer = make_optimizer(config.optimizer, *model, device);
+    // ZeRO stage 1: over this rank's shard only, so the state is about 1/N of the model's.
+    optimizer = config.ddp.zero_stage == 1 ? make_optimizer(config.optimizer, ddp->shard(), device)
+                                           : make_optimizer(config.optimizer, *model, device);
     scaler = std::make_unique<amp::LossScaler>(precision == amp::Precision::fp16, device,
                                                scaler_options(config.precision.loss_scale));
     window_loss = at::zeros({}, at::TensorOptions().device(device));
@@ -528,19 +537,20 @@ struct Trainer::Impl {
     result.times.comm = seconds_since(start);
     trace_phase("all-reduce wait", number, start);
 
+    // The averaged gradients the optimizer steps: the whole model's, or this rank's ZeRO shard
+    // (then clipping's global norm takes one more all-reduce and the step ends with the
+    // parameters' all-gather).
     start = Clock::now();
-    std::vector<at::Tensor> grads;
-    for (const auto& parameter : model->parameters()) grads.push_back(parameter.grad());
-    const bool finite = scaler->unscale_and_check(grads, *comm);
+    const bool finite = scaler->unscale_and_check(ddp->gradients(), *comm);
     if (finite) {
-      if (config.optimizer.grad_clip > 0)
-        result.grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), config.optimizer.grad_clip);
+      if (config.optimizer.grad_clip > 0) result.grad_norm = ddp->clip_grad_norm(config.optimizer.grad_clip);
       optimizer->step();
+      ddp->finish_step();
     }
     scaler->update(!finite);
     nonfinite_run = finite ? 0 : nonfinite_run + 1;
     // Zero in place: gradients stay DDP bucket views, so no copy into the buckets next step.
-    optimizer->zero_grad(/*set_to_none=*/false);
+    model->zero_grad(/*set_to_none=*/false);
     result.times.optimizer = seconds_since(start);
     trace_phase("optimizer", number, start);
     trace_buckets(number);
@@ -616,19 +626,28 @@ struct Trainer::Impl {
     checkpoint::Writer writer(world, checkpoint_root(), steps_done,
                               std::chrono::milliseconds(static_cast<std::int64_t>(config.checkpoint.save_timeout_s * 1000)));
     const std::filesystem::path dir = writer.path();
+    const auto write_tensors = [&](const std::string& name, const std::map<std::string, at::Tensor>& tensors) {
+      checkpoint::write_safetensors((dir / name).string(), tensors);
+      checkpoint::fsync_path((dir / name).string());
+    };
     if (world.is_root()) {
-      checkpoint::write_safetensors((dir / "model.safetensors").string(), checkpoint::state_dict_of(*model));
-      checkpoint::fsync_path((dir / "model.safetensors").string());
-      // Serialised in memory: LibTorch's file writer aborts the process (an exception from a
-      // destructor) when the disk fills, where write_file reports it.
-      std::ostringstream optimizer_bytes;
-      torch::save(*optimizer, optimizer_bytes);
-      checkpoint::write_file((dir / "optimizer.pt").string(), optimizer_bytes.str());
+      write_tensors("model.safetensors", checkpoint::state_dict_of(*model));
+      if (config.ddp.zero_stage == 0) {
+        // Serialised in memory: LibTorch's file writer aborts the process (an exception from a
+        // destructor) when the disk fills, where write_file reports it.
+        std::ostringstream optimizer_bytes;
+        torch::save(*optimizer, optimizer_bytes);
+        checkpoint::write_file((dir / "optimizer.pt").string(), optimizer_bytes.str());
+      }
       const nlohmann::json state = {{"step", steps_done},     {"epoch", epoch},
-                                    {"world_size", world.size()}, {"scaler", scaler->state()},
-                                    {"config", config::to_json(config)}};
+                                    {"world_size", world.size()}, {"zero_stage", config.ddp.zero_stage},
+                                    {"scaler", scaler->state()},  {"config", config::to_json(config)}};
       checkpoint::write_file((dir / "trainer.json").string(), state.dump(2));
     }
+    if (config.ddp.zero_stage == 1)
+      write_tensors(rank_file(world.rank(), kShardFile, ".safetensors"), shard_state(*optimizer, ddp->shard()));
+    if (const auto ddp_state = ddp->state(); !ddp_state.empty())
+      write_tensors(rank_file(world.rank(), kDdpFile, ".safetensors"), ddp_state);
     nlohmann::json mine = {{"loader", train_loader->state()},
                            {"window_loss", window_loss.item<double>()},
                            {"window_steps", window_steps},
@@ -693,7 +712,7 @@ struct Trainer::Impl {
       return v;
     };
 
-    std::int64_t step = 0, saved_epoch = 0, saved_world = 0;
+    std::int64_t step = 0, saved_epoch = 0, saved_world = 0, saved_zero = 0;
     reading("trainer.json", [&](const std::string& path) {
       const nlohmann::json state = read_json(path);
       if (!state.at("config").is_object()) throw std::invalid_argument("\"config\" is not an object");
@@ -701,6 +720,7 @@ struct Trainer::Impl {
       step = count(state, "step", 0);
       saved_epoch = count(state, "epoch", 0);
       saved_world = count(state, "world_size", 1);
+      saved_zero = state.contains("zero_stage") ? count(state, "zero_stage", 0) : 0;
       scaler->load_state(state.at("scaler"));
       return 0;
     });
@@ -708,10 +728,27 @@ struct Trainer::Impl {
       checkpoint::load_weights(*model, checkpoint::read_safetensors(path), "checkpoint " + dir);
       return 0;
     });
-    reading("optimizer.pt", [&](const std::string& path) {
-      torch::load(*optimizer, path);
-      return 0;
-    });
+    if (saved_zero != config.ddp.zero_stage)
+      throw runtime::Error("checkpoint " + dir + " holds the optimizer state of ddp.zero_stage " + std::to_string(saved_zero) +
+                               "; this run has ddp.zero_stage " + std::to_string(config.ddp.zero_stage) +
+                               ". Resume with ddp.zero_stage " + std::to_string(saved_zero),
+                           runtime::ExitCode::bad_input);
+    if (config.ddp.zero_stage == 1) {
+      // This rank's own file first: at the same world size it holds exactly this shard.
+      std::vector<std::string> files;
+      for (std::int64_t k = 0; k < saved_world; ++k)
+        files.push_back((std::filesystem::path(dir) / rank_file(static_cast<int>((world.rank() + k) % saved_world),
+                                                                kShardFile, ".safetensors")).string());
+      reading(rank_file(world.rank() % static_cast<int>(saved_world), kShardFile, ".safetensors"), [&](const std::string&) {
+        load_shard_state(*optimizer, ddp->shard(), files);
+        return 0;
+      });
+    } else {
+      reading("optimizer.pt", [&](const std::string& path) {
+        torch::load(*optimizer, path);
+        return 0;
+      });
+    }
     steps_done = step;
     epoch = saved_epoch;
 
@@ -732,10 +769,22 @@ struct Trainer::Impl {
 #endif
       return 0;
     });
+    const std::string ddp_file = rank_file(world.rank(), kDdpFile, ".safetensors");
+    const bool ddp_saved = std::filesystem::exists(std::filesystem::path(dir) / ddp_file);
+    if (same_world && ddp_saved) {
+      reading(ddp_file, [&](const std::string& path) {
+        ddp->load_state(checkpoint::read_safetensors(path));
+        return 0;
+      });
+    } else if (!ddp->state().empty()) {
+      world.log().warn("checkpoint " + dir + " holds no top-k residuals for " + std::to_string(world.size()) +
+                       " ranks: error feedback starts from zero");
+    }
     if (!same_world)
       world.log().warn("resuming " + std::to_string(saved_world) + " ranks' checkpoint on " +
                        std::to_string(world.size()) + " ranks: the data order continues exactly; random "
-                       "streams (dropout) start afresh");
+                       "streams (dropout) start afresh" +
+                       (config.ddp.zero_stage == 1 ? "; the optimizer state is re-sharded exactly" : ""));
     world.log().info("resumed from " + dir + " at step " + std::to_string(steps_done));
   }
 
@@ -757,7 +806,11 @@ struct Trainer::Impl {
                              {"time_data_s", window_times.data / static_cast<double>(window_steps)},
                              {"time_compute_s", window_times.compute / static_cast<double>(window_steps)},
                              {"time_comm_s", window_times.comm / static_cast<double>(window_steps)},
-                             {"time_optimizer_s", window_times.optimizer / static_cast<double>(window_steps)}};
+                             {"time_optimizer_s", window_times.optimizer / static_cast<double>(window_steps)},
+                             {"optimizer_state_bytes", optimizer_state_bytes(*optimizer)}};
+    const std::int64_t comm_bytes = ddp->stats().bytes_sent;
+    record["comm_bytes_per_step"] = static_cast<double>(comm_bytes - comm_bytes_logged) / static_cast<double>(window_steps);
+    comm_bytes_logged = comm_bytes;
     if (model->task() == models::Task::language_modeling) {
       const double tokens_per_s = samples * static_cast<double>(seq_len) / elapsed;
       record["tokens_per_s"] = tokens_per_s;

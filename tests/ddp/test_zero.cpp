@@ -243,7 +243,10 @@ TEST_CASE("top-k sends each rank's k largest of gradient plus residual and keeps
     CHECK(torch::equal(engine.state().at("topk_residual.0"), residuals[static_cast<size_t>(comm.rank())]));
     model->zero_grad(/*set_to_none=*/false);
   }
-  CHECK(engine.stats().bytes_reduced == 4 * 2 * (4 + 4));  // 4 steps, k = 2, int32 index + float32 value
+  // 4 steps of k = 2 (an int32 index and a float32 value each); a ring all-gather sends the
+  // other ranks' parts on as well.
+  CHECK(engine.stats().bytes_reduced == 4 * 2 * (4 + 4));
+  CHECK(engine.stats().bytes_sent == 4 * 2 * (4 + 4) * (n - 1));
 
   // The residuals are state: what state() gave loads back; anything else is refused.
   const auto saved = engine.state();

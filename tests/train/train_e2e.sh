@@ -57,7 +57,8 @@ records = [json.loads(line) for line in open(sys.argv[1])]
 train = [r for r in records if "loss" in r]
 evals = [r for r in records if "eval_loss" in r]
 fields = {"step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "samples_per_s",
-          "step_time_s", "time_data_s", "time_compute_s", "time_comm_s", "time_optimizer_s"}
+          "step_time_s", "time_data_s", "time_compute_s", "time_comm_s", "time_optimizer_s",
+          "optimizer_state_bytes", "comm_bytes_per_step"}
 for r in train:
     missing = fields - r.keys()
     assert not missing, f"step {r.get('step')}: missing {sorted(missing)}"

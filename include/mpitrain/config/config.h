@@ -124,6 +124,9 @@ struct DdpConfig {
   bool find_unused_parameters = false;
   bool broadcast_buffers = false;
   std::string wire_dtype;  // "fp32" | "bf16" | "fp16"
+  std::int64_t zero_stage = 0;  // 0 | 1
+  std::string compression;      // "none" | "topk"
+  double topk_ratio = 0;
   double comm_timeout_s = 0;
 };
 

@@ -95,8 +95,11 @@ struct Stats {
   std::int64_t buckets_launched = 0;
   /// Of those, launched from a gradient hook while backward was still running.
   std::int64_t buckets_launched_during_backward = 0;
-  std::int64_t bytes_reduced = 0;  // bytes this rank sent into gradient collectives (wire dtype)
-  std::int64_t bytes_gathered = 0;  // ZeRO stage 1: bytes this rank sent into parameter all-gathers
+  std::int64_t bytes_reduced = 0;  // gradient payload handed to collectives, in the wire dtype
+  /// What this rank puts on the network for gradients and, at ZeRO stage 1, parameters, counted
+  /// as a bandwidth-optimal (ring) algorithm sends it: an all-reduce 2(N-1)/N of its payload, a
+  /// reduce-scatter or an all-gather (N-1)/N of the whole; 0 at world size 1.
+  std::int64_t bytes_sent = 0;
   /// Host time spent in finish_backward() waiting for the reductions (on CUDA the host does not
   /// block, so this is near zero there and the wait shows in the step time instead).
   double comm_wait_seconds = 0;

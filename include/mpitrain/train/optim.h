@@ -10,6 +10,12 @@
 //   AdamW runs in LibTorch's fused kernel (at::_fused_adamw_) when use_fused_adamw() says so
 //   (optimizer.fused: on, or auto on a CUDA device); its state and checkpoints are those of
 //   torch::optim::AdamW, and its result equals it to float32 rounding.
+// - The overload over a ZeRO shard (ddp::DistributedDataParallel::shard()) builds the same
+//   optimizer over the shard's slices, each in the group of its parameter, so that it keeps
+//   state for this rank's slices only and steps them exactly as the whole-model optimizer steps
+//   those elements.
+// - optimizer_state_bytes(): the bytes of every state tensor (moments, momentum buffers) the
+//   optimizer holds on this rank.
 // - learning_rate() is the schedule: linear warm-up from lr/warmup_steps to lr over
 //   warmup_steps, then constant, cosine or linear decay to lr * min_lr_ratio at total_steps.
 //   Steps count from 0 (the first optimizer step uses learning_rate(0)).
@@ -21,13 +27,19 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "mpitrain/config/config.h"
+#include "mpitrain/ddp/ddp.h"
 
 namespace mpitrain::train {
 
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerConfig& config,
                                                         torch::nn::Module& module, c10::Device device);
+std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerConfig& config,
+                                                        const std::vector<ddp::ShardSlice>& shard, c10::Device device);
+
+std::int64_t optimizer_state_bytes(const torch::optim::Optimizer& optimizer);
 
 bool use_fused_adamw(const config::OptimizerConfig& config, c10::Device device);
 
