@@ -277,7 +277,7 @@ Schema make_settings() {
            "topk = send each bucket's largest gradient elements, keeping the rest as error feedback "
            "for the next step",
            {"none", "topk"}),
-      number("ddp.topk_ratio", 0.01, "fraction of each bucket's elements ddp.compression topk sends",
+      number("ddp.topk_ratio", 0.1, "fraction of each bucket's elements ddp.compression topk sends",
              Range::open_closed(0, 1)),
       number("ddp.comm_timeout_s", 600.0, "seconds a collective may take before the job is ended",
              Range::open_closed(0, max_timeout_s)),

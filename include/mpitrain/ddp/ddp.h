@@ -74,7 +74,7 @@ struct Options {
   /// topk needs zero_stage 0 and no wire_dtype (it sends the gradients' own dtype).
   Compression compression = Compression::none;
   /// Fraction of each bucket's elements top-k sends, in (0, 1].
-  double topk_ratio = 0.01;
+  double topk_ratio = 0.1;
 };
 
 /// ZeRO stage 1: a contiguous piece of one parameter that this rank's shard holds.
