@@ -58,7 +58,7 @@ NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LossScaleConfig, init, growth_factor, backoff
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(PrecisionConfig, mode, tf32, loss_scale)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DdpConfig, bucket_mb, first_bucket_mb, find_unused_parameters,
                                    broadcast_buffers, wire_dtype, zero_stage, compression, topk_ratio,
-                                   comm_timeout_s)
+                                   powersgd_rank, powersgd_warmup_steps, comm_timeout_s)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DeviceConfig, kind, allow_shared_gpu, memory_fraction, backend,
                                    peak_tflops)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(CheckpointConfig, every_steps, keep_last, keep_every, dir,
@@ -130,11 +130,12 @@ std::string check_run(const Section& s) {
     return "optimizer.nesterov needs optimizer.momentum > 0";
   if (s.text("optimizer.name") == "sgd" && s.text("optimizer.fused") == "on")
     return "optimizer.fused = \"on\" is for adamw; set it to \"auto\" or \"off\" with sgd";
-  if (s.text("ddp.compression") == "topk" && s.integer("ddp.zero_stage") != 0)
-    return "ddp.compression topk works with ddp.zero_stage 0 only (ZeRO reduce-scatters full gradients); "
-           "turn one of them off";
-  if (s.text("ddp.compression") == "topk" && s.text("ddp.wire_dtype") != "fp32")
-    return "ddp.compression topk sends the gradients' own dtype; leave ddp.wire_dtype at fp32";
+  const std::string compression = s.text("ddp.compression");
+  if (compression != "none" && s.integer("ddp.zero_stage") != 0)
+    return "ddp.compression " + compression + " works with ddp.zero_stage 0 only (ZeRO reduce-scatters full "
+           "gradients); turn one of them off";
+  if (compression != "none" && s.text("ddp.wire_dtype") != "fp32")
+    return "ddp.compression " + compression + " sends the gradients' own dtype; leave ddp.wire_dtype at fp32";
   return "";
 }
 
@@ -274,11 +275,16 @@ Schema make_settings() {
               "state of its 1/N shard, parameters all-gathered after the step",
               Range::closed(0, 1)),
       text("ddp.compression", "none",
-           "topk = send each bucket's largest gradient elements, keeping the rest as error feedback "
-           "for the next step",
-           {"none", "topk"}),
+           "topk = send each bucket's largest gradient elements; powersgd = send matrices as rank-r "
+           "factors; both keep what they did not send as error feedback for the next step",
+           {"none", "topk", "powersgd"}),
       number("ddp.topk_ratio", 0.1, "fraction of each bucket's elements ddp.compression topk sends",
              Range::open_closed(0, 1)),
+      integer("ddp.powersgd_rank", 4, "rank of the factors ddp.compression powersgd sends",
+              Range::at_least(1)),
+      integer("ddp.powersgd_warmup_steps", 10,
+              "optimizer steps that ddp.compression powersgd all-reduces uncompressed first",
+              Range::at_least(0)),
       number("ddp.comm_timeout_s", 600.0, "seconds a collective may take before the job is ended",
              Range::open_closed(0, max_timeout_s)),
 

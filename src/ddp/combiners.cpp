@@ -28,13 +28,14 @@ class AllReduce final : public Combiner {
   Launch start(std::size_t b, const at::Tensor& buffer) override {
     at::Tensor payload = buffer;
     if (wire_[b].defined()) payload = wire_[b].copy_(buffer);
-    return {comm_.all_reduce_async(payload, comm::ReduceOp::sum), bytes_of(payload),
-            ring_bytes(bytes_of(payload), comm_.size(), /*all_reduce=*/true)};
+    return {comm_.all_reduce_async(payload, comm::ReduceOp::sum),
+            {bytes_of(payload), ring_bytes(bytes_of(payload), comm_.size(), /*all_reduce=*/true)}};
   }
 
-  void finish(std::size_t b, at::Tensor& buffer) override {
+  Bytes finish(std::size_t b, at::Tensor& buffer) override {
     if (wire_[b].defined()) buffer.copy_(wire_[b]);
     if (comm_.size() > 1) buffer.div_(comm_.size());
+    return {};
   }
 
  private:
@@ -57,13 +58,14 @@ class Shard final : public Combiner {
     at::Tensor payload = buffer;
     if (wire_[b].defined()) payload = wire_[b].copy_(buffer);
     at::Tensor& out = wire_[b].defined() ? wire_grads_[b] : grads_[b];
-    return {comm_.reduce_scatter_async(out, payload, comm::ReduceOp::sum), bytes_of(payload),
-            ring_bytes(bytes_of(payload), comm_.size(), /*all_reduce=*/false)};
+    return {comm_.reduce_scatter_async(out, payload, comm::ReduceOp::sum),
+            {bytes_of(payload), ring_bytes(bytes_of(payload), comm_.size(), /*all_reduce=*/false)}};
   }
 
-  void finish(std::size_t b, at::Tensor&) override {
+  Bytes finish(std::size_t b, at::Tensor&) override {
     if (wire_grads_[b].defined()) grads_[b].copy_(wire_grads_[b]);
     if (comm_.size() > 1) grads_[b].div_(comm_.size());
+    return {};
   }
 
  private:
@@ -101,15 +103,16 @@ class TopK final : public Combiner {
     comm_.all_gather_async(bucket.indices, bucket.sent_indices);
     const std::int64_t gathered = bytes_of(bucket.indices) + bytes_of(bucket.values);
     return {comm_.all_gather_async(bucket.values, bucket.sent_values),
-            bytes_of(bucket.sent_indices) + bytes_of(bucket.sent_values),
-            ring_bytes(gathered, comm_.size(), /*all_reduce=*/false)};
+            {bytes_of(bucket.sent_indices) + bytes_of(bucket.sent_values),
+             ring_bytes(gathered, comm_.size(), /*all_reduce=*/false)}};
   }
 
-  void finish(std::size_t b, at::Tensor& buffer) override {
+  Bytes finish(std::size_t b, at::Tensor& buffer) override {
     const Bucket& bucket = buckets_[b];
     buffer.zero_();
     buffer.index_add_(0, bucket.indices, bucket.values);
     if (comm_.size() > 1) buffer.div_(comm_.size());
+    return {};
   }
 
   std::map<std::string, at::Tensor> state() const override {
@@ -120,20 +123,7 @@ class TopK final : public Combiner {
 
   void load_state(const std::map<std::string, at::Tensor>& state) override {
     Combiner::load_state(state);  // refuses unknown names
-    for (std::size_t b = 0; b < buckets_.size(); ++b) {
-      const auto it = state.find(name(b));
-      if (it == state.end())
-        throw runtime::Error("DDP state: no top-k residual '" + name(b) + "' (saved with other ddp settings?)",
-                             runtime::ExitCode::bad_input);
-      at::Tensor& residual = buckets_[b].residual;
-      if (!it->second.sizes().equals(residual.sizes()) || it->second.scalar_type() != residual.scalar_type())
-        throw runtime::Error("DDP state: top-k residual '" + name(b) + "' has " + std::to_string(it->second.numel()) +
-                                 " elements of " + c10::toString(it->second.scalar_type()) + ", this model's bucket " +
-                                 std::to_string(residual.numel()) + " of " + c10::toString(residual.scalar_type()) +
-                                 " (saved with other ddp.bucket_mb settings?)",
-                             runtime::ExitCode::bad_input);
-      residual.copy_(it->second);
-    }
+    for (std::size_t b = 0; b < buckets_.size(); ++b) copy_checked(state, name(b), buckets_[b].residual);
   }
 
  private:
@@ -148,10 +138,168 @@ class TopK final : public Combiner {
   std::vector<Bucket> buckets_;
 };
 
+// PowerSGD (Vogels, Karimireddy and Jaggi, 2019), as PyTorch's powerSGD_hook does it, per
+// bucket: M = gradient + residual for each matrix (a parameter of 2 or more dimensions, seen as
+// size(0) x the rest) that a rank-r factorisation makes smaller; P = M Q, all-reduced together
+// with the bucket's other elements (sent whole); P orthonormalised; Q = M^T P, all-reduced and
+// averaged; the result P Q^T (the average of the ranks' M projected on P's span), the residual
+// M - P Q^T. Q persists between steps (warm start), identical on every rank: it starts from the
+// same seeded random numbers and is an all-reduce's result after that. The first warmup_steps
+// backwards are plain all-reduces, as the paper recommends.
+class PowerSgd final : public Combiner {
+ public:
+  PowerSgd(comm::Communicator& comm, const std::vector<at::Tensor>& buffers, const std::vector<std::vector<Slot>>& layout,
+           int rank, std::int64_t warmup_steps)
+      : comm_(comm), rank_(rank), warmup_(warmup_steps) {
+    for (std::size_t b = 0; b < buffers.size(); ++b) {
+      Bucket bucket;
+      const at::Tensor& buffer = buffers[b];
+      std::int64_t first = 0, second = 0;
+      at::Tensor whole = at::ones({buffer.numel()}, buffer.options().dtype(at::kBool));  // sent uncompressed
+      // QR needs float32 or float64; other dtypes are sent whole.
+      const bool factorable = buffer.scalar_type() == at::kFloat || buffer.scalar_type() == at::kDouble;
+      for (const Slot& slot : layout[b]) {
+        if (slot.sizes.size() < 2 || !factorable) continue;
+        const std::int64_t rows = slot.sizes[0];
+        const std::int64_t cols = c10::multiply_integers(slot.sizes) / rows;
+        if (rows * cols <= rank * (rows + cols)) continue;  // the factors would not be smaller
+        bucket.matrices.push_back({slot.offset, rows, cols, first, second});
+        first += rows * rank;
+        second += cols * rank;
+        whole.narrow(0, slot.offset, rows * cols).fill_(false);
+      }
+      bucket.whole = whole.nonzero().squeeze(1);
+      bucket.first = at::zeros({first + bucket.whole.numel()}, buffer.options());
+      // Q: the same seeded start on every rank.
+      at::Generator generator = at::make_generator<at::CPUGeneratorImpl>(1000 + b);
+      bucket.q = at::randn({second}, generator, buffer.options().device(at::kCPU)).to(buffer.device());
+      bucket.residual = at::zeros_like(buffer);
+      buckets_.push_back(std::move(bucket));
+      plain_.push_back(make_all_reduce(comm, {buffer}, std::nullopt));
+    }
+  }
+
+  Launch start(std::size_t b, const at::Tensor& buffer) override {
+    if (warming_up()) return plain_[b]->start(0, buffer);
+    at::NoGradGuard no_grad;
+    Bucket& bucket = buckets_[b];
+    bucket.residual.add_(buffer);  // M
+    for (const Matrix& m : bucket.matrices) {
+      at::Tensor p = p_of(bucket, m);
+      at::mm_out(p, m_of(bucket, m), q_of(bucket, m));
+    }
+    bucket.first.narrow(0, bucket.first.numel() - bucket.whole.numel(), bucket.whole.numel())
+        .copy_(bucket.residual.index_select(0, bucket.whole));
+    const std::int64_t bytes = bytes_of(bucket.first);
+    return {comm_.all_reduce_async(bucket.first, comm::ReduceOp::sum),
+            {bytes, ring_bytes(bytes, comm_.size(), /*all_reduce=*/true)}};
+  }
+
+  Bytes finish(std::size_t b, at::Tensor& buffer) override {
+    if (warming_up()) {
+      plain_[b]->finish(0, buffer);
+      if (b + 1 == buckets_.size()) ++steps_;
+      return {};
+    }
+    Bucket& bucket = buckets_[b];
+    const int n = comm_.size();
+    // Elements sent whole: averaged, nothing left over.
+    const at::Tensor sent = bucket.first.narrow(0, bucket.first.numel() - bucket.whole.numel(), bucket.whole.numel());
+    buffer.index_copy_(0, bucket.whole, sent / n);
+    bucket.residual.index_fill_(0, bucket.whole, 0);
+    for (const Matrix& m : bucket.matrices) {
+      at::Tensor p = p_of(bucket, m);
+      p.copy_(std::get<0>(at::linalg_qr(p)));
+      at::Tensor q = q_of(bucket, m);
+      at::mm_out(q, m_of(bucket, m).t(), p);
+    }
+    Bytes second;
+    if (!bucket.matrices.empty()) {
+      comm_.all_reduce(bucket.q, comm::ReduceOp::sum);
+      bucket.q.div_(n);
+      second = {bytes_of(bucket.q), ring_bytes(bytes_of(bucket.q), n, /*all_reduce=*/true)};
+    }
+    for (const Matrix& m : bucket.matrices) {
+      at::Tensor approximation = buffer.narrow(0, m.offset, m.rows * m.cols).view({m.rows, m.cols});
+      at::mm_out(approximation, p_of(bucket, m), q_of(bucket, m).t());
+      m_of(bucket, m).sub_(approximation);
+    }
+    if (b + 1 == buckets_.size()) ++steps_;
+    return second;
+  }
+
+  std::map<std::string, at::Tensor> state() const override {
+    std::map<std::string, at::Tensor> state;
+    state["powersgd_steps"] = at::full({1}, steps_, at::kLong);
+    for (std::size_t b = 0; b < buckets_.size(); ++b) {
+      state["powersgd_residual." + std::to_string(b)] = buckets_[b].residual;
+      state["powersgd_q." + std::to_string(b)] = buckets_[b].q;
+    }
+    return state;
+  }
+
+  void load_state(const std::map<std::string, at::Tensor>& state) override {
+    Combiner::load_state(state);
+    std::map<std::string, at::Tensor*> mine;
+    for (std::size_t b = 0; b < buckets_.size(); ++b) {
+      mine["powersgd_residual." + std::to_string(b)] = &buckets_[b].residual;
+      mine["powersgd_q." + std::to_string(b)] = &buckets_[b].q;
+    }
+    for (auto& [name, tensor] : mine) copy_checked(state, name, *tensor);
+    at::Tensor steps = at::zeros({1}, at::kLong);
+    copy_checked(state, "powersgd_steps", steps);
+    steps_ = steps.item<std::int64_t>();
+  }
+
+ private:
+  struct Matrix {
+    std::int64_t offset, rows, cols;  // in the bucket
+    std::int64_t p, q;                // offsets of its factors in `first` and `q`
+  };
+  struct Bucket {
+    std::vector<Matrix> matrices;
+    at::Tensor whole;     // indices of the elements sent uncompressed
+    at::Tensor first;     // the P factors, then the uncompressed elements: the first all-reduce
+    at::Tensor q;         // the Q factors: the second all-reduce, kept as the next step's start
+    at::Tensor residual;  // error feedback; holds M between start() and finish()
+  };
+
+  bool warming_up() const { return steps_ < warmup_; }
+  at::Tensor m_of(Bucket& bucket, const Matrix& m) const {
+    return bucket.residual.narrow(0, m.offset, m.rows * m.cols).view({m.rows, m.cols});
+  }
+  at::Tensor p_of(Bucket& bucket, const Matrix& m) const {
+    return bucket.first.narrow(0, m.p, m.rows * rank_).view({m.rows, rank_});
+  }
+  at::Tensor q_of(Bucket& bucket, const Matrix& m) const {
+    return bucket.q.narrow(0, m.q, m.cols * rank_).view({m.cols, rank_});
+  }
+
+  comm::Communicator& comm_;
+  std::int64_t rank_;
+  std::int64_t warmup_;
+  std::int64_t steps_ = 0;  // synchronised backwards finished
+  std::vector<Bucket> buckets_;
+  std::vector<std::unique_ptr<Combiner>> plain_;  // per bucket, for the warm-up
+};
+
 }  // namespace
 
 std::int64_t ring_bytes(std::int64_t bytes, int ranks, bool all_reduce) {
   return bytes * (all_reduce ? 2 : 1) * (ranks - 1) / ranks;
+}
+
+void copy_checked(const std::map<std::string, at::Tensor>& state, const std::string& name, at::Tensor& target) {
+  const auto it = state.find(name);
+  if (it == state.end())
+    throw runtime::Error("DDP state: no '" + name + "' (saved with other ddp.compression settings?)",
+                         runtime::ExitCode::bad_input);
+  if (!it->second.sizes().equals(target.sizes()) || it->second.scalar_type() != target.scalar_type())
+    throw runtime::Error("DDP state: '" + name + "' has " + std::to_string(it->second.numel()) + " elements of " +
+                             c10::toString(it->second.scalar_type()) + ", this model's " + std::to_string(target.numel()) +
+                             " of " + c10::toString(target.scalar_type()) + " (saved with other ddp.bucket_mb settings?)",
+                         runtime::ExitCode::bad_input);
+  target.copy_(it->second);
 }
 
 void Combiner::load_state(const std::map<std::string, at::Tensor>& state) {
@@ -175,6 +323,12 @@ std::unique_ptr<Combiner> make_shard(comm::Communicator& comm, const std::vector
 
 std::unique_ptr<Combiner> make_topk(comm::Communicator& comm, const std::vector<at::Tensor>& buffers, double ratio) {
   return std::make_unique<TopK>(comm, buffers, ratio);
+}
+
+std::unique_ptr<Combiner> make_powersgd(comm::Communicator& comm, const std::vector<at::Tensor>& buffers,
+                                        const std::vector<std::vector<Slot>>& layout, int rank,
+                                        std::int64_t warmup_steps) {
+  return std::make_unique<PowerSgd>(comm, buffers, layout, rank, warmup_steps);
 }
 
 }  // namespace mpitrain::ddp::detail

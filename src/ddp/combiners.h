@@ -23,21 +23,30 @@
 
 namespace mpitrain::ddp::detail {
 
-struct Launch {
-  comm::WorkPtr work;         // the last collective started; the ones before it complete first
-  std::int64_t payload = 0;  // bytes handed to the collectives (Stats::bytes_reduced)
+struct Bytes {
+  std::int64_t payload = 0;  // handed to the collectives (Stats::bytes_reduced)
   std::int64_t sent = 0;     // Stats::bytes_sent
+};
+
+struct Launch {
+  comm::WorkPtr work;  // the last collective started; the ones before it complete first
+  Bytes bytes;
 };
 
 /// Stats::bytes_sent of one collective over `ranks` ranks whose whole (all-reduce: payload;
 /// reduce-scatter: input; all-gather: output) is `bytes`.
 std::int64_t ring_bytes(std::int64_t bytes, int ranks, bool all_reduce);
 
+/// Copies state[name] into target, refusing (runtime::Error, bad_input) a missing name or
+/// another shape or dtype.
+void copy_checked(const std::map<std::string, at::Tensor>& state, const std::string& name, at::Tensor& target);
+
 class Combiner {
  public:
   virtual ~Combiner() = default;
   virtual Launch start(std::size_t bucket, const at::Tensor& buffer) = 0;
-  virtual void finish(std::size_t bucket, at::Tensor& buffer) = 0;
+  /// Returns the bytes of collectives it ran itself (PowerSGD's second round), usually none.
+  virtual Bytes finish(std::size_t bucket, at::Tensor& buffer) = 0;
   /// DistributedDataParallel::state() / load_state().
   virtual std::map<std::string, at::Tensor> state() const { return {}; }
   virtual void load_state(const std::map<std::string, at::Tensor>& state);
@@ -54,5 +63,16 @@ std::unique_ptr<Combiner> make_shard(comm::Communicator& comm, const std::vector
 
 /// Top-k with error feedback (ddp.h's contract).
 std::unique_ptr<Combiner> make_topk(comm::Communicator& comm, const std::vector<at::Tensor>& buffers, double ratio);
+
+/// Where a parameter's gradient lies in its bucket's buffer.
+struct Slot {
+  std::int64_t offset = 0;
+  std::vector<std::int64_t> sizes;
+};
+
+/// PowerSGD with error feedback (ddp.h's contract); layout[b]: bucket b's parameters.
+std::unique_ptr<Combiner> make_powersgd(comm::Communicator& comm, const std::vector<at::Tensor>& buffers,
+                                        const std::vector<std::vector<Slot>>& layout, int rank,
+                                        std::int64_t warmup_steps);
 
 }  // namespace mpitrain::ddp::detail

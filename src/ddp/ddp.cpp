@@ -38,13 +38,17 @@ DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Modu
   if (options_.zero_stage != 0 && options_.zero_stage != 1)
     throw runtime::Error("DDP: zero_stage " + std::to_string(options_.zero_stage) + " is not supported; use 0 or 1",
                          runtime::ExitCode::bad_input);
-  if (options_.compression == Options::Compression::topk) {
+  if (options_.compression != Options::Compression::none) {
     if (options_.zero_stage != 0 || options_.wire_dtype)
-      throw runtime::Error("DDP: top-k compression needs zero_stage 0 and no wire dtype (it sends the gradients' own "
-                           "dtype); turn one of them off",
+      throw runtime::Error("DDP: gradient compression needs zero_stage 0 and no wire dtype (it sends the gradients' "
+                           "own dtype); turn one of them off",
                            runtime::ExitCode::bad_input);
     if (!(options_.topk_ratio > 0 && options_.topk_ratio <= 1))
       throw runtime::Error("DDP: topk_ratio " + std::to_string(options_.topk_ratio) + " must be in (0, 1]",
+                           runtime::ExitCode::bad_input);
+    if (options_.powersgd_rank < 1 || options_.powersgd_warmup_steps < 0)
+      throw runtime::Error("DDP: powersgd_rank " + std::to_string(options_.powersgd_rank) + " must be >= 1 and "
+                           "powersgd_warmup_steps " + std::to_string(options_.powersgd_warmup_steps) + " >= 0",
                            runtime::ExitCode::bad_input);
   }
   std::vector<std::string> entries;

@@ -44,6 +44,13 @@ Reducer::Reducer(std::vector<std::pair<std::string, at::Tensor>> parameters, com
     combiner_ = detail::make_shard(comm_, buffers, shard_grads_, options.wire_dtype);
   } else if (options.compression == Options::Compression::topk) {
     combiner_ = detail::make_topk(comm_, buffers, options.topk_ratio);
+  } else if (options.compression == Options::Compression::powersgd) {
+    std::vector<std::vector<detail::Slot>> layout(buckets_.size());
+    for (std::size_t b = 0; b < buckets_.size(); ++b)
+      for (std::size_t k : buckets_[b].params)
+        layout[b].push_back({params_[k].offset, params_[k].tensor.sizes().vec()});
+    combiner_ = detail::make_powersgd(comm_, buffers, layout, static_cast<int>(options.powersgd_rank),
+                                      options.powersgd_warmup_steps);
   } else {
     combiner_ = detail::make_all_reduce(comm_, buffers, options.wire_dtype);
   }
@@ -195,8 +202,8 @@ void Reducer::launch_ready_buckets(bool during_backward) {
     launch_order_.push_back(next_launch_);
     ++stats_.buckets_launched;
     if (during_backward) ++stats_.buckets_launched_during_backward;
-    stats_.bytes_reduced += launch.payload;
-    stats_.bytes_sent += launch.sent;
+    stats_.bytes_reduced += launch.bytes.payload;
+    stats_.bytes_sent += launch.bytes.sent;
     ++next_launch_;
   }
 }
@@ -235,7 +242,9 @@ void Reducer::finish() {
   last_works_.clear();
   for (std::size_t b = 0; b < buckets_.size(); ++b) {
     Bucket& bucket = buckets_[b];
-    combiner_->finish(b, bucket.buffer);
+    const detail::Bytes more = combiner_->finish(b, bucket.buffer);
+    stats_.bytes_reduced += more.payload;
+    stats_.bytes_sent += more.sent;
     last_works_.push_back(std::move(bucket.work));
     bucket.pending = bucket.params.size();
   }

@@ -121,7 +121,10 @@ ddp::Options ddp_options(const config::DdpConfig& config) {
   if (config.wire_dtype == "fp16") options.wire_dtype = at::kHalf;
   options.zero_stage = static_cast<int>(config.zero_stage);
   if (config.compression == "topk") options.compression = ddp::Options::Compression::topk;
+  if (config.compression == "powersgd") options.compression = ddp::Options::Compression::powersgd;
   options.topk_ratio = config.topk_ratio;
+  options.powersgd_rank = config.powersgd_rank;
+  options.powersgd_warmup_steps = config.powersgd_warmup_steps;
   return options;
 }
 
@@ -777,7 +780,7 @@ struct Trainer::Impl {
         return 0;
       });
     } else if (!ddp->state().empty()) {
-      world.log().warn("checkpoint " + dir + " holds no top-k residuals for " + std::to_string(world.size()) +
+      world.log().warn("checkpoint " + dir + " holds no gradient compression state for " + std::to_string(world.size()) +
                        " ranks: error feedback starts from zero");
     }
     if (!same_world)

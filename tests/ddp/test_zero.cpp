@@ -2,7 +2,8 @@
 // Stage 1 must give stage 0's weights (AdamW and SGD, gradient accumulation, a bf16 wire,
 // clipping by the global norm) while each rank's optimizer sees only its shard; the shards cover
 // every parameter element exactly once, about 1/N each; with a bf16 wire, the shard gradients are
-// stage 0's within bf16 rounding. Top-k must send each rank's k largest of
+// stage 0's within bf16 rounding. PowerSGD must pass a rank-1 gradient exactly, average vectors
+// whole, keep exactly what it did not send, and warm up with plain all-reduces. Top-k must send each rank's k largest of
 // gradient plus residual, keep the rest as the residual, and equal the all-reduce at ratio 1.
 #include <torch/torch.h>
 // After torch: c10 defines a CHECK macro of its own that Catch must override.
@@ -113,6 +114,24 @@ torch::Tensor known_gradient(int rank) {
   torch::Tensor g = torch::empty({10});
   for (int i = 0; i < 10; ++i) g[i] = (1.0 + 0.37 * ((i + 3 * rank) % 10)) * (i % 2 ? -1.0 : 1.0);
   return g;
+}
+
+// A matrix and a vector parameter whose gradients on this rank are what the test says.
+struct MatrixAndVector : torch::nn::Module {
+  MatrixAndVector() {
+    w = register_parameter("w", torch::zeros({8, 6}));
+    b = register_parameter("b", torch::zeros({6}));
+  }
+  void backward(const torch::Tensor& gw, const torch::Tensor& gb) { ((w * gw).sum() + (b * gb).sum()).backward(); }
+  torch::Tensor w, b;
+};
+
+ddp::Options powersgd(int64_t rank, int64_t warmup) {
+  ddp::Options options;
+  options.compression = ddp::Options::Compression::powersgd;
+  options.powersgd_rank = rank;
+  options.powersgd_warmup_steps = warmup;
+  return options;
 }
 
 }  // namespace
@@ -283,6 +302,67 @@ TEST_CASE("top-k at ratio 1 sends everything: the all-reduce's result", "[compre
   for (const auto& [name, residual] : engine.state()) CHECK(residual.abs().max().item<double>() == 0);
 }
 
+TEST_CASE("PowerSGD: a rank-1 gradient comes through exactly, vectors are averaged whole", "[compression]") {
+  auto& comm = communicator();
+  const int n = comm.size(), r = comm.rank();
+  auto model = std::make_shared<MatrixAndVector>();
+  ddp::DistributedDataParallel engine(model, comm, powersgd(/*rank=*/1, /*warmup=*/0));
+  const torch::Tensor u = torch::arange(1, 9, torch::kFloat), v = torch::arange(-3, 3, torch::kFloat) + 0.5;
+  // Rank r's matrix gradient is (1 + r) u v^T, its vector gradient r + (0..5).
+  engine.before_forward();
+  model->backward((1.0 + r) * torch::outer(u, v), torch::arange(6, torch::kFloat) + r);
+  engine.finish_backward();
+  const double mean = 1.0 + (n - 1) / 2.0;
+  INFO("got " << model->w.grad());
+  CHECK(torch::allclose(model->w.grad(), mean * torch::outer(u, v), 1e-5, 1e-5));
+  CHECK(torch::allclose(model->b.grad(), torch::arange(6, torch::kFloat) + (n - 1) / 2.0, 1e-6, 1e-6));
+  // Each rank keeps its own gradient's distance from the average, and these add up to nothing.
+  torch::Tensor residuals = engine.state().at("powersgd_residual.0").clone();
+  comm.all_reduce(residuals);
+  CHECK(residuals.abs().max().item<double>() <= 1e-4);
+  // A rank-1 factor pair of the 8 x 6 matrix: (8 + 6) floats in each of two all-reduces, the
+  // vector's 6 in the first.
+  CHECK(engine.stats().bytes_reduced == (8 + 6 + 6) * 4);
+}
+
+TEST_CASE("PowerSGD keeps what it did not send: residual + result = gradient + previous residual", "[compression]") {
+  auto& comm = communicator();
+  auto model = std::make_shared<MatrixAndVector>();
+  ddp::DistributedDataParallel engine(model, comm, powersgd(/*rank=*/2, /*warmup=*/2));
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(77 + comm.rank());
+  for (int step = 0; step < 5; ++step) {
+    const torch::Tensor gw = torch::randn({8, 6}, g), gb = torch::randn({6}, g);
+    const torch::Tensor before = engine.state().at("powersgd_residual.0").clone();
+    engine.before_forward();
+    model->backward(gw, gb);
+    engine.finish_backward();
+    // The bucket holds b's 6 elements, then w's 48 (reverse registration order).
+    const torch::Tensor residual = engine.state().at("powersgd_residual.0");
+    const torch::Tensor result = torch::cat({model->b.grad().flatten(), model->w.grad().flatten()});
+    const torch::Tensor local = torch::cat({gb, gw.flatten()});
+    if (step < 2) {
+      // Warm-up: the plain average, nothing kept.
+      torch::Tensor average = local.clone();
+      comm.all_reduce(average);
+      CHECK(torch::allclose(result, average / comm.size(), 1e-6, 1e-6));
+      CHECK(residual.abs().max().item<double>() == 0);
+    } else {
+      INFO("step " << step);
+      CHECK(torch::allclose(residual.narrow(0, 6, 48) + result.narrow(0, 6, 48),
+                            local.narrow(0, 6, 48) + before.narrow(0, 6, 48), 1e-5, 1e-5));
+      CHECK(residual.narrow(0, 0, 6).abs().max().item<double>() == 0);  // the vector is sent whole
+      // Rank 2 at most: the result is a low-rank matrix.
+      CHECK(torch::linalg_matrix_rank(model->w.grad()).item<int64_t>() <= 2);
+    }
+    model->zero_grad(/*set_to_none=*/false);
+  }
+  CHECK(engine.state().at("powersgd_steps").item<int64_t>() == 5);
+  const auto saved = engine.state();
+  engine.load_state(saved);
+  CHECK(torch::equal(engine.state().at("powersgd_q.0"), saved.at("powersgd_q.0")));
+  CHECK_THROWS_AS(engine.load_state({{"powersgd_steps", torch::zeros({1}, torch::kLong)}}), runtime::Error);
+}
+
 TEST_CASE("settings that do not go together are refused before anything is sent", "[zero][compression]") {
   auto model = std::make_shared<TinyMlp>();
   ddp::Options options;
@@ -294,4 +374,8 @@ TEST_CASE("settings that do not go together are refused before anything is sent"
   options.zero_stage = 0;
   options.topk_ratio = 0;
   CHECK_THROWS_AS(ddp::DistributedDataParallel(model, communicator(), options), runtime::Error);
+  CHECK_THROWS_AS(ddp::DistributedDataParallel(model, communicator(), powersgd(0, 0)), runtime::Error);
+  ddp::Options narrow = powersgd(1, 0);
+  narrow.wire_dtype = at::kBFloat16;
+  CHECK_THROWS_AS(ddp::DistributedDataParallel(model, communicator(), narrow), runtime::Error);
 }

@@ -125,8 +125,10 @@ struct DdpConfig {
   bool broadcast_buffers = false;
   std::string wire_dtype;  // "fp32" | "bf16" | "fp16"
   std::int64_t zero_stage = 0;  // 0 | 1
-  std::string compression;      // "none" | "topk"
+  std::string compression;      // "none" | "topk" | "powersgd"
   double topk_ratio = 0;
+  std::int64_t powersgd_rank = 0;
+  std::int64_t powersgd_warmup_steps = 0;
   double comm_timeout_s = 0;
 };
 

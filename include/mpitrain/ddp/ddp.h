@@ -41,8 +41,14 @@
 // - Top-k compression (Options::compression): each rank adds the bucket's gradient to its
 //   error-feedback residual, sends the k largest-magnitude elements (k = ceil(topk_ratio x
 //   elements), indices and values, all-gathered) and keeps the rest as the next residual; the
-//   result is the average of the ranks' sparse contributions. The residuals are state: state()
-//   and load_state() carry them through checkpoints.
+//   result is the average of the ranks' sparse contributions.
+// - PowerSGD compression: each matrix-shaped gradient (size(0) x the rest) plus its residual, M,
+//   is sent as rank-r factors: P = M Q is all-reduced and orthonormalised, Q = M^T P all-reduced
+//   and averaged, the result is P Q^T and the residual M - P Q^T; other elements are averaged
+//   whole. Q starts from the same seeded random numbers on every rank and carries over between
+//   steps. The first powersgd_warmup_steps synchronised backwards are plain all-reduces.
+// - Compression state (residuals; PowerSGD's Q and step count) goes through checkpoints with
+//   state() and load_state().
 // - The module must outlive this object; parameters must not be added or replaced meanwhile.
 
 #include <torch/nn/module.h>
@@ -70,11 +76,14 @@ struct Options {
   std::optional<c10::ScalarType> wire_dtype;
   /// 0: every rank holds every averaged gradient; 1: ZeRO stage 1 (see the contract).
   int zero_stage = 0;
-  enum class Compression { none, topk };
-  /// topk needs zero_stage 0 and no wire_dtype (it sends the gradients' own dtype).
+  enum class Compression { none, topk, powersgd };
+  /// Compression needs zero_stage 0 and no wire_dtype (it sends the gradients' own dtype).
   Compression compression = Compression::none;
   /// Fraction of each bucket's elements top-k sends, in (0, 1].
   double topk_ratio = 0.1;
+  /// PowerSGD: rank of the factors, and the synchronised backwards that all-reduce uncompressed first.
+  std::int64_t powersgd_rank = 4;
+  std::int64_t powersgd_warmup_steps = 10;
 };
 
 /// ZeRO stage 1: a contiguous piece of one parameter that this rank's shard holds.
