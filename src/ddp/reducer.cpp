@@ -122,10 +122,13 @@ void Reducer::build_shard() {
     const at::Tensor& buffer = buckets_[b].buffer;
     const std::int64_t size = buffer.numel() / n, first = r * size, end = first + size;
     shard_grads_.push_back(at::zeros({size}, buffer.options()));
-    shard_values_.push_back(at::zeros({size}, buffer.options()));
-    gathered_.push_back(at::empty_like(buffer));
+    flat_params_.push_back(at::zeros_like(buffer));
     for (std::size_t k : buckets_[b].params) {
-      const Param& param = params_[k];
+      Param& param = params_[k];
+      // The parameter's data becomes its place in the flat buffer (what `p.data = ...` does).
+      at::Tensor place = storage_alias(flat_params_[b], param.offset, param.tensor.sizes());
+      place.copy_(param.tensor.detach());
+      param.tensor.set_data(place);
       const std::int64_t lo = std::max(param.offset, first), hi = std::min(param.offset + param.tensor.numel(), end);
       if (lo < hi) found.push_back({k, lo - param.offset, hi - lo, b, lo - first});
     }
@@ -135,11 +138,6 @@ void Reducer::build_shard() {
             [](const Found& a, const Found& b) { return std::tie(a.param, a.begin) < std::tie(b.param, b.begin); });
   for (const Found& f : found) {
     const Param& param = params_[f.param];
-    if (!param.tensor.is_contiguous())
-      throw runtime::Error("DDP with ZeRO stage 1: parameter '" + param.name +
-                               "' is not contiguous, so its elements cannot be sliced into shards; make it contiguous "
-                               "before wrapping the model",
-                           runtime::ExitCode::bad_input);
     ShardSlice slice;
     slice.name = param.name;
     slice.parameter = param.tensor;
@@ -259,21 +257,15 @@ void Reducer::gather_parameters() {
   at::NoGradGuard no_grad;
   for (std::size_t i = 0; i < shard_.size(); ++i) {
     const auto [b, place] = slice_places_[i];
-    shard_values_[b].narrow(0, place, shard_[i].value.numel()).copy_(shard_[i].value);
+    shard_grads_[b].narrow(0, place, shard_[i].value.numel()).copy_(shard_[i].value);
   }
   std::vector<comm::WorkPtr> works;
   for (std::size_t b = 0; b < buckets_.size(); ++b) {
-    works.push_back(comm_.all_gather_async(gathered_[b], shard_values_[b]));
-    const std::int64_t gathered = gathered_[b].numel() * static_cast<std::int64_t>(gathered_[b].element_size());
-    stats_.bytes_sent += detail::ring_bytes(gathered, comm_.size(), /*all_reduce=*/false);
+    works.push_back(comm_.all_gather_async(flat_params_[b], shard_grads_[b]));
+    const std::int64_t bytes = flat_params_[b].numel() * static_cast<std::int64_t>(flat_params_[b].element_size());
+    stats_.bytes_sent += detail::ring_bytes(bytes, comm_.size(), /*all_reduce=*/false);
   }
-  for (std::size_t b = 0; b < buckets_.size(); ++b) {
-    works[b]->wait();
-    for (std::size_t k : buckets_[b].params) {
-      const Param& param = params_[k];
-      param.tensor.detach().view({-1}).copy_(gathered_[b].narrow(0, param.offset, param.tensor.numel()));
-    }
-  }
+  for (comm::WorkPtr& work : works) work->wait();
 }
 
 std::vector<std::optional<comm::WorkTiming>> Reducer::last_timings() const {

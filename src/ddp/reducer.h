@@ -27,9 +27,12 @@
 //     the buckets' Works are kept until the next finish(), for last_timings().
 //  ZeRO stage 1: buffers are padded with zeros to a multiple of the world size; rank r's shard
 //  of bucket b is elements [r s, (r + 1) s) of it, s = padded size / world size. Its slices
-//  (ddp.h's ShardSlice) are the pieces of parameters inside that range. gather_parameters()
-//  copies the slices into a shard buffer, all-gathers every bucket, and copies the result into
-//  the parameters.
+//  (ddp.h's ShardSlice) are the pieces of parameters inside that range. The parameters' data
+//  moves into one flat buffer per bucket, laid out like the gradients, so the all-gather writes
+//  straight into them: gather_parameters() copies the slices into the shard's gradient buffer
+//  (the gradients are spent once the optimizer stepped) and all-gathers it into that buffer.
+//  Memory per parameter element, fp32 with AdamW: 4 (parameter) + 4 (gradient) + 4/N (shard
+//  gradient) + 8/N (moments), against 16 at stage 0.
 //  no_sync: while set, mark_ready() does nothing and finish() is not called by the trainer;
 //  gradients accumulate in `.grad`. The next synchronised backward's hooks see the accumulated
 //  gradients and reduce them.
@@ -109,9 +112,9 @@ class Reducer {
   std::vector<Param> params_;
   std::vector<Bucket> buckets_;
   std::unique_ptr<Combiner> combiner_;
-  // ZeRO stage 1, per bucket: the averaged gradient of this rank's shard, the shard's values
-  // (the all-gather's input) and the gathered parameters (its output).
-  std::vector<at::Tensor> shard_grads_, shard_values_, gathered_;
+  // ZeRO stage 1, per bucket: the averaged gradient of this rank's shard (after the optimizer
+  // step, the all-gather's input), and the parameters, flat like the gradients (its output).
+  std::vector<at::Tensor> shard_grads_, flat_params_;
   std::vector<ShardSlice> shard_;
   std::vector<std::pair<std::size_t, std::int64_t>> slice_places_;  // per slice: bucket, offset in the shard
   std::size_t next_launch_ = 0;

@@ -291,15 +291,19 @@ struct Trainer::Impl {
                                "; set train.steps, or use more data or a smaller batch",
                            runtime::ExitCode::bad_input);
 
-    // ZeRO stage 1: over this rank's shard only, so the state is about 1/N of the model's.
-    optimizer = config.ddp.zero_stage == 1 ? make_optimizer(config.optimizer, ddp->shard(), device)
-                                           : make_optimizer(config.optimizer, *model, device);
+    optimizer = make_run_optimizer(config.optimizer);
     scaler = std::make_unique<amp::LossScaler>(precision == amp::Precision::fp16, device,
                                                scaler_options(config.precision.loss_scale));
     window_loss = at::zeros({}, at::TensorOptions().device(device));
     if (config.log.trace_steps > 0 && config.log.trace_start_step > total_steps)
       world.log().info("no step trace: log.trace_start_step " + std::to_string(config.log.trace_start_step) +
                        " is after the run's last step, " + std::to_string(total_steps));
+  }
+
+  // ZeRO stage 1: over this rank's shard only, so the state is about 1/N of the model's.
+  std::unique_ptr<torch::optim::Optimizer> make_run_optimizer(const config::OptimizerConfig& settings) const {
+    return config.ddp.zero_stage == 1 ? make_optimizer(settings, ddp->shard(), device)
+                                      : make_optimizer(settings, *model, device);
   }
 
   // batch.micro_batch auto (trainer.h): what fits on each rank, then the micro-batch that fits
@@ -313,7 +317,7 @@ struct Trainer::Impl {
       data::Dataset dataset(spec, /*cache_blocks=*/2);
       config::OptimizerConfig frozen = config.optimizer;
       frozen.lr = 0;  // real optimizer steps (their state takes memory) that leave the weights as they are
-      auto trial_optimizer = make_optimizer(frozen, *model, device);
+      auto trial_optimizer = make_run_optimizer(frozen);
       cap = largest_fitting([&](std::int64_t m) { return trial_step(dataset, *trial_optimizer, m); }, upper, kMargin);
       trial_optimizer.reset();
       release_cached_memory();
@@ -361,10 +365,11 @@ struct Trainer::Impl {
       for (const auto& parameter : model->parameters())
         if (parameter.grad().defined()) finite = finite && parameter.grad().isfinite().all().item<bool>();
       if (finite) optimizer.step();
-      optimizer.zero_grad(/*set_to_none=*/false);
+      // The model's gradients, which at ZeRO stage 1 are not the optimizer's (its are the shard's).
+      model->zero_grad(/*set_to_none=*/false);
       return true;
     } catch (const c10::OutOfMemoryError&) {
-      optimizer.zero_grad(/*set_to_none=*/false);
+      model->zero_grad(/*set_to_none=*/false);
       release_cached_memory();
       return false;
     }

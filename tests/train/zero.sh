@@ -10,7 +10,10 @@
 #  4. a resume on another world size re-shards: the np 2 checkpoint resumed and saved again on
 #     4 ranks holds exactly the same optimizer state, cut in 4; training on to step 20 gives the
 #     np 2 weights within 1e-5;
-#  5. refusals (exit 2): a stage 1 checkpoint resumed at stage 0, zero_stage 2, ZeRO with top-k.
+#  5. refusals (exit 2): a stage 1 checkpoint resumed at stage 0, zero_stage 2, ZeRO with top-k;
+#  6. batch.micro_batch auto under a CPU memory budget counts the shard's optimizer state (a larger
+#     micro-batch fits at stage 1), and its trial steps leave no gradient behind: the weights
+#     equal those of a run given the chosen micro-batch by hand.
 # Environment (set by CTest): MPIEXEC, BIN.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../support/tiny_run.sh"
@@ -133,3 +136,25 @@ refused "holds the optimizer state of ddp.zero_stage 1; this run has ddp.zero_st
 refused '"ddp.zero_stage" must be an integer in [0, 1]' --set run.name=bad --set ddp.zero_stage=2
 refused "ddp.compression topk works with ddp.zero_stage 0 only" --set run.name=bad "${zero[@]}" --set ddp.compression=topk
 echo "PASS"
+
+echo "--- 6. batch.micro_batch auto"
+wide=(--set model.mlp.hidden=256 --set batch.global=512 --set train.steps=3)
+for stage in 0 1; do
+  MPITRAIN_CPU_MEMORY_BUDGET=5100000 train 2 "${common[@]}" "${wide[@]}" --set batch.micro_batch=auto \
+    --set ddp.zero_stage=$stage --set run.name=auto$stage > "$work/auto$stage.log" 2>&1 ||
+    { cat "$work/auto$stage.log"; fail "batch.micro_batch auto at stage $stage failed"; }
+done
+micro=$(python3 - "$work/auto0.log" "$work/auto1.log" "$work/runs/auto1/config.json" <<'PY'
+import json, re, sys
+caps = [min(int(c) for c in re.search(r"fits per rank: ([\d, ]+);", open(path).read()).group(1).split(", "))
+        for path in sys.argv[1:3]]
+print(f"smallest cap per rank: {caps[0]} at stage 0, {caps[1]} at stage 1", file=sys.stderr)
+assert caps[1] > caps[0], f"FAIL: ZeRO's smaller optimizer state did not make room: {caps}"
+print(json.load(open(sys.argv[3]))["batch"]["micro_batch"])
+PY
+)
+train 2 "${common[@]}" "${wide[@]}" "${zero[@]}" --set batch.micro_batch="$micro" --set run.name=manual > /dev/null 2>&1
+cmp "$work/runs/auto1/checkpoints/step-00000003/model.safetensors" \
+  "$work/runs/manual/checkpoints/step-00000003/model.safetensors" ||
+  fail "the run after the micro-batch search differs from one given micro-batch $micro by hand"
+echo "PASS: micro-batch $micro found at stage 1; the same weights as with it set by hand"

@@ -36,7 +36,9 @@
 //   parameter's storage and a `grad` (also value.grad()) holding that average. An optimizer
 //   built over the slices' values keeps state for 1/N of the model. After it stepped,
 //   finish_step() (collective) all-gathers the shards so that every replica holds the updated
-//   parameters. A parameter's own `.grad` then holds only this rank's local gradient: use
+//   parameters; the slices' grads are spent then (their buffer carries the all-gather). The
+//   parameters' data is moved into one flat buffer per bucket at construction (the tensors
+//   stay the same objects), so that the all-gather writes straight into them. A parameter's own `.grad` then holds only this rank's local gradient: use
 //   gradients() and clip_grad_norm(), which mean the averaged gradients at every stage.
 // - Top-k compression (Options::compression): each rank adds the bucket's gradient to its
 //   error-feedback residual, sends the k largest-magnitude elements (k = ceil(topk_ratio x
