@@ -6,8 +6,9 @@
 // reducer's lock); after backward it waits on each returned work in bucket order and calls
 // finish(b, buffer). `buffer` is the bucket's flat gradient buffer holding this rank's local
 // gradients at start(); the combiner may not write it before its work completed. After
-// finish(), the averaged result is in place: in `buffer` for AllReduce and TopK, in the shard
-// gradient buffer for Shard (ZeRO stage 1), whose `buffer` keeps the local gradients.
+// finish(), the averaged result is in place: in `buffer` for the all-reduce and the compressors,
+// in the shard gradient buffer for Shard (ZeRO stage 1), whose `buffer` keeps the local
+// gradients.
 
 #include <ATen/core/Tensor.h>
 
