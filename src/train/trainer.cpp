@@ -80,7 +80,7 @@ std::string rank_file(int rank, const char* prefix = "", const char* extension =
   return name;
 }
 constexpr const char* kShardFile = "optimizer-";  // ZeRO stage 1: each rank's optimizer state
-constexpr const char* kDdpFile = "ddp-";          // the DDP engine's state (top-k residuals)
+constexpr const char* kDdpFile = "ddp-";          // the DDP engine's state (compression residuals)
 
 nlohmann::json generator_state(at::Generator generator) {
   const at::Tensor state = generator.get_state();
