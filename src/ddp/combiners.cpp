@@ -121,11 +121,6 @@ class TopK final : public Combiner {
     return state;
   }
 
-  void load_state(const std::map<std::string, at::Tensor>& state) override {
-    Combiner::load_state(state);  // refuses unknown names
-    for (std::size_t b = 0; b < buckets_.size(); ++b) copy_checked(state, name(b), buckets_[b].residual);
-  }
-
  private:
   struct Bucket {
     at::Tensor residual;                   // error feedback: the bucket's gradient not sent yet
@@ -150,7 +145,7 @@ class PowerSgd final : public Combiner {
  public:
   PowerSgd(comm::Communicator& comm, const std::vector<at::Tensor>& buffers, const std::vector<std::vector<Slot>>& layout,
            int rank, std::int64_t warmup_steps)
-      : comm_(comm), rank_(rank), warmup_(warmup_steps) {
+      : comm_(comm), rank_(rank), warmup_(warmup_steps), plain_(make_all_reduce(comm, buffers, std::nullopt)) {
     for (std::size_t b = 0; b < buffers.size(); ++b) {
       Bucket bucket;
       const at::Tensor& buffer = buffers[b];
@@ -175,12 +170,11 @@ class PowerSgd final : public Combiner {
       bucket.q = at::randn({second}, generator, buffer.options().device(at::kCPU)).to(buffer.device());
       bucket.residual = at::zeros_like(buffer);
       buckets_.push_back(std::move(bucket));
-      plain_.push_back(make_all_reduce(comm, {buffer}, std::nullopt));
     }
   }
 
   Launch start(std::size_t b, const at::Tensor& buffer) override {
-    if (warming_up()) return plain_[b]->start(0, buffer);
+    if (warming_up()) return plain_->start(b, buffer);
     at::NoGradGuard no_grad;
     Bucket& bucket = buckets_[b];
     bucket.residual.add_(buffer);  // M
@@ -197,7 +191,7 @@ class PowerSgd final : public Combiner {
 
   Bytes finish(std::size_t b, at::Tensor& buffer) override {
     if (warming_up()) {
-      plain_[b]->finish(0, buffer);
+      plain_->finish(b, buffer);
       if (b + 1 == buckets_.size()) ++steps_;
       return {};
     }
@@ -239,16 +233,8 @@ class PowerSgd final : public Combiner {
   }
 
   void load_state(const std::map<std::string, at::Tensor>& state) override {
-    Combiner::load_state(state);
-    std::map<std::string, at::Tensor*> mine;
-    for (std::size_t b = 0; b < buckets_.size(); ++b) {
-      mine["powersgd_residual." + std::to_string(b)] = &buckets_[b].residual;
-      mine["powersgd_q." + std::to_string(b)] = &buckets_[b].q;
-    }
-    for (auto& [name, tensor] : mine) copy_checked(state, name, *tensor);
-    at::Tensor steps = at::zeros({1}, at::kLong);
-    copy_checked(state, "powersgd_steps", steps);
-    steps_ = steps.item<std::int64_t>();
+    Combiner::load_state(state);  // residuals and Q; the step count is a copy, read it back
+    steps_ = state.at("powersgd_steps").item<std::int64_t>();
   }
 
  private:
@@ -280,7 +266,7 @@ class PowerSgd final : public Combiner {
   std::int64_t warmup_;
   std::int64_t steps_ = 0;  // synchronised backwards finished
   std::vector<Bucket> buckets_;
-  std::vector<std::unique_ptr<Combiner>> plain_;  // per bucket, for the warm-up
+  std::unique_ptr<Combiner> plain_;  // the warm-up's all-reduce
 };
 
 }  // namespace
@@ -288,6 +274,8 @@ class PowerSgd final : public Combiner {
 std::int64_t ring_bytes(std::int64_t bytes, int ranks, bool all_reduce) {
   return bytes * (all_reduce ? 2 : 1) * (ranks - 1) / ranks;
 }
+
+namespace {
 
 void copy_checked(const std::map<std::string, at::Tensor>& state, const std::string& name, at::Tensor& target) {
   const auto it = state.find(name);
@@ -302,13 +290,16 @@ void copy_checked(const std::map<std::string, at::Tensor>& state, const std::str
   target.copy_(it->second);
 }
 
+}  // namespace
+
 void Combiner::load_state(const std::map<std::string, at::Tensor>& state) {
-  const std::map<std::string, at::Tensor> mine = this->state();
+  std::map<std::string, at::Tensor> mine = this->state();
   for (const auto& [name, tensor] : state)
     if (mine.count(name) == 0)
       throw runtime::Error("DDP state holds '" + name + "', which this run's gradient reduction does not keep "
                            "(saved with another ddp.compression?)",
                            runtime::ExitCode::bad_input);
+  for (auto& [name, tensor] : mine) copy_checked(state, name, tensor);
 }
 
 std::unique_ptr<Combiner> make_all_reduce(comm::Communicator& comm, const std::vector<at::Tensor>& buffers,

@@ -38,17 +38,16 @@ struct Launch {
 /// reduce-scatter: input; all-gather: output) is `bytes`.
 std::int64_t ring_bytes(std::int64_t bytes, int ranks, bool all_reduce);
 
-/// Copies state[name] into target, refusing (runtime::Error, bad_input) a missing name or
-/// another shape or dtype.
-void copy_checked(const std::map<std::string, at::Tensor>& state, const std::string& name, at::Tensor& target);
-
 class Combiner {
  public:
   virtual ~Combiner() = default;
   virtual Launch start(std::size_t bucket, const at::Tensor& buffer) = 0;
   /// Returns the bytes of collectives it ran itself (PowerSGD's second round), usually none.
   virtual Bytes finish(std::size_t bucket, at::Tensor& buffer) = 0;
-  /// DistributedDataParallel::state() / load_state().
+  /// DistributedDataParallel::state() / load_state(). The tensors state() returns share storage
+  /// with the combiner's own, so the default load_state() copies into them: it refuses
+  /// (runtime::Error, bad_input) a name state() does not have, a missing one, or another shape
+  /// or dtype.
   virtual std::map<std::string, at::Tensor> state() const { return {}; }
   virtual void load_state(const std::map<std::string, at::Tensor>& state);
 };

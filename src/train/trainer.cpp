@@ -732,15 +732,15 @@ struct Trainer::Impl {
       scaler->load_state(state.at("scaler"));
       return 0;
     });
-    reading("model.safetensors", [&](const std::string& path) {
-      checkpoint::load_weights(*model, checkpoint::read_safetensors(path), "checkpoint " + dir);
-      return 0;
-    });
     if (saved_zero != config.ddp.zero_stage)
       throw runtime::Error("checkpoint " + dir + " holds the optimizer state of ddp.zero_stage " + std::to_string(saved_zero) +
                                "; this run has ddp.zero_stage " + std::to_string(config.ddp.zero_stage) +
                                ". Resume with ddp.zero_stage " + std::to_string(saved_zero),
                            runtime::ExitCode::bad_input);
+    reading("model.safetensors", [&](const std::string& path) {
+      checkpoint::load_weights(*model, checkpoint::read_safetensors(path), "checkpoint " + dir);
+      return 0;
+    });
     if (config.ddp.zero_stage == 1) {
       // This rank's own file first: at the same world size it holds exactly this shard.
       std::vector<std::string> files;

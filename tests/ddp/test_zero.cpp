@@ -103,6 +103,16 @@ double stage1_against_stage0(const ZeroRun& run) {
   return worst_relative_difference(sharded->parameters(), replicated->parameters());
 }
 
+// One synchronised backward of each model, through its engine, on the same batch.
+void backward_each(const std::vector<std::pair<TinyMlp*, ddp::DistributedDataParallel*>>& runs, const torch::Tensor& x,
+                   const torch::Tensor& y) {
+  for (const auto& [model, engine] : runs) {
+    engine->before_forward();
+    model->loss(model->forward(x), y).backward();
+    engine->finish_backward();
+  }
+}
+
 // One parameter of 10 elements whose gradient on rank r is a known vector.
 struct Vector : torch::nn::Module {
   Vector() { w = register_parameter("w", torch::zeros({10})); }
@@ -166,12 +176,7 @@ TEST_CASE("ZeRO stage 1 with a bf16 wire: each shard's gradient is stage 0's wit
   ddp::DistributedDataParallel stage1(sharded, comm, options);
   at::Generator data = at::make_generator<at::CPUGeneratorImpl>(300 + comm.rank());
   const auto [x, y] = replicated->batch(16, data);
-  for (auto [model, engine] : {std::pair<TinyMlp*, ddp::DistributedDataParallel*>{replicated.get(), &stage0},
-                               {sharded.get(), &stage1}}) {
-    engine->before_forward();
-    model->loss(model->forward(x), y).backward();
-    engine->finish_backward();
-  }
+  backward_each({{replicated.get(), &stage0}, {sharded.get(), &stage1}}, x, y);
   const auto parameters = replicated->named_parameters();
   for (const auto& slice : stage1.shard()) {
     const torch::Tensor want = parameters[slice.name].grad().flatten().narrow(0, slice.begin, slice.value.numel());
@@ -289,12 +294,7 @@ TEST_CASE("top-k at ratio 1 sends everything: the all-reduce's result", "[compre
   ddp::DistributedDataParallel engine(compressed, comm, options);
   at::Generator data = at::make_generator<at::CPUGeneratorImpl>(40 + comm.rank());
   const auto [x, y] = plain->batch(4, data);
-  for (auto [model, ddp] : {std::pair<TinyMlp*, ddp::DistributedDataParallel*>{plain.get(), &reference},
-                            {compressed.get(), &engine}}) {
-    ddp->before_forward();
-    model->loss(model->forward(x.to(torch::kDouble)), y).backward();
-    ddp->finish_backward();
-  }
+  backward_each({{plain.get(), &reference}, {compressed.get(), &engine}}, x.to(torch::kDouble), y);
   std::vector<torch::Tensor> a, b;
   for (const auto& p : compressed->parameters()) a.push_back(p.grad());
   for (const auto& p : plain->parameters()) b.push_back(p.grad());
