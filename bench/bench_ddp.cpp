@@ -18,7 +18,6 @@
 //
 //   mpirun -np 2 build/bin/bench_ddp --train-step --set model.name=gpt --set batch.micro_batch=8 ...
 #include <ATen/CPUGeneratorImpl.h>
-#include <torch/nn/utils/clip_grad.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -311,12 +310,10 @@ at::Tensor train_step(Training& t, const config::Config& config, const std::vect
 
   std::vector<at::Tensor> grads;
   for (const auto& parameter : t.model->parameters()) grads.push_back(parameter.grad());
-  const bool finite = t.scaler->unscale_and_check(grads, *t.comm);
-  if (finite) {
-    if (config.optimizer.grad_clip > 0) torch::nn::utils::clip_grad_norm_(t.model->parameters(), config.optimizer.grad_clip);
-    t.optimizer->step();
-  }
-  t.scaler->update(!finite);
+  const at::Tensor found_inf = t.scaler->unscale_and_check(grads, *t.comm);
+  if (config.optimizer.grad_clip > 0) t.ddp->clip_grad_norm(config.optimizer.grad_clip);
+  train::step_unless_nonfinite(*t.optimizer, found_inf);
+  t.scaler->update(found_inf);
   // Zero in place: gradients stay DDP bucket views, so no copy into the buckets next step.
   t.optimizer->zero_grad(/*set_to_none=*/false);
   if (trace != nullptr) {

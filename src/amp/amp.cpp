@@ -13,6 +13,7 @@
 #include <map>
 
 #include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/host_read.h"
 
 namespace mpitrain::amp {
 
@@ -72,7 +73,7 @@ at::Tensor LossScaler::scale(const at::Tensor& loss) const {
   return enabled_ ? loss * scale_.to(loss.scalar_type()) : loss;
 }
 
-bool LossScaler::unscale_and_check(const std::vector<at::Tensor>& grads, comm::Communicator& comm) {
+at::Tensor LossScaler::unscale_and_check(const std::vector<at::Tensor>& grads, comm::Communicator& comm) {
   // Disabled, the scale is 1: the same kernel only checks, so bf16 and fp32 runs find
   // non-finite gradients the same way.
   at::Tensor found_inf = at::zeros({1}, scale_.options());
@@ -83,20 +84,21 @@ bool LossScaler::unscale_and_check(const std::vector<at::Tensor>& grads, comm::C
     if (grad.defined()) groups[grad.scalar_type()].push_back(grad);
   for (auto& [dtype, group] : groups) at::_amp_foreach_non_finite_check_and_unscale_(group, found_inf, inv_scale);
   comm.all_reduce(found_inf, comm::ReduceOp::max);
-  return found_inf.item<float>() == 0.0f;
+  return found_inf;
 }
 
-void LossScaler::update(bool found_inf) {
+void LossScaler::update(const at::Tensor& found_inf) {
   if (!enabled_) return;
-  const at::Tensor flag = at::full({1}, found_inf ? 1.0f : 0.0f, scale_.options());
-  at::_amp_update_scale_(scale_, growth_tracker_, flag, options_.growth_factor, options_.backoff_factor,
+  at::_amp_update_scale_(scale_, growth_tracker_, found_inf, options_.growth_factor, options_.backoff_factor,
                          options_.growth_interval);
 }
 
-double LossScaler::current_scale() const { return scale_.item<double>(); }
+double LossScaler::current_scale() const { return runtime::read_scalar<double>(scale_); }
 
 nlohmann::json LossScaler::state() const {
-  return {{"enabled", enabled_}, {"scale", current_scale()}, {"growth_tracker", growth_tracker_.item<std::int64_t>()}};
+  return {{"enabled", enabled_},
+          {"scale", current_scale()},
+          {"growth_tracker", runtime::read_scalar<std::int64_t>(growth_tracker_)}};
 }
 
 void LossScaler::load_state(const nlohmann::json& state) {

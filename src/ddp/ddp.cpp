@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <utility>
@@ -28,6 +29,32 @@ void broadcast_from_root(comm::Communicator& comm, std::vector<at::Tensor>& tens
   std::vector<comm::WorkPtr> works;
   for (at::Tensor& tensor : tensors) works.push_back(comm.broadcast_async(tensor, 0));
   for (auto& work : works) work->wait();
+}
+
+// The same from rank 0, coalesced: one flat tensor per dtype, so a step broadcasts once per
+// dtype instead of once per buffer (a batch-norm network has three buffers per layer).
+void broadcast_coalesced(comm::Communicator& comm, const std::vector<at::Tensor>& tensors) {
+  at::NoGradGuard no_grad;
+  std::map<c10::ScalarType, std::vector<at::Tensor>> groups;  // ordered: every rank launches alike
+  for (const at::Tensor& tensor : tensors) groups[tensor.scalar_type()].push_back(tensor);
+  std::vector<at::Tensor> flats;
+  std::vector<comm::WorkPtr> works;
+  for (auto& [dtype, group] : groups) {
+    std::vector<at::Tensor> pieces;
+    for (const at::Tensor& tensor : group) pieces.push_back(tensor.reshape({-1}));
+    flats.push_back(at::cat(pieces));
+    works.push_back(comm.broadcast_async(flats.back(), 0));
+  }
+  std::size_t g = 0;
+  for (auto& [dtype, group] : groups) {
+    works[g]->wait();
+    std::int64_t offset = 0;
+    for (at::Tensor& tensor : group) {
+      tensor.copy_(flats[g].narrow(0, offset, tensor.numel()).view_as(tensor));
+      offset += tensor.numel();
+    }
+    ++g;
+  }
 }
 
 }  // namespace
@@ -75,7 +102,7 @@ DistributedDataParallel::~DistributedDataParallel() = default;
 
 void DistributedDataParallel::before_forward() {
   if (!options_.broadcast_buffers || buffers_.empty() || reducer_->no_sync()) return;
-  broadcast_from_root(comm_, buffers_);
+  broadcast_coalesced(comm_, buffers_);
 }
 
 void DistributedDataParallel::finish_backward() { reducer_->finish(); }
@@ -91,7 +118,7 @@ std::vector<at::Tensor> DistributedDataParallel::gradients() const {
   return grads;
 }
 
-double DistributedDataParallel::clip_grad_norm(double max_norm) {
+at::Tensor DistributedDataParallel::clip_grad_norm(double max_norm) {
   at::NoGradGuard no_grad;
   const std::vector<at::Tensor> grads = gradients();
   // Per-tensor norms in float64, squared and summed (across ranks at stage 1, where each holds
@@ -103,7 +130,7 @@ double DistributedDataParallel::clip_grad_norm(double max_norm) {
   const at::Tensor norm = squares.sqrt();
   const at::Tensor factor = (max_norm / (norm + 1e-6)).clamp_max(1.0);
   for (const at::Tensor& grad : grads) grad.mul_(factor.to(grad.scalar_type()));
-  return norm.item<double>();
+  return norm;
 }
 
 void DistributedDataParallel::finish_step() { reducer_->gather_parameters(); }

@@ -1,5 +1,7 @@
 #include "mpitrain/train/optim.h"
 
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_sub.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/zeros_like.h>
@@ -9,12 +11,14 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/host_read.h"
 
 namespace mpitrain::train {
 namespace {
@@ -22,50 +26,84 @@ namespace {
 // AdamW whose update runs in LibTorch's fused multi-tensor kernel (one launch per group on a
 // GPU instead of about ten per parameter). The state is torch::optim::AdamW's own
 // (AdamWParamState), so checkpoints are the same and either class can load the other's.
+//
+// A step can be skipped on the device: given the found-inf flag, the kernel leaves parameters
+// and moments alone when it is 1, and the step counts (the bias correction's t) live on the
+// device as float32 tensors that grow by 1 - found_inf. The host's AdamWParamState::step() is
+// brought up to date by sync_steps() (a host read), which save() and sync_optimizer_state() call.
 class FusedAdamW : public torch::optim::AdamW {
  public:
   using torch::optim::AdamW::AdamW;
 
   torch::Tensor step(LossClosure closure) override {
-    at::NoGradGuard no_grad;
     torch::Tensor loss;
     if (closure) {
       at::AutoGradMode enable_grad(true);
       loss = closure();
     }
+    step_unless(at::Tensor());
+    return loss;
+  }
+
+  // One update, skipped where `found_inf` (undefined: never) is 1.
+  void step_unless(const at::Tensor& found_inf) {
+    at::NoGradGuard no_grad;
     for (auto& group : param_groups()) {
       const auto& options = static_cast<const torch::optim::AdamWOptions&>(group.options());
-      // The kernel takes tensors of one device and dtype per call, and a step count per tensor.
+      // The kernel takes tensors of one device and dtype per call.
       std::map<std::tuple<DeviceKey, at::ScalarType>, Lists> calls;
-      std::map<std::tuple<DeviceKey, std::int64_t>, at::Tensor> step_tensors;
       for (auto& parameter : group.params()) {
         if (!parameter.grad().defined()) continue;
         auto& state = state_of(parameter);
-        state.step(state.step() + 1);
         const DeviceKey device{static_cast<int>(parameter.device().type()), parameter.device().index()};
         Lists& lists = calls[{device, parameter.scalar_type()}];
         lists.parameters.push_back(parameter);
         lists.grads.push_back(parameter.grad());
         lists.exp_avgs.push_back(state.exp_avg());
         lists.exp_avg_sqs.push_back(state.exp_avg_sq());
-        at::Tensor& count = step_tensors[{device, state.step()}];
-        if (!count.defined())
-          count = at::full({}, static_cast<double>(state.step()), at::TensorOptions().device(parameter.device()).dtype(at::kFloat));
-        lists.steps.push_back(count);
+        lists.steps.push_back(device_step(parameter, state));
       }
       const auto [beta1, beta2] = options.betas();
-      for (auto& [key, lists] : calls)
+      for (auto& [key, lists] : calls) {
+        at::_foreach_add_(lists.steps, 1);
+        std::optional<at::Tensor> flag;
+        if (found_inf.defined()) flag = found_inf.to(lists.parameters.front().device()).reshape({});
         at::_fused_adamw_(lists.parameters, lists.grads, lists.exp_avgs, lists.exp_avg_sqs, /*max_exp_avg_sqs=*/{},
                           lists.steps, options.lr(), beta1, beta2, options.weight_decay(), options.eps(),
-                          /*amsgrad=*/false, /*maximize=*/false);
+                          /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/std::nullopt, flag);
+        // A skipped step does not count (as in torch.optim's fused path).
+        if (flag) at::_foreach_sub_(lists.steps, std::vector<at::Tensor>(lists.steps.size(), *flag));
+      }
     }
-    return loss;
+  }
+
+  // Writes the device's step counts into the host state.
+  void sync_steps() {
+    for (auto& [impl, counted] : device_steps_) {
+      const auto found = state().find(impl);
+      if (found == state().end() || found->second.get() != counted.state) continue;
+      auto& state = static_cast<torch::optim::AdamWParamState&>(*found->second);
+      state.step(static_cast<std::int64_t>(runtime::read_scalar<float>(counted.steps)));
+      counted.host_step = state.step();
+    }
+  }
+
+  void save(torch::serialize::OutputArchive& archive) const override {
+    const_cast<FusedAdamW*>(this)->sync_steps();
+    torch::optim::AdamW::save(archive);
   }
 
  private:
   using DeviceKey = std::pair<int, int>;  // c10::Device has no ordering
   struct Lists {
     std::vector<at::Tensor> parameters, grads, exp_avgs, exp_avg_sqs, steps;
+  };
+  // A parameter's step count on the device, with the host state it was taken from: a state
+  // replaced or changed since (a checkpoint loaded) is taken afresh.
+  struct DeviceStep {
+    const torch::optim::OptimizerParamState* state = nullptr;
+    std::int64_t host_step = 0;
+    at::Tensor steps;
   };
 
   torch::optim::AdamWParamState& state_of(const at::Tensor& parameter) {
@@ -78,6 +116,19 @@ class FusedAdamW : public torch::optim::AdamW {
     }
     return static_cast<torch::optim::AdamWParamState&>(*slot);
   }
+
+  at::Tensor& device_step(const at::Tensor& parameter, const torch::optim::AdamWParamState& state) {
+    DeviceStep& counted = device_steps_[parameter.unsafeGetTensorImpl()];
+    if (counted.state != &state || counted.host_step != state.step() || !counted.steps.defined()) {
+      counted.state = &state;
+      counted.host_step = state.step();
+      counted.steps = at::full({}, static_cast<double>(state.step()),
+                               at::TensorOptions().device(parameter.device()).dtype(at::kFloat));
+    }
+    return counted.steps;
+  }
+
+  std::map<void*, DeviceStep> device_steps_;
 };
 
 }  // namespace
@@ -137,6 +188,23 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerC
   std::vector<torch::Tensor> decay, no_decay;
   for (const ddp::ShardSlice& slice : shard) (slice.parameter.dim() >= 2 ? decay : no_decay).push_back(slice.value);
   return make_optimizer(config, std::move(decay), std::move(no_decay), device);
+}
+
+void step_unless_nonfinite(torch::optim::Optimizer& optimizer, const at::Tensor& found_inf) {
+  if (auto* fused = dynamic_cast<FusedAdamW*>(&optimizer)) {
+    fused->step_unless(found_inf);
+    return;
+  }
+  // LibTorch's own optimizers step on the host's word: one read of the flag.
+  if (runtime::read_scalar<float>(found_inf) == 0.0f) optimizer.step();
+}
+
+bool skips_on_device(const torch::optim::Optimizer& optimizer) {
+  return dynamic_cast<const FusedAdamW*>(&optimizer) != nullptr;
+}
+
+void sync_optimizer_state(torch::optim::Optimizer& optimizer) {
+  if (auto* fused = dynamic_cast<FusedAdamW*>(&optimizer)) fused->sync_steps();
 }
 
 std::int64_t optimizer_state_bytes(const torch::optim::Optimizer& optimizer) {

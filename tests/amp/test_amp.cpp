@@ -50,7 +50,7 @@ TEST_CASE("loss scaler: unscale divides by the scale", "[amp]") {
   CHECK(scaler.current_scale() == 65536.0);
   CHECK(scaler.scale(at::full({}, 3.0f)).item<float>() == 3.0f * 65536.0f);
   at::Tensor grad = at::full({3}, 2.0f * 65536.0f);
-  CHECK(scaler.unscale_and_check({grad}, communicator()));
+  CHECK(scaler.unscale_and_check({grad}, communicator()).item<float>() == 0.0f);
   CHECK(at::equal(grad, at::full({3}, 2.0f)));
 }
 
@@ -60,17 +60,17 @@ TEST_CASE("loss scaler: an inf on one rank skips the step on every rank and halv
   amp::LossScaler scaler(true, c10::Device(c10::kCPU), options);
   at::Tensor grad = at::ones({5});
   if (communicator().rank() == communicator().size() - 1) grad[2] = std::numeric_limits<float>::infinity();
-  const bool finite = scaler.unscale_and_check({grad}, communicator());
-  CHECK_FALSE(finite);
-  scaler.update(!finite);
+  const at::Tensor found_inf = scaler.unscale_and_check({grad}, communicator());
+  CHECK(found_inf.item<float>() == 1.0f);
+  scaler.update(found_inf);
   CHECK(scaler.current_scale() == 32768.0);
 
   // Growth: after growth_interval clean steps in a row, the scale doubles.
   for (int step = 0; step < 3; ++step) {
     at::Tensor clean = at::ones({5});
-    const bool ok = scaler.unscale_and_check({clean}, communicator());
-    CHECK(ok);
-    scaler.update(!ok);
+    const at::Tensor clean_flag = scaler.unscale_and_check({clean}, communicator());
+    CHECK(clean_flag.item<float>() == 0.0f);
+    scaler.update(clean_flag);
     CHECK(scaler.current_scale() == (step < 2 ? 32768.0 : 65536.0));
   }
 
@@ -84,10 +84,11 @@ TEST_CASE("loss scaler: an inf on one rank skips the step on every rank and halv
 TEST_CASE("loss scaler disabled: scale 1, gradients untouched, non-finite ones still found on every rank", "[amp]") {
   amp::LossScaler scaler(false, c10::Device(c10::kCPU));
   at::Tensor grad = at::full({2}, 7.0f);
-  CHECK(scaler.unscale_and_check({grad}, communicator()));
+  CHECK(scaler.unscale_and_check({grad}, communicator()).item<float>() == 0.0f);
   CHECK(at::equal(grad, at::full({2}, 7.0f)));
   if (communicator().rank() == 0) grad[1] = std::numeric_limits<float>::quiet_NaN();
-  CHECK_FALSE(scaler.unscale_and_check({grad}, communicator()));
-  scaler.update(true);
+  const at::Tensor found_inf = scaler.unscale_and_check({grad}, communicator());
+  CHECK(found_inf.item<float>() == 1.0f);
+  scaler.update(found_inf);
   CHECK(scaler.current_scale() == 1.0);
 }

@@ -90,7 +90,8 @@ double stage1_against_stage0(const ZeroRun& run) {
       }
     }
     if (run.clip > 0) {
-      const double norm0 = stage0.clip_grad_norm(run.clip), norm1 = stage1.clip_grad_norm(run.clip);
+      const double norm0 = stage0.clip_grad_norm(run.clip).item<double>(),
+                   norm1 = stage1.clip_grad_norm(run.clip).item<double>();
       INFO("step " << step << ": global norm " << norm0 << " at stage 0, " << norm1 << " at stage 1");
       CHECK(std::abs(norm1 - norm0) <= 1e-6 * norm0);
     }

@@ -1,10 +1,12 @@
-// Optimizer parameter groups, the fused AdamW against LibTorch's, learning-rate schedules at
+// Optimizer parameter groups, the fused AdamW against LibTorch's (and its skip of a non-finite
+// step on the device), learning-rate schedules at
 // chosen steps, and clipping by global norm against a hand computation.
 #include <torch/torch.h>
 // After torch: c10 defines a CHECK macro of its own that Catch must override.
 #include <catch2/catch.hpp>
 
 #include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/host_read.h"
 #include "mpitrain/train/optim.h"
 
 using namespace mpitrain;
@@ -114,6 +116,59 @@ TEST_CASE("fused AdamW: auto means GPUs only; equals torch::optim::AdamW; same c
   run_steps(5, *plain_from_fused, fused_net, *plain, plain_net);
   for (std::size_t i = 0; i < fused_net.parameters().size(); ++i)
     CHECK(torch::allclose(fused_net.parameters()[i], plain_net.parameters()[i], 1e-5, 1e-6));
+}
+
+TEST_CASE("a non-finite step is skipped: fused AdamW on the device without a host read, others after one", "[train]") {
+  auto fused_config = optimizer_config("adamw");
+  fused_config.fused = "on";
+  auto plain_config = fused_config;
+  plain_config.fused = "off";
+  torch::manual_seed(4);
+  Net fused_net;
+  Net plain_net;
+  for (std::size_t i = 0; i < fused_net.parameters().size(); ++i) {
+    torch::NoGradGuard no_grad;
+    plain_net.parameters()[i].copy_(fused_net.parameters()[i]);
+  }
+  auto fused = train::make_optimizer(fused_config, fused_net, torch::kCPU);
+  auto plain = train::make_optimizer(plain_config, plain_net, torch::kCPU);
+  CHECK(train::skips_on_device(*fused));
+  CHECK_FALSE(train::skips_on_device(*plain));
+  const auto weights = [](Net& net) {
+    std::vector<torch::Tensor> copies;
+    for (const auto& p : net.parameters()) copies.push_back(p.detach().clone());
+    return copies;
+  };
+  // One step of both on the same batch, with the flag given; returns each optimizer's host reads.
+  const auto step = [&](float flag) {
+    const auto input = torch::randn({4, 3});
+    const auto target = torch::randn({4, 4});
+    std::vector<std::int64_t> reads;
+    for (auto [optimizer, net] : {std::pair{fused.get(), &fused_net}, std::pair{plain.get(), &plain_net}}) {
+      optimizer->zero_grad();
+      (net->norm->forward(net->fc->forward(input)) - target).pow(2).sum().backward();
+      const std::int64_t before = runtime::host_reads();
+      train::step_unless_nonfinite(*optimizer, torch::full({1}, flag));
+      reads.push_back(runtime::host_reads() - before);
+    }
+    return reads;
+  };
+  CHECK(step(0) == std::vector<std::int64_t>{0, 1});
+  const auto fused_before = weights(fused_net), plain_before = weights(plain_net);
+  CHECK(step(1) == std::vector<std::int64_t>{0, 1});
+  for (std::size_t i = 0; i < fused_before.size(); ++i) {
+    CHECK(torch::equal(fused_net.parameters()[i], fused_before[i]));
+    CHECK(torch::equal(plain_net.parameters()[i], plain_before[i]));
+  }
+  // The skipped step does not count: bias correction at t = 2, as in the plain optimizer.
+  step(0);
+  for (std::size_t i = 0; i < fused_net.parameters().size(); ++i)
+    CHECK(torch::allclose(fused_net.parameters()[i], plain_net.parameters()[i], 1e-5, 1e-6));
+  train::sync_optimizer_state(*fused);
+  for (const auto* optimizer : {fused.get(), plain.get()})
+    CHECK(static_cast<const torch::optim::AdamWParamState&>(
+              *optimizer->state().at((optimizer == fused.get() ? fused_net : plain_net).fc->weight.unsafeGetTensorImpl()))
+              .step() == 2);
 }
 
 TEST_CASE("schedules: warm-up, then constant, cosine or linear to the floor", "[train]") {

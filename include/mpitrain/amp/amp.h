@@ -10,10 +10,13 @@
 //   copies. fp32: the scope does nothing.
 // - LossScaler (dynamic for fp16; disabled otherwise, keeping scale 1): scale(loss) multiplies
 //   by the current scale; unscale_and_check(grads) divides the gradients by it in place (by 1,
-//   i.e. unchanged, when disabled) and returns whether every rank's gradients were finite — the
-//   found-inf flag is all-reduced (MAX) so every rank skips the same steps, in every precision;
+//   i.e. unchanged, when disabled) and returns the found-inf flag: a float32 one-element tensor
+//   on the device, 1 when any rank's gradients were not finite, else 0. It is all-reduced (MAX)
+//   so every rank skips the same steps, in every precision, and it stays on the device: the
+//   optimizer skips on it there (train/optim.h) and nothing waits for the device.
 //   update(found_inf) halves the scale (backoff) after an overflow and doubles it (growth) after
-//   growth_interval clean steps in a row, and does nothing when disabled.
+//   growth_interval clean steps in a row, on the device; it does nothing when disabled.
+//   current_scale() and state() read the device (runtime/host_read.h): log and checkpoint time.
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
@@ -61,9 +64,9 @@ class LossScaler {
 
   bool enabled() const { return enabled_; }
   at::Tensor scale(const at::Tensor& loss) const;
-  /// Unscales in place; returns true when the gradients of every rank were finite.
-  bool unscale_and_check(const std::vector<at::Tensor>& grads, comm::Communicator& comm);
-  void update(bool found_inf);
+  /// Unscales in place; returns the agreed found-inf flag (device, float32, 1 element).
+  at::Tensor unscale_and_check(const std::vector<at::Tensor>& grads, comm::Communicator& comm);
+  void update(const at::Tensor& found_inf);
   double current_scale() const;
 
   /// For checkpoints: {"scale": ..., "growth_tracker": ...}. load_state() throws

@@ -149,8 +149,9 @@ class DistributedDataParallel {
 
   /// Scales gradients() so that the global norm over every rank's gradients (the norm of the
   /// whole averaged gradient, at every stage) is at most max_norm; returns that norm before
-  /// clipping. Collective at stage 1 (one all-reduce of a scalar).
-  double clip_grad_norm(double max_norm);
+  /// clipping, a float64 one-element tensor left on the device (nothing waits for it).
+  /// Collective at stage 1 (one all-reduce of a scalar).
+  at::Tensor clip_grad_norm(double max_norm);
 
   /// Call after optimizer.step(), collective at stage 1: all-gathers the updated shards into
   /// every replica's parameters. Does nothing at stage 0.

@@ -10,6 +10,12 @@
 //   AdamW runs in LibTorch's fused kernel (at::_fused_adamw_) when use_fused_adamw() says so
 //   (optimizer.fused: on, or auto on a CUDA device); its state and checkpoints are those of
 //   torch::optim::AdamW, and its result equals it to float32 rounding.
+// - step_unless_nonfinite(optimizer, found_inf) is the trainer's optimizer step: no update where
+//   the found-inf flag (amp::LossScaler::unscale_and_check) is 1. Fused AdamW skips on the
+//   device (skips_on_device()), with no host read; LibTorch's own optimizers read the flag
+//   first (one device-to-host read per step). Fused AdamW keeps its step counts on the device:
+//   sync_optimizer_state() writes them into the optimizer's state() (a host read) and must come
+//   before that state is read directly (ZeRO shard files); torch::save calls it itself.
 // - The overload over a ZeRO shard (ddp::DistributedDataParallel::shard()) builds the same
 //   optimizer over the shard's slices, each in the group of its parameter, so that it keeps
 //   state for this rank's slices only and steps them exactly as the whole-model optimizer steps
@@ -38,6 +44,10 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerC
                                                         torch::nn::Module& module, c10::Device device);
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerConfig& config,
                                                         const std::vector<ddp::ShardSlice>& shard, c10::Device device);
+
+void step_unless_nonfinite(torch::optim::Optimizer& optimizer, const at::Tensor& found_inf);
+bool skips_on_device(const torch::optim::Optimizer& optimizer);
+void sync_optimizer_state(torch::optim::Optimizer& optimizer);
 
 std::int64_t optimizer_state_bytes(const torch::optim::Optimizer& optimizer);
 
