@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <exception>
 
 #include "mpitrain/runtime/check.h"
 #include "mpitrain/runtime/world.h"
@@ -47,13 +48,38 @@ bool StopSignals::requested() const { return g_first_signal.load() != 0; }
 
 int StopSignals::signal() const { return g_first_signal.load(); }
 
-bool StopSignals::agree(const World& world, std::chrono::milliseconds timeout) const {
-  int local = requested() ? 1 : 0;
-  int any = 0;
+struct StopAgreement::State {
+  const StopSignals& signals;
+  std::chrono::milliseconds timeout;
+  MPI_Comm comm = MPI_COMM_NULL;
   MPI_Request request = MPI_REQUEST_NULL;
-  MPITRAIN_CHECK_MPI(MPI_Iallreduce(&local, &any, 1, MPI_INT, MPI_MAX, world.comm(), &request));
-  wait_or_die(&request, timeout, "the stop-signal check at a step boundary");
-  return any != 0;
+  int local = 0;  // the buffers of the check in flight
+  int any = 0;
+};
+
+StopAgreement::StopAgreement(const World& world, const StopSignals& signals, std::chrono::milliseconds timeout)
+    : state_(std::make_unique<State>(State{signals, timeout})) {
+  // Its own communicator, so the check in flight never interleaves with the world's collectives.
+  MPITRAIN_CHECK_MPI(MPI_Comm_dup(world.comm(), &state_->comm));
+}
+
+StopAgreement::~StopAgreement() {
+  if (std::uncaught_exceptions() > 0) return;
+  if (state_->request != MPI_REQUEST_NULL)
+    wait_or_die(&state_->request, state_->timeout, "the last stop-signal check");
+  MPI_Comm_free(&state_->comm);
+}
+
+bool StopAgreement::poll() {
+  State& s = *state_;
+  bool stop = false;
+  if (s.request != MPI_REQUEST_NULL) {
+    wait_or_die(&s.request, s.timeout, "the stop-signal check started at the previous step boundary");
+    stop = s.any != 0;
+  }
+  s.local = s.signals.requested() ? 1 : 0;
+  MPITRAIN_CHECK_MPI(MPI_Iallreduce(&s.local, &s.any, 1, MPI_INT, MPI_MAX, s.comm, &s.request));
+  return stop;
 }
 
 }  // namespace mpitrain::runtime

@@ -25,9 +25,11 @@ int main(int argc, char** argv) {
   mpitrain::runtime::StopSignals signals;
   std::printf("rank %d pid %d\n", world.rank(), static_cast<int>(getpid()));
   std::fflush(stdout);
+  mpitrain::runtime::StopAgreement agreement(world, signals, std::chrono::seconds(60));
   for (int step = 1; step <= 6000; ++step) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    if (signals.agree(world)) {
+    // Ranks of different speeds: each answer arrives on each rank at a different moment.
+    std::this_thread::sleep_for(std::chrono::milliseconds(10 + 7 * world.rank()));
+    if (agreement.poll()) {
       std::printf("rank %d stopped at step %d (signal %d here)\n", world.rank(), step,
                   signals.signal());
       return 0;

@@ -42,16 +42,19 @@ TEST_CASE("world matches MPI_COMM_WORLD and the launcher", "[runtime]") {
   }
 }
 
-TEST_CASE("stop flag is agreed across ranks at a step boundary", "[runtime]") {
+TEST_CASE("stop flag is agreed across ranks one step boundary after it was raised", "[runtime]") {
   StopSignals signals;
+  StopAgreement agreement(world(), signals, std::chrono::seconds(30));
   CHECK_FALSE(signals.requested());
-  CHECK_FALSE(signals.agree(world()));
+  CHECK_FALSE(agreement.poll());  // nothing in flight yet
+  CHECK_FALSE(agreement.poll());  // the first check: no signal anywhere
 
-  // Only the last rank receives the signal; every rank must see the stop.
+  // Only the last rank receives the signal; every rank must see the stop, at the same poll.
   if (world().rank() == world().size() - 1) std::raise(SIGUSR1);
   CHECK(signals.requested() == (world().rank() == world().size() - 1));
   CHECK(signals.signal() == (signals.requested() ? SIGUSR1 : 0));
-  CHECK(signals.agree(world()));
+  CHECK_FALSE(agreement.poll());  // answers the check started before the signal
+  CHECK(agreement.poll());
 }
 
 TEST_CASE("SIGTERM and SIGINT are stop requests, not deaths", "[runtime]") {

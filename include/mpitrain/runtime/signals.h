@@ -5,11 +5,19 @@
 //
 // Contract: construct one StopSignals per process (it installs the handlers and restores the
 // previous ones when destroyed, unless a stop was requested: then they stay until the process
-// exits, so that a repeated SIGTERM cannot turn the stop exit code into a death by signal). agree() is a collective: every rank calls it at the same step
-// boundary and every rank gets the same answer, so all ranks stop at the same step.
+// exits, so that a repeated SIGTERM cannot turn the stop exit code into a death by signal).
+//
+// StopAgreement makes the ranks agree, without waiting at every step: poll() is a collective
+// that every rank calls at every step boundary, in the same order. It starts a non-blocking
+// all-reduce (MAX) of this rank's flag on its own duplicate of the world communicator and
+// returns the answer of the one the previous poll() started (false at the first), which has
+// had a whole step to complete. Every rank therefore gets the same answer at the same step,
+// one step after the first rank saw the signal. A rank whose previous answer has not arrived
+// within `timeout` (a peer stalled or dead) ends the job with ExitCode::comm_timeout.
 
 #include <chrono>
 #include <csignal>
+#include <memory>
 
 namespace mpitrain::runtime {
 
@@ -26,13 +34,26 @@ class StopSignals {
   bool requested() const;
   /// The signal received first, 0 if none.
   int signal() const;
-  /// Collective (all-reduce MAX over the world): true on every rank if any rank received a
-  /// stop signal. A rank still waiting after `timeout` (a peer stalled or dead) ends the job
-  /// with ExitCode::comm_timeout.
-  bool agree(const World& world, std::chrono::milliseconds timeout = std::chrono::minutes(10)) const;
-
  private:
   struct sigaction previous_[3];
+};
+
+class StopAgreement {
+ public:
+  /// Collective (duplicates the world communicator).
+  StopAgreement(const World& world, const StopSignals& signals, std::chrono::milliseconds timeout);
+  /// Collects the last check's answer (collective), unless an exception is unwinding: the job
+  /// is ending then, and a peer may never answer.
+  ~StopAgreement();
+  StopAgreement(const StopAgreement&) = delete;
+  StopAgreement& operator=(const StopAgreement&) = delete;
+
+  /// Collective: true on every rank at the same call once any rank saw a stop signal.
+  bool poll();
+
+ private:
+  struct State;  // keeps MPI out of this header
+  std::unique_ptr<State> state_;
 };
 
 }  // namespace mpitrain::runtime
