@@ -17,11 +17,17 @@
 // - step() runs one optimizer step, the same on every rank: accumulation micro-batches (all but
 //   the last under no_sync), forward under autocast, loss divided by the accumulation count and
 //   scaled (fp16), backward, wait for DDP, unscale (found-inf agreed across ranks), clip,
-//   optimizer step unless skipped, learning rate for the next step.
-// - run() steps until train.steps (or train.epochs) are done or a stop signal is agreed; logs
-//   at log.every_steps and evaluates at eval.every_steps and at the end. Its result says why it
-//   ended. It saves a checkpoint every checkpoint.every_steps, at the end, and when a stop
-//   signal ends the run early (checkpoint.save_on_stop).
+//   optimizer step unless skipped, learning rate for the next step. A steady-state step reads
+//   nothing from the device (runtime/host_read.h) with fused AdamW: the skip is decided on the
+//   device, and the loss, norm and skip flag stay there (StepResult).
+// - run() steps until train.steps (or train.epochs) are done or a stop signal is agreed
+//   (runtime::StopAgreement: one step after the first rank saw it, every rank at the same step);
+//   logs at log.every_steps, where it also reads the step figures, the phase times (CUDA events
+//   on a GPU) and the run of skipped steps: more than train.max_nonfinite_steps in a row (bf16,
+//   fp32) saves a checkpoint and ends the run with an error. It evaluates at eval.every_steps and
+//   at the end. Its result says why it ended. It saves a checkpoint every
+//   checkpoint.every_steps, at the end, and when a stop signal ends the run early
+//   (checkpoint.save_on_stop).
 // - With log.trace_steps > 0, steps log.trace_start_step onwards are traced (train/trace.h):
 //   each phase is timed, on CUDA after waiting for the device so phases show device time; when
 //   the window, the run or a stop ends, rank 0 writes trace.json in the run directory, logs the
@@ -51,20 +57,13 @@ class StopSignals;
 
 namespace mpitrain::train {
 
-struct StepTimes {
-  double data = 0;      // waiting for batches
-  double compute = 0;   // forward and backward
-  double comm = 0;      // waiting for DDP's reductions after backward
-  double optimizer = 0; // unscale, clip, step
-};
-
 struct StepResult {
   std::int64_t step = 0;  // optimizer steps done, this one included
-  at::Tensor loss;        // this rank's mean loss over the step's micro-batches (device scalar)
-  bool skipped = false;   // fp16 overflow: no update
-  double grad_norm = 0;   // before clipping; 0 when clipping is off and it was not computed
   double lr = 0;          // the learning rate this step used
-  StepTimes times;
+  // Left on the device, so that no step waits for it; read them when they are needed:
+  at::Tensor loss;       // this rank's mean loss over the step's micro-batches (scalar)
+  at::Tensor skipped;    // float32 [1]: 1 when non-finite gradients (on any rank) skipped the update
+  at::Tensor grad_norm;  // float64 [1]: the global norm before clipping; undefined when clipping is off
 };
 
 struct EvalResult {
