@@ -6,7 +6,9 @@
 #  2. one small program linking LibTorch as mpitrain's programs do (package_torch_probe) builds
 #     and computes the exact expected matrix product;
 #  3. its run path names the torch wheel's library folders, and every library it needs
-#     (libtorch_cuda's CUDA run time included) resolves from the wheel, none from a toolkit.
+#     (libtorch_cuda's CUDA run time included) resolves from the wheel, none from a toolkit;
+#  4. the main build's train, when it is a CUDA build (linked to libcudart itself), resolves
+#     every library, libcudart from the wheel, and starts: a GPU node needs no toolkit.
 # Needs root (or CAP_SYS_ADMIN) for unshare -m; without it the test is skipped (exit 77).
 # Usage: no_toolkit.sh CMAKE SOURCE_DIR WORK_DIR
 set -euo pipefail
@@ -52,6 +54,9 @@ hash -r
 echo "hidden: ${hidden[*]:-(nothing: this machine has no toolkit)}"
 # No other copy of the toolkit may be reachable: no nvcc in the usual prefixes or the torch
 # environment, and no libcudart outside the torch wheel in the loader's cache.
+for d in "${path_dirs[@]}"; do
+  [ ! -x "$d/nvcc" ] || { echo "FAIL: an executable nvcc is still on PATH: $d/nvcc"; exit 1; }
+done
 copies=$(find /usr/local /opt /usr/bin "$MPITRAIN_VENV" -name nvcc -type f -perm -u+x 2> /dev/null || true)
 [ -z "$copies" ] || { echo "FAIL: a CUDA compiler is still reachable: $copies"; exit 1; }
 for lib in $(ldconfig -p | awk '/libcudart\.so/ {print $NF}'); do
@@ -97,4 +102,22 @@ case "$cudart" in
   "$site"/nvidia/*) echo "libcudart: $cudart" ;;
   *) cat "$work/ldd.log"; echo "FAIL: libcudart comes from '$cudart', not the torch wheel"; exit 1 ;;
 esac
+
+echo "[${SECONDS} s] --- 4. the main build's train, where it is a CUDA build, starts without the toolkit"
+train=${BIN:?BIN is set by CTest}/train
+[ -x "$train" ] || { echo "FAIL: $train is not built"; exit 1; }
+if readelf -d "$train" | grep -q 'NEEDED.*libcudart'; then
+  ldd "$train" > "$work/ldd-train.log"
+  if grep -q "not found" "$work/ldd-train.log"; then
+    cat "$work/ldd-train.log"; echo "FAIL: train (CUDA build) has unresolved libraries without the toolkit"; exit 1
+  fi
+  cudart=$(readlink -f "$(awk '/libcudart\.so/ {print $3; exit}' "$work/ldd-train.log")")
+  case "$cudart" in
+    "$site"/nvidia/*) echo "train's libcudart: $cudart" ;;
+    *) echo "FAIL: train's libcudart comes from '$cudart', not the torch wheel"; exit 1 ;;
+  esac
+  "$train" --help > /dev/null || { echo "FAIL: train --help without the toolkit"; exit 1; }
+else
+  echo "train is a CPU-only build: its libcudart comes through LibTorch, as step 3 showed"
+fi
 echo "PASS in ${SECONDS} s"
