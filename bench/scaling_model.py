@@ -38,9 +38,13 @@ Everything the model leaves out is listed in docs/scaling.md ("What the model le
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
+import platform
+import socket
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -143,6 +147,18 @@ def weighted_line_fit(points, weights):
     return (st - b * sx) / s, b
 
 
+def git_commit():
+    out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def cpu_model():
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+
+
 def fit_cpu(path):
     """alpha, beta of mpitrain's MPI all-reduce in one result file. Weights 1/t^2, i.e. the fit
     minimises relative error: the sizes span 1 KiB..64 MiB (five decades of time), and plain least
@@ -150,7 +166,7 @@ def fit_cpu(path):
     with open(path, encoding="utf-8") as f:
         result = json.load(f)
     n = result["machine"]["ranks"]
-    rows = result["rows"]
+    rows = result["detail"]["rows"]  # bench_allreduce's own JSON, as scripts/bench keeps it
     points = [(r["bytes"] * 2 * (n - 1) / n, r["mpitrain"]["time_us"] * 1e-6) for r in rows]
     alpha, beta = weighted_line_fit(points, [1 / t ** 2 for _, t in points])
     residuals = [(alpha + beta * x - t) / t for x, t in points]
@@ -171,8 +187,9 @@ def fit_cpu(path):
 def cpu_cross_check(fit, ddp_path):
     """What the fitted alpha/beta predict for bench_ddp at np 2, against what it measured."""
     with open(ddp_path, encoding="utf-8") as f:
-        ddp = json.load(f)
-    n = ddp["machine"]["ranks"]
+        result = json.load(f)
+    n = result["machine"]["ranks"]
+    ddp = result["detail"]  # bench_ddp's own JSON, as scripts/bench keeps it
     steps = ddp["steps"] + 3  # bench_ddp counts its 3 warm-up steps in buckets_launched
     buckets = ddp["buckets_launched"] / steps
     nbytes = ddp["bytes_reduced_per_step"]
@@ -601,11 +618,26 @@ def main():
     print("Published: %s." % hv["published"])
 
     if args.out != "-":
+        headline = next(r for r in sens if r["case"] == "baseline")["GPT-2 small @512"]
         result = {
             "name": "scaling_model",
-            "what": "A MODEL, not a measurement: data-parallel scaling efficiency of mpitrain's DDP at 8-512 H100 "
-                    "GPUs for GPT-2 small and ResNet-50, from NCCL's cost model with published constants; and "
-                    "alpha/beta fitted to this project's measured CPU all-reduce",
+            "measured": "nothing: A MODEL, not a measurement: data-parallel scaling efficiency of mpitrain's DDP at "
+                        "8-512 H100 GPUs for GPT-2 small and ResNet-50, from NCCL's cost model with published "
+                        "constants; and alpha/beta fitted to this project's measured CPU all-reduce",
+            # The fields of bench/result_schema.py: the headline figure, and why nothing is compared.
+            "mpitrain": {"value": headline, "unit": "scaling efficiency (modelled)",
+                         "at": "GPT-2 small, 512 H100 GPUs, bf16 gradients on the wire, scheduled overlap"},
+            "baseline": None,
+            "no_baseline": "a model: nothing is run to compare with; horovod_replay applies the same model to "
+                           "Horovod's published set-up as a calibration (docs/scaling.md)",
+            "ratio": None,
+            "goal": None,
+            "no_goal": "a model predicts and is not held to a goal; measured scaling on GPUs is bench_allreduce "
+                       "--backend nccl and torch_ddp_gpt on GPU machines",
+            "goal_met": None,
+            "machine": {"host": socket.gethostname(), "cpu": cpu_model()},
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "git_commit": git_commit(),
             "command": " ".join(["python3", "bench/scaling_model.py"] + sys.argv[1:]),
             "inputs": {k: v for k, v in vars(args).items() if k != "out"},
             "constants": CONSTANTS,

@@ -46,27 +46,26 @@ endif()
 if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
   set(CMAKE_CUDA_ARCHITECTURES 80;90)
 endif()
-if(NOT MPITRAIN_WITH_CUDA)
-  # Keep LibTorch's CUDA detection from failing on machines without a toolkit.
-  set(CAFFE2_USE_CUDA OFF)
-endif()
-find_package(Torch REQUIRED)
+include(mpitrainTorch)
+mpitrain_find_torch(${MPITRAIN_WITH_CUDA})
 mpitrain_note("LibTorch" ON "${Torch_VERSION}" "${Torch_DIR}")
 
-set(MPITRAIN_HAVE_CUDA OFF)
-if(MPITRAIN_WITH_CUDA AND TARGET torch_cuda AND CUDAToolkit_FOUND)
-  set(MPITRAIN_HAVE_CUDA ON)
-endif()
-if(CUDAToolkit_FOUND)
+# The wheel's CUDA run time and NCCL are in the run paths of the programs, in the build tree and
+# installed: a GPU node needs the NVIDIA driver, not a CUDA toolkit (docs/building.md).
+list(APPEND CMAKE_BUILD_RPATH ${MPITRAIN_TORCH_RPATH})
+list(APPEND CMAKE_INSTALL_RPATH ${MPITRAIN_TORCH_RPATH})
+
+set(MPITRAIN_HAVE_CUDA ${MPITRAIN_TORCH_CUDA})
+if(MPITRAIN_TORCH_CUDA)
   mpitrain_note("CUDA" ON "${CUDAToolkit_VERSION}" "${CUDAToolkit_BIN_DIR}")
 else()
-  mpitrain_note("CUDA" OFF "" "(CPU-only build)")
+  mpitrain_note("CUDA" OFF "" "(CPU-only build: ${MPITRAIN_TORCH_WHY})")
 endif()
 
 # --- NCCL: the copy the torch wheel loads, so one process holds one NCCL -------------------------
 if(MPITRAIN_HAVE_CUDA)
-  # torch's CMake prefix is <site-packages>/torch/share/cmake; the wheel's NCCL sits beside torch.
-  get_filename_component(_site "${Torch_DIR}/../../../.." ABSOLUTE)
+  # The wheel's NCCL sits beside torch in site-packages (found by mpitrain_find_torch).
+  set(_site "${_mpitrain_site}")
   find_path(NCCL_INCLUDE_DIR nccl.h HINTS "${_site}/nvidia/nccl/include" NO_DEFAULT_PATH)
   find_library(NCCL_LIBRARY NAMES nccl libnccl.so.2 HINTS "${_site}/nvidia/nccl/lib" NO_DEFAULT_PATH)
   if(NCCL_INCLUDE_DIR AND NCCL_LIBRARY)
@@ -85,7 +84,7 @@ if(MPITRAIN_HAVE_CUDA)
     mpitrain_note("NCCL" OFF "" "(looked in ${_site}/nvidia/nccl)")
   endif()
 else()
-  mpitrain_note("NCCL" OFF "" "(CPU-only build: MPITRAIN_WITH_CUDA=${MPITRAIN_WITH_CUDA})")
+  mpitrain_note("NCCL" OFF "" "(CPU-only build)")
 endif()
 
 function(mpitrain_print_summary)

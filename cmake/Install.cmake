@@ -15,7 +15,8 @@ install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/mpitrain DESTINATION ${CMAKE_INS
 install(EXPORT mpitrainTargets NAMESPACE mpitrain:: DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/mpitrain)
 
 # The programs. LibTorch, NCCL and the CUDA runtime are shared libraries in the torch wheel's
-# folder, outside any system path: the installed programs keep the run path to them.
+# folders, outside any system path: the installed programs keep the run path to them (the link
+# folders, and the wheel's folders in CMAKE_INSTALL_RPATH, cmake/mpitrainTorch.cmake).
 set_target_properties(train h5shard PROPERTIES INSTALL_RPATH_USE_LINK_PATH ON)
 install(TARGETS train h5shard RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 
@@ -25,4 +26,5 @@ configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/mpitrainConfig.cmake.i
 write_basic_package_version_file(${PROJECT_BINARY_DIR}/mpitrainConfigVersion.cmake
                                  COMPATIBILITY SameMinorVersion)
 install(FILES ${PROJECT_BINARY_DIR}/mpitrainConfig.cmake ${PROJECT_BINARY_DIR}/mpitrainConfigVersion.cmake
+              ${PROJECT_SOURCE_DIR}/cmake/mpitrainTorch.cmake
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/mpitrain)
