@@ -112,14 +112,25 @@ TEST_CASE("errors carry their exit code", "[runtime]") {
 }
 
 TEST_CASE("GPU facts for the metrics: datasheet peaks by name; nothing on the CPU", "[runtime]") {
+  // The names CUDA reports for them (cudaDeviceProp::name).
   CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 80GB HBM3") == 989.4);
-  CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 PCIe") == 756.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 NVL") == 835.5);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 PCIe") == 756.5);
   CHECK(datasheet_peak_tflops_16bit("NVIDIA H200") == 989.4);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA H200 NVL") == 835.5);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA GH200 480GB") == 989.4);
   CHECK(datasheet_peak_tflops_16bit("NVIDIA A100-SXM4-80GB") == 312.0);
-  CHECK(datasheet_peak_tflops_16bit("NVIDIA A10G") == 125.0);
-  CHECK(datasheet_peak_tflops_16bit("NVIDIA L40S") == 362.1);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA A100 80GB PCIe") == 312.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA A10") == 125.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA L40S") == 362.05);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA L40") == 181.05);
   CHECK(datasheet_peak_tflops_16bit("NVIDIA L4") == 121.0);
   CHECK(datasheet_peak_tflops_16bit("Tesla V100-SXM2-16GB") == 125.0);
+  CHECK(datasheet_peak_tflops_16bit("Tesla V100-PCIE-32GB") == 112.0);
+  // Near relatives are not matches: an unknown name has no peak.
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA A10G") == 0.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 80GB HBM3 MIG 1g.10gb") == 0.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA L40G") == 0.0);
   CHECK(datasheet_peak_tflops_16bit("NVIDIA GeForce GTX 1080") == 0.0);
   const GpuInfo cpu(c10::kCPU);
   CHECK(cpu.name() == "cpu");
