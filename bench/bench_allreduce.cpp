@@ -11,6 +11,7 @@
 
 #ifdef MPITRAIN_HAVE_NCCL
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include "mpitrain/runtime/cuda_check.h"
@@ -48,12 +49,15 @@ c10::ScalarType parse_dtype(const std::string& name) {
                        runtime::ExitCode::bad_input);
 }
 
-// The raw library call that the communicator is measured against.
+// The raw library call that the communicator is measured against. NCCL binds a communicator
+// and a stream to the device that is current when they are created, so every CUDA call here
+// runs under a guard for the rank's device.
 class RawAllReduce {
  public:
-  RawAllReduce(const runtime::World& world, c10::Device device) : world_(world) {
+  RawAllReduce(const runtime::World& world, c10::Device device) : world_(world), device_(device) {
 #ifdef MPITRAIN_HAVE_NCCL
     if (device.is_cuda()) {
+      const c10::cuda::CUDAGuard guard(device);
       ncclUniqueId id;
       if (world.is_root()) MPITRAIN_CHECK_NCCL(ncclGetUniqueId(&id));
       MPITRAIN_CHECK_MPI(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, world.comm()));
@@ -66,6 +70,8 @@ class RawAllReduce {
   }
   ~RawAllReduce() {
 #ifdef MPITRAIN_HAVE_NCCL
+    if (!device_.is_cuda()) return;
+    const c10::cuda::CUDAGuard guard(device_);
     if (nccl_ != nullptr) ncclCommDestroy(nccl_);
     if (stream_ != nullptr) cudaStreamDestroy(stream_);
 #endif
@@ -74,6 +80,7 @@ class RawAllReduce {
   void run(at::Tensor& tensor) {
 #ifdef MPITRAIN_HAVE_NCCL
     if (tensor.is_cuda()) {
+      const c10::cuda::CUDAGuard guard(device_);
       const ncclDataType_t type = tensor.scalar_type() == at::kFloat      ? ncclFloat32
                                   : tensor.scalar_type() == at::kBFloat16 ? ncclBfloat16
                                                                           : ncclFloat16;
@@ -92,15 +99,18 @@ class RawAllReduce {
 
  private:
   const runtime::World& world_;
+  c10::Device device_;
 #ifdef MPITRAIN_HAVE_NCCL
   ncclComm_t nccl_ = nullptr;
   cudaStream_t stream_ = nullptr;
 #endif
 };
 
+// Waits for the rank's own device: the communicator's work is ordered on its current stream.
 void synchronize(c10::Device device) {
 #ifdef MPITRAIN_HAVE_NCCL
-  if (device.is_cuda()) MPITRAIN_CHECK_CUDA(cudaStreamSynchronize(at::cuda::getCurrentCUDAStream().stream()));
+  if (device.is_cuda())
+    MPITRAIN_CHECK_CUDA(cudaStreamSynchronize(at::cuda::getCurrentCUDAStream(device.index()).stream()));
 #else
   (void)device;
 #endif
@@ -119,6 +129,10 @@ int run(const runtime::World& world, const Options& options) {
   const comm::Backend backend = comm::parse_backend(options.backend);
   const runtime::DeviceKind kind = backend == comm::Backend::nccl ? runtime::DeviceKind::cuda : runtime::DeviceKind::cpu;
   const c10::Device device = runtime::choose_device(world, {kind, false});
+#ifdef MPITRAIN_HAVE_NCCL
+  // The rank's GPU is the current one for everything below (tensors, LibTorch's streams).
+  if (device.is_cuda()) at::cuda::set_device(device.index());
+#endif
   auto communicator = comm::make_communicator(world, device, {}, backend);
   RawAllReduce raw(world, device);
   const c10::ScalarType type = parse_dtype(options.dtype);

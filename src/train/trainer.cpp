@@ -523,6 +523,9 @@ struct Trainer::Impl {
     gpu = std::make_unique<runtime::GpuInfo>(device);
     const bool half = precision == amp::Precision::bf16 || precision == amp::Precision::fp16;
     peak_tflops = config.device.peak_tflops > 0 ? config.device.peak_tflops : half ? gpu->peak_tflops_16bit() : 0.0;
+    if (device.is_cuda() && flops_per_token > 0 && peak_tflops == 0)
+      world.log().info("no mfu in the metrics: no " + std::string(amp::to_string(precision)) + " peak is known for " +
+                       gpu->name() + "; set device.peak_tflops (dense TFLOP/s) to log it");
     std::vector<std::int64_t> caps;
     if (config.batch.micro_batch == 0) caps = choose_micro_batch(train_spec);
     shares = std::make_unique<RankShares>(config, world.rank(), world.size(), caps);

@@ -103,6 +103,28 @@ TEST_CASE("device choice", "[runtime]") {
   CHECK_THROWS_WITH(parse_device_kind("gpu"), Catch::Contains("expected auto, cpu or cuda"));
 }
 
+TEST_CASE("GPU binding: distinct GPUs pass; two ranks on one GPU are refused unless allowed", "[runtime]") {
+  // Per-task binding: every rank sees one GPU as cuda:0, but they are different GPUs.
+  const std::vector<GpuBinding> distinct = {{4, "0000:18:00.0"}, {5, "0000:3B:00.0"}, {6, "0000:86:00.0"}};
+  CHECK_NOTHROW(check_gpu_binding(distinct, false, "node07"));
+  // Ranks without a GPU share nothing.
+  CHECK_NOTHROW(check_gpu_binding({{0, ""}, {1, ""}}, false, "node07"));
+  const std::vector<GpuBinding> shared = {
+      {4, "0000:18:00.0"}, {5, "0000:3B:00.0"}, {6, "0000:18:00.0"}, {7, "0000:18:00.0"}};
+  try {
+    check_gpu_binding(shared, false, "node07");
+    FAIL("two ranks on one GPU were not refused");
+  } catch (const Error& e) {
+    CHECK(e.code() == ExitCode::bad_input);
+    CHECK_THAT(e.what(), Catch::StartsWith("ranks 4, 6 and 7 on node07 would share the GPU at PCI bus id 0000:18:00.0"));
+    CHECK_THAT(e.what(), Catch::Contains("device.allow_shared_gpu"));
+  }
+  const std::vector<GpuBinding> pair = {{0, "0000:18:00.0"}, {1, "0000:18:00.0"}};
+  CHECK_THROWS_WITH(check_gpu_binding(pair, false, "node07"),
+                    Catch::StartsWith("ranks 0 and 1 on node07 would share the GPU at PCI bus id 0000:18:00.0"));
+  CHECK_NOTHROW(check_gpu_binding(shared, true, "node07"));
+}
+
 TEST_CASE("errors carry their exit code", "[runtime]") {
   const Error error("bad key", ExitCode::bad_input);
   CHECK(error.code() == ExitCode::bad_input);
@@ -115,14 +137,25 @@ TEST_CASE("errors carry their exit code", "[runtime]") {
 }
 
 TEST_CASE("GPU facts for the metrics: datasheet peaks by name; nothing on the CPU", "[runtime]") {
+  // The names CUDA reports for them (cudaDeviceProp::name).
   CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 80GB HBM3") == 989.4);
-  CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 PCIe") == 756.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 NVL") == 835.5);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 PCIe") == 756.5);
   CHECK(datasheet_peak_tflops_16bit("NVIDIA H200") == 989.4);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA H200 NVL") == 835.5);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA GH200 480GB") == 989.4);
   CHECK(datasheet_peak_tflops_16bit("NVIDIA A100-SXM4-80GB") == 312.0);
-  CHECK(datasheet_peak_tflops_16bit("NVIDIA A10G") == 125.0);
-  CHECK(datasheet_peak_tflops_16bit("NVIDIA L40S") == 362.1);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA A100 80GB PCIe") == 312.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA A10") == 125.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA L40S") == 362.05);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA L40") == 181.05);
   CHECK(datasheet_peak_tflops_16bit("NVIDIA L4") == 121.0);
   CHECK(datasheet_peak_tflops_16bit("Tesla V100-SXM2-16GB") == 125.0);
+  CHECK(datasheet_peak_tflops_16bit("Tesla V100-PCIE-32GB") == 112.0);
+  // Near relatives are not matches: an unknown name has no peak.
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA A10G") == 0.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA H100 80GB HBM3 MIG 1g.10gb") == 0.0);
+  CHECK(datasheet_peak_tflops_16bit("NVIDIA L40G") == 0.0);
   CHECK(datasheet_peak_tflops_16bit("NVIDIA GeForce GTX 1080") == 0.0);
   const GpuInfo cpu(c10::kCPU);
   CHECK(cpu.name() == "cpu");

@@ -5,9 +5,12 @@
 // Contract:
 // - GpuInfo(device) for a CUDA device reads its name; for the CPU, name() is "cpu" and the
 //   rest is empty. Nothing here ever fails a run: what cannot be known is absent.
-// - peak_tflops_16bit() is the dense bf16/fp16 tensor-core peak of known data-centre GPUs
-//   (H100, H200, A100, L40S, L4, A10, V100, B200), matched on the device name; 0 when unknown
-//   (the config's device.peak_tflops then gives it).
+// - peak_tflops_16bit() is the dense bf16/fp16 tensor-core datasheet peak of known data-centre
+//   GPUs (H100 SXM/NVL/PCIe, H200 SXM/NVL, GH200, B200, A100, L40S, L40, L4, A10, V100). The
+//   device name is reduced to model and form factor ("NVIDIA H100 80GB HBM3" -> H100,
+//   "NVIDIA A100-SXM4-80GB" -> A100, "NVIDIA H100 NVL" -> H100 NVL) and matched exactly, so
+//   an L40 never takes the L4's figure; 0 when unknown (the config's device.peak_tflops then
+//   gives it).
 // - read() asks NVML (libnvidia-ml.so.1 from the NVIDIA driver, loaded at run time, so a build
 //   and a CPU machine need no driver) for the GPU's utilisation over the driver's last sample
 //   period and its temperature; empty on the CPU, or when NVML is missing or answers an error.
