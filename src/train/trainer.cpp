@@ -633,11 +633,7 @@ struct Trainer::Impl {
     const std::int64_t upper = config.batch.global / world.size();  // no accumulation needed
     std::int64_t cap = upper;
     const bool limited = device.is_cuda() || cpu_budget > 0;
-    // One bucket-sized all-reduce first, on every rank: a communicator allocates its buffers
-    // lazily (NCCL's take over 1 GiB with NVLS on H100/H200), and the trials must see them.
-    at::Tensor bucket = at::zeros({std::max<std::int64_t>(1, static_cast<std::int64_t>(config.ddp.bucket_mb * (1 << 20)) / 4)},
-                                  at::TensorOptions().device(device).dtype(at::kFloat));
-    comm->all_reduce(bucket, comm::ReduceOp::sum);
+    if (comm->backend() == comm::Backend::nccl) warm_up_communicator();
     if (limited) {
       const TrialGuard guard(*model, device);  // trials change batch-norm statistics and RNG
       data::Dataset dataset(spec, /*cache_blocks=*/2);
@@ -648,7 +644,6 @@ struct Trainer::Impl {
       trial_optimizer.reset();
       release_cached_memory();
     }
-    bucket = at::Tensor();
     const std::vector<std::int64_t> caps = detail::gather_per_rank(*comm, cap);
     // Equal shares: the smallest cap rules. A list: each weighted share within its cap. auto: each
     // rank starts with a share in proportion to its own cap (RankShares), so none waits on the
@@ -666,6 +661,15 @@ struct Trainer::Impl {
                                     " % below the largest that ran)"
                               : "; no memory limit on CPU)"));
     return caps;
+  }
+
+  // NCCL allocates its buffers at a communicator's first collectives (over 1 GiB with NVLS on
+  // H100/H200), outside LibTorch's allocator: one bucket-sized all-reduce on every rank before
+  // the search, so that what the trials measure leaves room for them.
+  void warm_up_communicator() {
+    at::Tensor bucket = at::zeros({std::max<std::int64_t>(1, static_cast<std::int64_t>(config.ddp.bucket_mb * (1 << 20)) / 4)},
+                                  at::TensorOptions().device(device).dtype(at::kFloat));
+    comm->all_reduce(bucket, comm::ReduceOp::sum);
   }
 
   // One training step at micro-batch m on the first m samples (repeated if fewer), without
