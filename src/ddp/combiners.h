@@ -61,7 +61,10 @@ std::unique_ptr<Combiner> make_all_reduce(comm::Communicator& comm, const std::v
 std::unique_ptr<Combiner> make_shard(comm::Communicator& comm, const std::vector<at::Tensor>& buffers,
                                      std::vector<at::Tensor> shard_grads, std::optional<c10::ScalarType> wire_dtype);
 
-/// Top-k with error feedback (ddp.h's contract).
+/// Top-k with error feedback: each rank adds the bucket's gradient to its residual, sends the
+/// k largest-magnitude elements (k = ceil(ratio x elements), indices and values, all-gathered)
+/// and keeps the rest as the next residual; the result is the average of the ranks' sparse
+/// contributions.
 std::unique_ptr<Combiner> make_topk(comm::Communicator& comm, const std::vector<at::Tensor>& buffers, double ratio);
 
 /// Where a parameter's gradient lies in its bucket's buffer.
@@ -70,7 +73,12 @@ struct Slot {
   std::vector<std::int64_t> sizes;
 };
 
-/// PowerSGD with error feedback (ddp.h's contract); layout[b]: bucket b's parameters.
+/// PowerSGD with error feedback; layout[b]: bucket b's parameters. Each matrix-shaped gradient
+/// (size(0) x the rest) plus its residual, M, is sent as rank-r factors: P = M Q is all-reduced
+/// and orthonormalised, Q = M^T P all-reduced and averaged, the result is P Q^T and the residual
+/// M - P Q^T; other elements are averaged whole. Q starts from the same seeded random numbers on
+/// every rank and carries over between steps. The first warm-up synchronised backwards are plain
+/// all-reduces.
 std::unique_ptr<Combiner> make_powersgd(comm::Communicator& comm, const std::vector<at::Tensor>& buffers,
                                         const std::vector<std::vector<Slot>>& layout, int rank,
                                         std::int64_t warmup_steps);

@@ -144,16 +144,17 @@ void DistributedDataParallel::load_state(const std::map<std::string, at::Tensor>
   reducer_->combiner().load_state(state);
 }
 
-DistributedDataParallel::NoSync::NoSync(Reducer& reducer) : reducer_(&reducer), previous_(reducer.set_no_sync(true)) {}
+DistributedDataParallel::NoSync::NoSync(DistributedDataParallel& owner)
+    : owner_(&owner), previous_(owner.reducer_->set_no_sync(true)) {}
 
 DistributedDataParallel::NoSync::~NoSync() {
-  if (reducer_ != nullptr) reducer_->set_no_sync(previous_);
+  if (owner_ != nullptr) owner_->reducer_->set_no_sync(previous_);
 }
 
 DistributedDataParallel::NoSync::NoSync(NoSync&& other) noexcept
-    : reducer_(std::exchange(other.reducer_, nullptr)), previous_(other.previous_) {}
+    : owner_(std::exchange(other.owner_, nullptr)), previous_(other.previous_) {}
 
-DistributedDataParallel::NoSync DistributedDataParallel::no_sync() { return NoSync(*reducer_); }
+DistributedDataParallel::NoSync DistributedDataParallel::no_sync() { return NoSync(*this); }
 
 const Stats& DistributedDataParallel::stats() const { return reducer_->stats(); }
 

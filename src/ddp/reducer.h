@@ -17,8 +17,8 @@
 //     INVARIANT: every rank launches buckets 0, 1, 2, ... in that order, whatever order its
 //     hooks fire in, so the all-reduces match across ranks. finish() checks that all of them
 //     were launched, in order, exactly once.
-//     A launch hands the bucket to the combiner (combiners.h: all-reduce, ZeRO's reduce-scatter
-//     or top-k), which starts its asynchronous collectives.
+//     A launch hands the bucket to the combiner (combiners.h: all-reduce, ZeRO's reduce-scatter,
+//     top-k or PowerSGD), which starts its asynchronous collectives.
 //  4. Finish (after backward returns). Unready parameters are an error, or, with
 //     find_unused_parameters, count as zero gradients and complete their buckets (so every
 //     rank still launches every bucket). Then each bucket is waited on in order and the

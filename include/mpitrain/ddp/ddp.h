@@ -28,27 +28,17 @@
 // - A parameter that gets no gradient in a synchronised backward is an error naming it, unless
 //   Options::find_unused_parameters, in which case its local gradient counts as zero.
 // - How a bucket is combined is pluggable (Options): an all-reduce (stage 0, the default), a
-//   reduce-scatter (ZeRO stage 1), or top-k compression with error feedback.
-// - ZeRO stage 1 (Options::zero_stage = 1): every bucket is padded to a multiple of the world
-//   size and split into equal contiguous shards, shard r belonging to rank r. finish_backward()
-//   reduce-scatters instead of all-reducing, so this rank ends with the averaged gradient of its
-//   shard only: shard() lists its pieces (parameter slices), each with a `value` sharing the
-//   parameter's storage and a `grad` (also value.grad()) holding that average. An optimizer
-//   built over the slices' values keeps state for 1/N of the model. After it stepped,
-//   finish_step() (collective) all-gathers the shards so that every replica holds the updated
-//   parameters; the slices' grads are spent then (their buffer carries the all-gather). The
-//   parameters' data is moved into one flat buffer per bucket at construction (the tensors
-//   stay the same objects), so that the all-gather writes straight into them. A parameter's own `.grad` then holds only this rank's local gradient: use
-//   gradients() and clip_grad_norm(), which mean the averaged gradients at every stage.
-// - Top-k compression (Options::compression): each rank adds the bucket's gradient to its
-//   error-feedback residual, sends the k largest-magnitude elements (k = ceil(topk_ratio x
-//   elements), indices and values, all-gathered) and keeps the rest as the next residual; the
-//   result is the average of the ranks' sparse contributions.
-// - PowerSGD compression: each matrix-shaped gradient (size(0) x the rest) plus its residual, M,
-//   is sent as rank-r factors: P = M Q is all-reduced and orthonormalised, Q = M^T P all-reduced
-//   and averaged, the result is P Q^T and the residual M - P Q^T; other elements are averaged
-//   whole. Q starts from the same seeded random numbers on every rank and carries over between
-//   steps. The first powersgd_warmup_steps synchronised backwards are plain all-reduces.
+//   reduce-scatter (ZeRO stage 1), top-k or PowerSGD compression with error feedback. Each
+//   mechanism is explained once, where it is implemented: the reducer's protocol and ZeRO's
+//   layout in src/ddp/reducer.h, the combiners (top-k, PowerSGD) in src/ddp/combiners.h.
+// - What a caller sees of ZeRO stage 1 (Options::zero_stage = 1): finish_backward() leaves this
+//   rank with the averaged gradient of its shard only; shard() lists the shard's pieces
+//   (parameter slices), each with a `value` sharing the parameter's storage and a `grad` (also
+//   value.grad()) holding that average, so an optimizer built over the values keeps state for
+//   1/N of the model; finish_step() (collective) then all-gathers the updated shards into every
+//   replica's parameters and spends the slices' grads. A parameter's own `.grad` holds only this
+//   rank's local gradient: use gradients() and clip_grad_norm(), which mean the averaged
+//   gradients at every stage.
 // - Compression state (residuals; PowerSGD's Q and step count) goes through checkpoints with
 //   state() and load_state().
 // - The module must outlive this object; parameters must not be added or replaced meanwhile.
@@ -160,8 +150,9 @@ class DistributedDataParallel {
   /// Stage 1: this rank's slices, in parameter registration order. Empty at stage 0.
   const std::vector<ShardSlice>& shard() const;
 
-  /// What must survive a checkpoint for an exact resume on the same world size (top-k's
-  /// error-feedback residuals), by name; empty without compression. load_state() takes what
+  /// What must survive a checkpoint for an exact resume on the same world size (the
+  /// compressor's state: top-k's or PowerSGD's residuals, PowerSGD's Q and step count), by
+  /// name; empty without compression. load_state() takes what
   /// state() returned and refuses (runtime::Error, bad_input) names or shapes it does not know.
   std::map<std::string, at::Tensor> state() const;
   void load_state(const std::map<std::string, at::Tensor>& state);
@@ -169,7 +160,6 @@ class DistributedDataParallel {
   /// RAII scope of a micro-step whose gradients are only accumulated locally.
   class NoSync {
    public:
-    explicit NoSync(Reducer& reducer);
     ~NoSync();
     NoSync(NoSync&& other) noexcept;
     NoSync(const NoSync&) = delete;
@@ -177,7 +167,9 @@ class DistributedDataParallel {
     NoSync& operator=(NoSync&&) = delete;
 
    private:
-    Reducer* reducer_;
+    friend class DistributedDataParallel;
+    explicit NoSync(DistributedDataParallel& owner);
+    DistributedDataParallel* owner_;
     bool previous_;
   };
   [[nodiscard]] NoSync no_sync();
