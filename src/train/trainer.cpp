@@ -575,6 +575,7 @@ struct Trainer::Impl {
     EvalResult result;
     if (!eval_loader) return result;
     const auto start = Clock::now();
+    runtime::fault_point("train.evaluate", world.rank());
     eval_loader->restore(eval_start);  // the same eval samples every time
     std::int64_t batches = eval_loader->steps_per_epoch();
     if (config.eval.max_batches > 0) batches = std::min(batches, config.eval.max_batches);
@@ -632,7 +633,8 @@ struct Trainer::Impl {
   std::string write_checkpoint() {
     const auto start = Clock::now();
     checkpoint::Writer writer(world, checkpoint_root(), steps_done,
-                              std::chrono::milliseconds(static_cast<std::int64_t>(config.checkpoint.save_timeout_s * 1000)));
+                              std::chrono::milliseconds(static_cast<std::int64_t>(config.checkpoint.save_timeout_s * 1000)),
+                              comm->options().timeout);
     const std::filesystem::path dir = writer.path();
     const auto write_tensors = [&](const std::string& name, const std::map<std::string, at::Tensor>& tensors) {
       checkpoint::write_safetensors((dir / name).string(), tensors);
