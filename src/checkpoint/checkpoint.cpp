@@ -244,6 +244,9 @@ class Writer::Liveness {
     return "rank " + std::to_string(rank) + " (" + std::string(hosts_.data() + static_cast<std::size_t>(rank) * kHostChars) + ")";
   }
 
+  // Bytes this rank has written (or read back to checksum) since the save began.
+  std::int64_t saved() const { return progress().bytes.load(std::memory_order_relaxed) - bytes_before_; }
+
   static bool done(MPI_Request& request) {
     if (request == MPI_REQUEST_NULL) return true;
     int flag = 0;
@@ -256,7 +259,7 @@ class Writer::Liveness {
   }
 
   void beat(Link& link, std::int64_t sequence) {
-    link.out = {sequence, progress().bytes.load(std::memory_order_relaxed), phase_.load(std::memory_order_relaxed)};
+    link.out = {sequence, saved(), phase_.load(std::memory_order_relaxed)};
     MPITRAIN_CHECK_MPI(MPI_Isend(link.out.data(), kFields, MPI_INT64_T, link.rank, 0, comm_, &link.send));
   }
 
@@ -270,7 +273,7 @@ class Writer::Liveness {
     if (since != 0 && now - Clock::time_point(Clock::duration(since)) > limit_)
       runtime::fatal("checkpoint " + checkpoint_ + ": one write, read or fsync on " + runtime::where() + " has not returned for " +
                          seconds(now - Clock::time_point(Clock::duration(since))) + " s while " +
-                         phase_text(phase_.load()) + " (" + std::to_string(progress().bytes.load()) +
+                         phase_text(phase_.load()) + " (" + std::to_string(saved()) +
                          " bytes done): the file system is not answering (ddp.comm_timeout_s bounds a save's "
                          "silence). The checkpoints already there are untouched",
                      runtime::ExitCode::comm_timeout);
@@ -304,13 +307,9 @@ class Writer::Liveness {
     std::int64_t sequence = 0;
     Clock::time_point next_beat = Clock::now();
     bool last_sent = false;
-    for (;;) {
-      Stop stop = Stop::no;
+    for (Stop stop = Stop::no;;) {
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        // While closing, partners' last beats are due any moment: look often.
-        changed_.wait_for(lock, last_sent ? std::chrono::milliseconds(1) : period_ / 4,
-                          [&] { return stop_ == Stop::abrupt || (stop_ == Stop::close && !last_sent); });
         stop = stop_;
       }
       if (stop == Stop::abrupt) return abandon(links);
@@ -343,6 +342,10 @@ class Writer::Liveness {
       }
       if (last_sent && std::all_of(links.begin(), links.end(), [](Link& l) { return l.ended && done(l.send); })) return;
       check(links, now);
+      std::unique_lock<std::mutex> lock(mutex_);
+      // While closing, partners' last beats are due any moment: look often.
+      changed_.wait_for(lock, last_sent ? std::chrono::milliseconds(1) : period_ / 4,
+                        [&] { return stop_ == Stop::abrupt || (stop_ == Stop::close && !last_sent); });
     }
   }
 
@@ -362,6 +365,7 @@ class Writer::Liveness {
   const std::string checkpoint_;
   const std::chrono::milliseconds limit_;
   const std::chrono::milliseconds period_;
+  const std::int64_t bytes_before_ = progress().bytes.load();
   MPI_Comm comm_ = MPI_COMM_NULL;
   std::vector<char> hosts_;
   std::atomic<std::int64_t> phase_{static_cast<std::int64_t>(Phase::starting)};
