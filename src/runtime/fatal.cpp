@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <condition_variable>
 #include <cstdlib>
@@ -35,6 +36,11 @@ std::string local_host() {
   gethostname(name, sizeof(name) - 1);
   return name;
 }
+
+// Set by fatal(): the process is ending. Other threads that reach a wait park there, so that a
+// failing rank does no more work with its peers (finishing a checkpoint's barriers, say) while
+// the launcher takes the job down.
+std::atomic<bool> ending{false};
 
 // fatal() gives the abort actions this long, then calls MPI_Abort without them; the process
 // ends by itself at kExitBound whatever happens.
@@ -114,6 +120,7 @@ void fatal(const std::string& what, ExitCode code) {
   // Only the first thread to fail reports and aborts; any other waits to be killed.
   static std::once_flag once;
   std::call_once(once, [&] {
+    ending.store(true);
     std::fprintf(stderr, "[mpitrain %s] fatal: %s\n", where().c_str(), what.c_str());
     std::fflush(stderr);
     // Whatever blocks below (an abort action behind a stuck kernel, MPI_Abort itself), this
@@ -173,6 +180,7 @@ void Backoff::reset() {
 
 void Backoff::pause() {
   constexpr std::chrono::microseconds first{20}, most{1000};
+  while (ending.load(std::memory_order_relaxed)) ::pause();
   if (sleep_.count() == 0 && std::chrono::steady_clock::now() - start_ < spin_) {
     std::this_thread::yield();
     return;

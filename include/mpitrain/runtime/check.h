@@ -28,7 +28,8 @@ namespace mpitrain::runtime {
 /// polled); after that it sleeps, doubling from 20 µs to at most 1 ms. A rank waiting for a
 /// stalled peer then polls about a thousand times a second (well under 1 % of a core), and a
 /// deadline checked between pauses is overshot by at most a millisecond. reset() starts a new
-/// wait (when something completed).
+/// wait (when something completed). Once fatal() has begun, pause() never returns: a failing
+/// process's other threads stop at their next wait instead of working on with its peers.
 class Backoff {
  public:
   explicit Backoff(std::chrono::microseconds spin = std::chrono::milliseconds(20));
