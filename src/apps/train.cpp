@@ -52,11 +52,15 @@ void truncate_metrics(const std::string& path, std::int64_t step) {
   std::filesystem::rename(temporary, path);
 }
 
-std::string broadcast_from_root(const runtime::World& world, std::string text) {
+// Bounded by `timeout`: rank 0 may be stopped while it looks for the checkpoint.
+std::string broadcast_from_root(const runtime::World& world, std::string text, std::chrono::milliseconds timeout) {
   unsigned long long size = text.size();
-  MPITRAIN_CHECK_MPI(MPI_Bcast(&size, 1, MPI_UNSIGNED_LONG_LONG, 0, world.comm()));
+  MPI_Request request = MPI_REQUEST_NULL;
+  MPITRAIN_CHECK_MPI(MPI_Ibcast(&size, 1, MPI_UNSIGNED_LONG_LONG, 0, world.comm(), &request));
+  runtime::wait_or_die(&request, timeout, "--resume auto: waiting for rank 0 to name the checkpoint");
   text.resize(size);
-  MPITRAIN_CHECK_MPI(MPI_Bcast(text.data(), static_cast<int>(size), MPI_CHAR, 0, world.comm()));
+  MPITRAIN_CHECK_MPI(MPI_Ibcast(text.data(), static_cast<int>(size), MPI_CHAR, 0, world.comm(), &request));
+  runtime::wait_or_die(&request, timeout, "--resume auto: waiting for rank 0 to name the checkpoint");
   return text;
 }
 
@@ -98,7 +102,8 @@ int run_training(const runtime::World& world, const runtime::StopSignals& signal
       if (latest) checkpoint = *latest;
       else world.log().info("--resume auto: no complete checkpoint in " + run_dir + ", starting from step 0");
     }
-    checkpoint = broadcast_from_root(world, checkpoint);
+    checkpoint = broadcast_from_root(world, checkpoint,
+                                     std::chrono::milliseconds(static_cast<std::int64_t>(config.ddp.comm_timeout_s * 1000)));
   } else if (!args.resume.empty()) {
     if (!std::filesystem::is_directory(args.resume))
       throw runtime::Error("--resume " + args.resume + ": no such checkpoint directory", runtime::ExitCode::bad_input);

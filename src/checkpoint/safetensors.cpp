@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "mpitrain/checkpoint/checkpoint.h"
 #include "mpitrain/runtime/error.h"
 
 namespace mpitrain::checkpoint {
@@ -44,15 +45,13 @@ void write_safetensors(const std::string& path, const std::map<std::string, at::
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // the format pads the header to 8 bytes
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
   const std::uint64_t length = text.size();
   unsigned char prefix[8];
   for (int i = 0; i < 8; ++i) prefix[i] = static_cast<unsigned char>(length >> (8 * i));
-  out.write(reinterpret_cast<const char*>(prefix), 8);
-  out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  for (const at::Tensor& t : payload) out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.nbytes()));
-  out.close();  // the last buffered bytes are written here: a full disk shows up now, not never
-  if (!out) throw runtime::Error("cannot write '" + path + "': check free space and permissions");
+  // Straight from the tensors' memory, through the checkpoint layer's counted writes.
+  std::vector<Part> parts = {{prefix, 8}, {text.data(), text.size()}};
+  for (const at::Tensor& t : payload) parts.push_back({t.data_ptr(), t.nbytes()});
+  write_parts(path, parts);
 }
 
 std::map<std::string, at::Tensor> read_safetensors(const std::string& path) {

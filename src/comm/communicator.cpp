@@ -83,7 +83,11 @@ enum class OpCode : std::int64_t { all_reduce = 1, broadcast, all_gather, reduce
 }  // namespace
 
 Communicator::Communicator(MPI_Comm control, const CommOptions& options) : options_(options) {
-  MPITRAIN_CHECK_MPI(MPI_Comm_dup(control, &control_));
+  // Non-blocking and bounded: at start-up a rank that never arrives (stopped, say) must end the
+  // job after the timeout, not hold the others in MPI_Comm_dup.
+  MPI_Request request = MPI_REQUEST_NULL;
+  MPITRAIN_CHECK_MPI(MPI_Comm_idup(control, &control_, &request));
+  runtime::wait_or_die(&request, options_.timeout, "creating the communicator's control channel (MPI_Comm_idup)");
   MPITRAIN_CHECK_MPI(MPI_Comm_rank(control_, &rank_));
   MPITRAIN_CHECK_MPI(MPI_Comm_size(control_, &size_));
 }

@@ -6,11 +6,16 @@
 
 #include "mpitrain/runtime/error.h"
 #include "mpitrain/runtime/fatal.h"
+#include "mpitrain/runtime/fault.h"
+#include "mpitrain/runtime/world.h"
 
 namespace mpitrain::comm {
 
 std::unique_ptr<Communicator> make_communicator(const runtime::World& world, c10::Device device,
                                                 const CommOptions& options, Backend backend) {
+  // Start-up, after MPI's initialisation and before any collective of the run: the fault
+  // matrix stops or kills a rank here (docs/reliability.md).
+  runtime::fault_point("comm.starting", world.rank());
   if (backend == Backend::automatic) backend = device.is_cuda() ? Backend::nccl : Backend::mpi;
   if (backend == Backend::mpi) {
     if (!device.is_cpu())

@@ -151,12 +151,20 @@ class MpiWork final : public Work {
 // The progress thread. Protocol: submit() appends to `queued_`; the thread moves queued work to
 // `active_` starting each MPI operation in submission order (so every rank starts them in the
 // same order), then tests only the oldest active operation and completes operations strictly in
-// order. While anything is active it polls (yielding the core between tests); otherwise it
-// sleeps on the condition variable.
+// order. While anything is active it polls, paced by runtime::Backoff (yielding at first, then
+// sleeping up to a millisecond, so a collective a peer withholds costs almost no CPU); otherwise
+// it sleeps on the condition variable. It never touches CUDA (this backend is for CPU tensors).
+// An exception on it (an operation's finishing step failing) ends the job through fatal().
 class MpiCommunicator::Engine {
  public:
   Engine(MPI_Comm comm, std::chrono::milliseconds timeout) : comm_(comm), timeout_(timeout) {
-    thread_ = std::thread([this] { run(); });
+    thread_ = std::thread([this] {
+      try {
+        run();
+      } catch (const std::exception& e) {
+        runtime::fatal(std::string("the MPI communicator's progress thread failed: ") + e.what());
+      }
+    });
   }
 
   ~Engine() {
@@ -187,12 +195,14 @@ class MpiCommunicator::Engine {
  private:
   void run() {
     std::deque<std::shared_ptr<MpiWork>> active;
+    runtime::Backoff backoff;
     for (;;) {
       {
         std::unique_lock<std::mutex> lock(mutex_);
         if (active.empty())
           cv_.wait(lock, [&] { return stopping_ || !queued_.empty(); });
         if (stopping_ && queued_.empty() && active.empty()) return;
+        if (!queued_.empty()) backoff.reset();
         while (!queued_.empty()) {
           active.push_back(std::move(queued_.front()));
           queued_.pop_front();
@@ -202,6 +212,7 @@ class MpiCommunicator::Engine {
       while (!active.empty() && active.front()->test()) {
         active.front()->complete();
         active.pop_front();
+        backoff.reset();
       }
       if (active.empty()) continue;
       if (active.front()->age() > timeout_) {
@@ -211,7 +222,7 @@ class MpiCommunicator::Engine {
                            "in different orders",
                        runtime::ExitCode::comm_timeout);
       }
-      std::this_thread::yield();
+      backoff.pause();
     }
   }
 
@@ -227,16 +238,20 @@ class MpiCommunicator::Engine {
 
 namespace {
 
-MPI_Comm dup(MPI_Comm comm) {
-  MPI_Comm copy;
-  MPITRAIN_CHECK_MPI(MPI_Comm_dup(comm, &copy));
+// Non-blocking and bounded: a rank that never arrives (stopped during start-up) ends the job
+// after the timeout instead of holding the others in MPI_Comm_dup.
+MPI_Comm dup(MPI_Comm comm, std::chrono::milliseconds timeout) {
+  MPI_Comm copy = MPI_COMM_NULL;
+  MPI_Request request = MPI_REQUEST_NULL;
+  MPITRAIN_CHECK_MPI(MPI_Comm_idup(comm, &copy, &request));
+  runtime::wait_or_die(&request, timeout, "creating the MPI communicator (MPI_Comm_idup)");
   return copy;
 }
 
 }  // namespace
 
 MpiCommunicator::MpiCommunicator(const runtime::World& world, const CommOptions& options)
-    : Communicator(world.comm(), options), engine_(std::make_unique<Engine>(dup(world.comm()), options.timeout)) {}
+    : Communicator(world.comm(), options), engine_(std::make_unique<Engine>(dup(world.comm(), options.timeout), options.timeout)) {}
 
 MpiCommunicator::~MpiCommunicator() = default;
 

@@ -1,8 +1,8 @@
 #include "mpitrain/comm/nccl_communicator.h"
 
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -13,6 +13,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <vector>
 
 #include "mpitrain/runtime/cuda_check.h"
 #include "mpitrain/runtime/error.h"
@@ -46,6 +47,74 @@ ncclRedOp_t nccl_op(ReduceOp op) {
   return ncclSum;
 }
 
+// Completion events, reused: a collective needs two (the caller's stream ready, the operation
+// done), and creating and destroying them on every call costs driver calls in the step's
+// critical path. Created without timing, which makes recording and querying cheaper. Shared by
+// the communicator and every operation, so an operation a caller still holds keeps it alive.
+class EventPool {
+ public:
+  explicit EventPool(c10::DeviceIndex device) : device_(device) {}
+  ~EventPool() {
+    c10::cuda::CUDAGuard guard(device_);
+    for (cudaEvent_t event : free_) cudaEventDestroy(event);  // teardown: nothing to report to
+  }
+  EventPool(const EventPool&) = delete;
+  EventPool& operator=(const EventPool&) = delete;
+
+  cudaEvent_t take() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!free_.empty()) {
+        const cudaEvent_t event = free_.back();
+        free_.pop_back();
+        return event;
+      }
+    }
+    c10::cuda::CUDAGuard guard(device_);
+    cudaEvent_t event = nullptr;
+    MPITRAIN_CHECK_CUDA(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+    return event;
+  }
+  void give(cudaEvent_t event) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back(event);
+  }
+  c10::DeviceIndex device() const { return device_; }
+
+ private:
+  c10::DeviceIndex device_;
+  std::mutex mutex_;
+  std::vector<cudaEvent_t> free_;
+};
+
+// One event taken from the pool for as long as this object lives. Re-recording a pooled event
+// is safe once its last record has been waited for or queried complete: a stream that waits on
+// an event (cudaStreamWaitEvent) waits for the record made before that call, not a later one.
+class PooledEvent {
+ public:
+  explicit PooledEvent(std::shared_ptr<EventPool> pool) : pool_(std::move(pool)), event_(pool_->take()) {}
+  ~PooledEvent() { pool_->give(event_); }
+  PooledEvent(const PooledEvent&) = delete;
+  PooledEvent& operator=(const PooledEvent&) = delete;
+
+  void record(cudaStream_t stream) { MPITRAIN_CHECK_CUDA(cudaEventRecord(event_, stream)); }
+  void block(cudaStream_t stream) { MPITRAIN_CHECK_CUDA(cudaStreamWaitEvent(stream, event_, 0)); }
+  bool query() const {
+    c10::cuda::CUDAGuard guard(pool_->device());
+    const cudaError_t state = cudaEventQuery(event_);
+    if (state == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // not an error: clear it so it is not reported by a later call
+      return false;
+    }
+    MPITRAIN_CHECK_CUDA(state);
+    return true;
+  }
+
+ private:
+  std::shared_ptr<EventPool> pool_;
+  cudaEvent_t event_;
+};
+
 // When the stream reached an operation and finished it, in steady_clock ticks (0 = not yet).
 // Written by host callbacks on a CUDA driver thread; apart from InFlight so that a callback,
 // which must not call CUDA, never destroys the event.
@@ -56,8 +125,9 @@ struct Stamps {
 
 // One launched operation, as the watchdog and the caller see it.
 struct InFlight {
+  explicit InFlight(std::shared_ptr<EventPool> pool) : done(std::move(pool)) {}
   std::string what;
-  at::cuda::CUDAEvent done;
+  PooledEvent done;
   std::chrono::steady_clock::time_point launched = std::chrono::steady_clock::now();
   std::shared_ptr<Stamps> stamps;  // set when launched with timing on
 };
@@ -98,16 +168,19 @@ class NcclWork final : public Work {
 
   void wait() override {
     if (!host_blocking_) {
-      op_->done.block(at::cuda::getCurrentCUDAStream(device_));
+      c10::cuda::CUDAGuard guard(device_);
+      op_->done.block(at::cuda::getCurrentCUDAStream(device_).stream());
       return;
     }
-    // Poll, never cudaEventSynchronize: the watchdog must stay able to abort us.
+    // Poll, never cudaEventSynchronize: the watchdog must stay able to abort us. Backoff keeps
+    // a long wait (a peer that has not arrived) from burning the core.
+    runtime::Backoff backoff;
     while (!op_->done.query()) {
       if (std::chrono::steady_clock::now() - op_->launched > timeout_ + timeout_ / 10)
         runtime::fatal("NCCL " + op_->what + " did not complete within its timeout on " +
                            runtime::where(),
                        runtime::ExitCode::comm_timeout);
-      std::this_thread::yield();
+      backoff.pause();
     }
   }
 
@@ -124,7 +197,8 @@ class NcclCommunicator::State {
  public:
   State(const runtime::World& world, c10::Device device, std::chrono::milliseconds timeout)
       : device_(device), timeout_(timeout),
-        stream_(at::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index())) {
+        stream_(at::cuda::getStreamFromPool(/*isHighPriority=*/true, device.index())),
+        events_(std::make_shared<EventPool>(device.index())) {
     c10::cuda::CUDAGuard guard(device);
     ncclUniqueId id;
     if (world.rank() == 0) MPITRAIN_CHECK_NCCL(ncclGetUniqueId(&id));
@@ -141,7 +215,17 @@ class NcclCommunicator::State {
     wait_ready("ncclCommInitRankConfig");
 
     abort_handle_ = runtime::add_abort_action([this] { abort(); });
-    watchdog_ = std::thread([this] { watch(); });
+    watchdog_ = std::thread([this] {
+      try {
+        // The rank's own device first: a thread's CUDA calls otherwise go to device 0, creating
+        // a context there (about 0.5 GiB per rank) beside the kernels of another rank.
+        c10::cuda::set_device(device_.index());
+        watch();
+      } catch (const std::exception& e) {
+        runtime::fatal("the NCCL watchdog on " + runtime::where() + " (device " + device_.str() +
+                       ") failed: " + e.what());
+      }
+    });
   }
 
   ~State() {
@@ -152,16 +236,26 @@ class NcclCommunicator::State {
     cv_.notify_all();
     watchdog_.join();
     runtime::remove_abort_action(abort_handle_);
-    if (aborted_.load()) return;
     c10::cuda::CUDAGuard guard(device_);
     // Finalize flushes outstanding work; both calls are non-blocking here, so poll.
-    MPITRAIN_CHECK_NCCL(ncclCommFinalize(comm_));
-    wait_ready("ncclCommFinalize");
-    ncclCommDestroy(comm_);
+    ncclResult_t finalized = ncclSuccess;
+    {
+      std::lock_guard<std::mutex> lock(comm_mutex_);
+      if (aborted_.load()) return;
+      finalized = ncclCommFinalize(comm_);
+    }
+    MPITRAIN_CHECK_NCCL(finalized);
+    if (!wait_ready("ncclCommFinalize")) return;
+    std::lock_guard<std::mutex> lock(comm_mutex_);
+    if (!aborted_.load()) ncclCommDestroy(comm_);
   }
 
+  // May run on fatal()'s thread while the watchdog or the caller is inside an NCCL call on the
+  // communicator: comm_mutex_ keeps it from freeing the communicator under them.
   void abort() noexcept {
+    std::lock_guard<std::mutex> lock(comm_mutex_);
     if (aborted_.exchange(true)) return;
+    cudaSetDevice(device_.index());  // fatal()'s thread has no device yet; nothing to report to
     ncclCommAbort(comm_);
   }
 
@@ -169,26 +263,33 @@ class NcclCommunicator::State {
   template <typename Launch>
   WorkPtr launch(std::string what, std::initializer_list<at::Tensor> tensors, bool host_blocking,
                  bool timed, Launch&& call) {
-    if (aborted_.load())
-      throw runtime::Error("NCCL communicator on " + runtime::where() + " was aborted");
+    if (aborted_.load()) throw aborted();
     c10::cuda::CUDAGuard guard(device_);
-    auto op = std::make_shared<InFlight>();
+    auto op = std::make_shared<InFlight>(events_);
     op->what = std::move(what);
     std::lock_guard<std::mutex> lock(launch_mutex_);  // one launch order per communicator
-    at::cuda::CUDAEvent ready;
-    ready.record(at::cuda::getCurrentCUDAStream(device_.index()));
-    ready.block(stream_);
+    {
+      PooledEvent ready(events_);
+      ready.record(at::cuda::getCurrentCUDAStream(device_.index()).stream());
+      ready.block(stream_.stream());
+    }
     if (timed) {
       op->stamps = std::make_shared<Stamps>();
       stamp_on(stream_.stream(), op->stamps, /*start=*/true);
     }
-    MPITRAIN_CHECK_NCCL(call(stream_.stream()));
-    wait_ready(op->what.c_str());
+    ncclResult_t launched = ncclSuccess;
+    {
+      std::lock_guard<std::mutex> comm_lock(comm_mutex_);
+      if (aborted_.load()) throw aborted();
+      launched = call(stream_.stream());
+    }
+    MPITRAIN_CHECK_NCCL(launched);
+    if (!wait_ready(op->what.c_str())) throw aborted();
     if (timed) stamp_on(stream_.stream(), op->stamps, /*start=*/false);
     for (const at::Tensor& t : tensors)
       if (t.numel() > 0)
         c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), stream_);
-    op->done.record(stream_);
+    op->done.record(stream_.stream());
     {
       std::lock_guard<std::mutex> watch_lock(mutex_);
       in_flight_.push_back(op);
@@ -200,20 +301,40 @@ class NcclCommunicator::State {
 
  private:
   // A non-blocking communicator may answer ncclInProgress; the next call must wait until the
-  // previous one is enqueued. Polled with the same deadline as everything else.
-  void wait_ready(const char* what) {
+  // previous one is enqueued. Polled with the same deadline as everything else. False when the
+  // communicator was aborted meanwhile.
+  bool wait_ready(const char* what) {
     const auto deadline = std::chrono::steady_clock::now() + timeout_;
+    runtime::Backoff backoff;
     for (;;) {
-      ncclResult_t state = ncclSuccess;
-      MPITRAIN_CHECK_NCCL(ncclCommGetAsyncError(comm_, &state));
-      if (state == ncclSuccess) return;
-      if (state != ncclInProgress) fail(what, state);
+      const std::optional<ncclResult_t> state = async_state();
+      if (!state) return false;
+      if (*state == ncclSuccess) return true;
+      if (*state != ncclInProgress) fail(what, *state);
       if (std::chrono::steady_clock::now() > deadline)
         runtime::fatal(std::string("NCCL ") + what + " did not finish within " +
                            std::to_string(timeout_.count()) + " ms on " + runtime::where(),
                        runtime::ExitCode::comm_timeout);
-      std::this_thread::yield();
+      backoff.pause();
     }
+  }
+
+  static runtime::Error aborted() {
+    return runtime::Error("NCCL communicator on " + runtime::where() + " was aborted");
+  }
+
+  // The communicator's asynchronous state; nullopt once it is aborted. Under comm_mutex_, so
+  // that abort() never frees the communicator during the call; the failure is reported after
+  // the lock is released (fatal() runs abort(), which takes it).
+  std::optional<ncclResult_t> async_state() {
+    ncclResult_t rc = ncclSuccess, state = ncclSuccess;
+    {
+      std::lock_guard<std::mutex> lock(comm_mutex_);
+      if (aborted_.load()) return std::nullopt;
+      rc = ncclCommGetAsyncError(comm_, &state);
+    }
+    if (rc != ncclSuccess) fail("ncclCommGetAsyncError", rc);
+    return state;
   }
 
   [[noreturn]] void fail(const std::string& what, ncclResult_t state) {
@@ -240,10 +361,8 @@ class NcclCommunicator::State {
                          runtime::ExitCode::comm_timeout);
         ++it;
       }
-      ncclResult_t state = ncclSuccess;
-      if (!aborted_.load() && ncclCommGetAsyncError(comm_, &state) == ncclSuccess &&
-          state != ncclSuccess && state != ncclInProgress)
-        fail("asynchronous error", state);
+      const std::optional<ncclResult_t> state = async_state();
+      if (state && *state != ncclSuccess && *state != ncclInProgress) fail("asynchronous error", *state);
     }
   }
 
@@ -251,6 +370,8 @@ class NcclCommunicator::State {
   std::chrono::milliseconds timeout_;
   at::cuda::CUDAStream stream_;
   ncclComm_t comm_ = nullptr;
+  std::shared_ptr<EventPool> events_;
+  std::mutex comm_mutex_;  // around every call on comm_ that abort() could overlap
   std::atomic<bool> aborted_{false};
   int abort_handle_ = 0;
   std::mutex launch_mutex_;

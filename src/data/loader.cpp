@@ -14,12 +14,14 @@
 #ifdef MPITRAIN_HAVE_NCCL
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
 #include "mpitrain/comm/communicator.h"
 #include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/fatal.h"
 #include "mpitrain/runtime/memory_budget.h"
 
 namespace mpitrain::data {
@@ -124,7 +126,17 @@ struct Loader::Impl {
 
   void start(std::int64_t epoch, std::int64_t step) {
     stop = false;
-    reader = std::thread([this, epoch, step] { read_ahead(epoch, step); });
+    reader = std::thread([this, epoch, step] {
+      // read_ahead hands its errors to the consumer; what escapes it (no memory left to queue
+      // the error) ends the job with a message instead of std::terminate.
+      try {
+        read_ahead(epoch, step);
+      } catch (const std::exception& e) {
+        runtime::fatal("the data loader's reader thread failed: " + std::string(e.what()));
+      } catch (...) {
+        runtime::fatal("the data loader's reader thread failed with an unknown exception");
+      }
+    });
   }
 
   // Nobody else holds the tensor or its memory: only `recycled` refers to it.
@@ -163,6 +175,11 @@ struct Loader::Impl {
     const runtime::UncountedScope host_memory;
     try {
       const bool cuda = options.device.is_cuda();
+#ifdef MPITRAIN_HAVE_NCCL
+      // The rank's own device before any CUDA call (pinned buffers, copies): otherwise this
+      // thread's calls create a context on device 0.
+      if (cuda) c10::cuda::set_device(options.device.index());
+#endif
       std::vector<std::int64_t> order = sampler->order(epoch);
       for (;;) {
         {

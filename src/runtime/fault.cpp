@@ -1,9 +1,12 @@
 #include "mpitrain/runtime/fault.h"
 
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+
+#include "mpitrain/runtime/fatal.h"
 
 namespace mpitrain::runtime {
 
@@ -17,7 +20,19 @@ bool fault_armed(const char* name, int rank) {
 }
 
 void fault_point(const char* name, int rank) {
-  if (fault_armed(name, rank)) std::raise(SIGKILL);
+  static const int signal = [] {
+    const char* text = std::getenv("MPITRAIN_FAULT_SIGNAL");
+    return text != nullptr && std::strcmp(text, "STOP") == 0 ? SIGSTOP : SIGKILL;
+  }();
+  if (!fault_armed(name, rank)) return;
+  // Said first, so a test can time the job's end from the fault.
+  std::fprintf(stderr, "[mpitrain %s] fault point %s: raising %s\n", where().c_str(), name,
+               signal == SIGSTOP ? "SIGSTOP" : "SIGKILL");
+  std::fflush(stderr);
+  std::raise(signal);
 }
+
+bool fault_armed(const char* name) { return fault_armed(name, own_rank()); }
+void fault_point(const char* name) { fault_point(name, own_rank()); }
 
 }  // namespace mpitrain::runtime

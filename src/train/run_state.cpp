@@ -68,7 +68,8 @@ std::string write_run(const RunParts& run, const std::string& root) {
   const config::Config& config = run.config;
   const Progress& progress = run.progress;
   checkpoint::Writer writer(run.world, root, progress.steps_done,
-                            std::chrono::milliseconds(static_cast<std::int64_t>(config.checkpoint.save_timeout_s * 1000)));
+                            std::chrono::milliseconds(static_cast<std::int64_t>(config.checkpoint.save_timeout_s * 1000)),
+                            std::chrono::milliseconds(static_cast<std::int64_t>(config.ddp.comm_timeout_s * 1000)));
   const fs::path dir = writer.path();
   const auto write_tensors = [&](const std::string& name, const std::map<std::string, at::Tensor>& tensors) {
     checkpoint::write_safetensors((dir / name).string(), tensors);

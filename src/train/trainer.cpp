@@ -431,6 +431,7 @@ struct Trainer::Impl {
     EvalResult result;
     if (!eval_loader) return result;
     const auto phase = timeline->phase(Phase::eval, progress.steps_done);
+    runtime::fault_point("train.evaluate", world.rank());
     eval_loader->restore(eval_start);  // the same eval samples every time
     std::int64_t batches = eval_loader->steps_per_epoch();
     if (config.eval.max_batches > 0) batches = std::min(batches, config.eval.max_batches);

@@ -54,11 +54,11 @@ wait_for_step killed
 kill -9 "$(ranks_of killed | tail -1)"
 ended killed 60 "exited on signal 9"
 
-echo "--- one rank stopped (SIGSTOP): the others' collective times out"
+echo "--- one rank stopped (SIGSTOP): the others' collective, or the save's heartbeat, times out"
 start stalled --set ddp.comm_timeout_s=5
 wait_for_step stalled
 kill -STOP "$(ranks_of stalled | tail -1)"
-ended stalled 60 "did not complete within 5000 ms"
+ended stalled 60 "did not complete within 5000 ms\|has not answered the save's heartbeat for 5"
 
 echo "--- out of memory on rank 1 (injected)"
 # mpirun's ranks on this node inherit its environment.

@@ -4,7 +4,7 @@
 // each name to {dtype, shape, data_offsets}, then the raw little-endian bytes.
 //
 // Contract: write_safetensors() writes the tensors (copied to CPU, contiguous) under their
-// names, in name order; read_safetensors() returns them on the CPU. A file that is not
+// names, in name order, through checkpoint::write_parts (fsync'd, counted as a save's progress); read_safetensors() returns them on the CPU. A file that is not
 // safetensors, is truncated, or holds an unsupported dtype is runtime::Error(bad_input) naming
 // the file and the problem.
 

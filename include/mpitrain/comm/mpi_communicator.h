@@ -5,7 +5,9 @@
 // - Operations run as non-blocking MPI collectives on a private duplicate of the world
 //   communicator. One progress thread per communicator starts them in call order and polls
 //   them (MPI only progresses inside MPI calls), so an async all-reduce advances while the
-//   caller computes. The thread sleeps when nothing is in flight.
+//   caller computes. The thread sleeps when nothing is in flight, and backs off between polls
+//   (runtime::Backoff) when an operation takes long, so a withheld collective costs little CPU.
+//   The duplicate is made with MPI_Comm_idup, bounded by options().timeout.
 // - bfloat16 and float16 are reduced with user-defined MPI operations that accumulate each
 //   pair in float32 and round back, as NCCL does; max/min are exact.
 // - The progress thread enforces the timeout: an operation in flight longer than

@@ -12,7 +12,10 @@
 // - Nothing blocks in cudaStreamSynchronize: completion is polled with cudaEventQuery.
 // - A watchdog thread polls in-flight operations and ncclCommGetAsyncError. An operation older
 //   than options().timeout, or an asynchronous NCCL error, ends the job: the communicator is
-//   aborted (ncclCommAbort) and then MPI_Abort ends every rank.
+//   aborted (ncclCommAbort) and then MPI_Abort ends every rank. The watchdog sets the rank's
+//   device before any CUDA call; an exception on it goes to runtime::fatal.
+// - abort() is serialised with every other call on the NCCL communicator, so it never frees it
+//   under the watchdog or a caller. Completion events come from a pool, not one per call.
 // - NCCL refuses two ranks of one communicator on the same GPU: one rank per GPU.
 
 #include <memory>

@@ -7,6 +7,9 @@
 //   action (communicators tear themselves down, e.g. ncclCommAbort), then calls
 //   MPI_Abort(MPI_COMM_WORLD), which makes the launcher end every rank. It never returns and
 //   may be called from any thread, including communicator progress and watchdog threads.
+// - It is bounded: the actions run on their own thread and get 2 s, then MPI_Abort runs
+//   without them; and the process ends itself (_Exit) 4 s after fatal() began, whatever blocks,
+//   so a teardown stuck behind a hung kernel cannot keep the job alive.
 // - The rank/host identity and the abort actions are process-wide by necessity: the crash path
 //   must work from a hook or a thread that was handed no context. World sets the identity;
 //   everything else is passed explicitly.
@@ -20,6 +23,9 @@ namespace mpitrain::runtime {
 
 /// "rank 3 (node01)" once World exists, "rank ? (host)" before.
 std::string where();
+
+/// This process's rank as World recorded it; -1 before.
+int own_rank();
 
 /// Records who this process is, for where(); called by World.
 void set_identity(int rank, const std::string& host);
