@@ -15,6 +15,7 @@
 
 #include "gpu_support.h"
 #include "mpitrain/amp/amp.h"
+#include "mpitrain/train/optim.h"
 #include "tiny_models.h"
 
 using namespace mpitrain;
@@ -109,11 +110,12 @@ TEST_CASE("AMP on CUDA: fp16 with the loss scaler skips overflowing steps and ba
     }
     scaler.scale(loss).backward();
     if (inject_inf) model.fc2->weight.grad()[3][1] = std::numeric_limits<float>::infinity();
-    const bool finite = scaler.unscale_and_check(gradients(model), comm);
-    if (finite) optimizer.step();
-    scaler.update(!finite);
+    const at::Tensor found_inf = scaler.unscale_and_check(gradients(model), comm);
+    CHECK(found_inf.is_cuda());
+    train::step_unless_nonfinite(optimizer, found_inf);
+    scaler.update(found_inf);
     optimizer.zero_grad();
-    return finite;
+    return found_inf.item<float>() == 0.0f;
   };
 
   amp::ScalerOptions options;

@@ -88,7 +88,7 @@ double cuda_against_cpu(const CudaRun& run) {
     }
     if (run.clip > 0) {
       const double expected = torch::nn::utils::clip_grad_norm_(reference->parameters(), run.clip);
-      const double norm = ddp.clip_grad_norm(run.clip);
+      const double norm = ddp.clip_grad_norm(run.clip).item<double>();
       INFO("step " << step << ": gradient norm " << norm << " on the GPU, " << expected << " on the CPU");
       CHECK(std::abs(norm - expected) <= 1e-5 * expected);
     }
