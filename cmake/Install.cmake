@@ -16,8 +16,8 @@ install(EXPORT mpitrainTargets NAMESPACE mpitrain:: DESTINATION ${CMAKE_INSTALL_
 
 # The programs. LibTorch, NCCL and the CUDA runtime are shared libraries in the torch wheel's
 # folder, outside any system path: the installed programs keep the run path to them.
-set_target_properties(train h5shard PROPERTIES INSTALL_RPATH_USE_LINK_PATH ON)
-install(TARGETS train h5shard RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+set_target_properties(train h5shard generate convert_weights PROPERTIES INSTALL_RPATH_USE_LINK_PATH ON)
+install(TARGETS train h5shard generate convert_weights RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 
 configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/mpitrainConfig.cmake.in
                               ${PROJECT_BINARY_DIR}/mpitrainConfig.cmake
