@@ -144,7 +144,13 @@ int run(const Options& o) {
     if (vocabulary.tokenizer.empty()) bad("--prompt needs a char or byte vocabulary (--vocab MANIFEST); give --prompt-ids instead");
     prompt = vocabulary.encode(o.prompt);
   }
-  if (prompt.empty()) prompt.push_back(vocabulary.tokenizer == "char" && !vocabulary.encode("\n").empty() ? vocabulary.encode("\n")[0] : 0);
+  if (prompt.empty()) {
+    // Start where documents start: after a newline, when the vocabulary has one.
+    const auto newline = std::find(vocabulary.symbols.begin(), vocabulary.symbols.end(), "\n");
+    prompt.push_back(vocabulary.tokenizer == "byte"         ? '\n'
+                     : newline != vocabulary.symbols.end() ? newline - vocabulary.symbols.begin()
+                                                             : 0);
+  }
   const std::int64_t vocab_size = model->output_classes();
   for (const std::int64_t id : prompt)
     if (id < 0 || id >= vocab_size) bad("prompt token " + std::to_string(id) + " is outside the vocabulary [0, " + std::to_string(vocab_size) + ")");
