@@ -4,6 +4,9 @@
 #include <ATen/core/Dict.h>
 #include <ATen/core/ivalue.h>
 #include <ATen/core/jit_type.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/export.h>
+#include <torch/csrc/jit/serialization/pickler.h>
 #include <torch/serialize.h>
 
 #include <cmath>
@@ -73,6 +76,28 @@ json json_of(const c10::IValue& value) {
   if (value.isString()) return value.toStringRef();
   if (value.isNone()) return nullptr;
   return "<" + std::string(value.tagKind()) + ">";
+}
+
+// torch::pickle_save() as torch.load(weights_only=True) reads it: pickle_save tags every dict
+// with torch.jit._pickle.restore_type_tag, a global the weights-only unpickler refuses (and
+// PyTorch >= 2.6 loads weights-only by default, as nanoGPT's sample.py does).
+std::vector<char> pickle_for_python(const c10::IValue& value) {
+  std::vector<char> pickled;
+  torch::jit::Pickler pickler([&](const char* bytes, size_t size) { pickled.insert(pickled.end(), bytes, bytes + size); },
+                              nullptr, nullptr, nullptr, nullptr, /*tag_aggregates=*/false);
+  pickler.protocol();
+  pickler.pushIValue(value);
+  pickler.stop();
+  std::vector<char> archive;
+  {
+    caffe2::serialize::PyTorchStreamWriter writer([&](const void* bytes, size_t size) {
+      archive.insert(archive.end(), static_cast<const char*>(bytes), static_cast<const char*>(bytes) + size);
+      return size;
+    });
+    torch::jit::writeArchiveAndTensors("data", pickled.data(), pickled.size(), pickler.tensorData(), writer);
+    writer.writeEndOfFile();
+  }
+  return archive;
 }
 
 bool is_zip(const std::string& path) {
@@ -297,7 +322,7 @@ void write_nanogpt(const std::string& path, const Tensors& weights, const json& 
   checkpoint.insert("model", model);
   checkpoint.insert("model_args", model_args);
   checkpoint.insert("iter_num", step);
-  const std::vector<char> bytes = torch::pickle_save(checkpoint);
+  const std::vector<char> bytes = pickle_for_python(checkpoint);
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   out.close();
