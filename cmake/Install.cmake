@@ -1,6 +1,7 @@
 # Installs the library as the package `mpitrain` with the target mpitrain::mpitrain, so a user's
-# project can do find_package(mpitrain) and link it (docs/building.md), plus the programs train
-# and h5shard. tests/package installs a build and builds examples/custom_model against it.
+# project can do find_package(mpitrain) and link it (docs/building.md), plus the programs train,
+# h5shard, generate and convert_weights. tests/package installs a build and builds
+# examples/custom_model against it.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
