@@ -1,6 +1,7 @@
 # Installs the library as the package `mpitrain` with the target mpitrain::mpitrain, so a user's
-# project can do find_package(mpitrain) and link it (docs/building.md), plus the programs train
-# and h5shard. tests/package installs a build and builds examples/custom_model against it.
+# project can do find_package(mpitrain) and link it (docs/building.md), plus the programs train,
+# h5shard, generate and convert_weights. tests/package installs a build and builds
+# examples/custom_model against it.
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
@@ -17,8 +18,8 @@ install(EXPORT mpitrainTargets NAMESPACE mpitrain:: DESTINATION ${CMAKE_INSTALL_
 # The programs. LibTorch, NCCL and the CUDA runtime are shared libraries in the torch wheel's
 # folders, outside any system path: the installed programs keep the run path to them (the link
 # folders, and the wheel's folders in CMAKE_INSTALL_RPATH, cmake/mpitrainTorch.cmake).
-set_target_properties(train h5shard PROPERTIES INSTALL_RPATH_USE_LINK_PATH ON)
-install(TARGETS train h5shard RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
+set_target_properties(train h5shard generate convert_weights PROPERTIES INSTALL_RPATH_USE_LINK_PATH ON)
+install(TARGETS train h5shard generate convert_weights RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 
 configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/mpitrainConfig.cmake.in
                               ${PROJECT_BINARY_DIR}/mpitrainConfig.cmake

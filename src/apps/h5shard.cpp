@@ -3,6 +3,7 @@
 //   h5shard idx --images train-images-idx3-ubyte.gz --labels train-labels-idx1-ubyte.gz --out data/fmnist
 //   h5shard text /usr/share/games/fortunes/fortunes --separator % --level char --out data/fortunes
 //   h5shard csv table.csv --label species --out data/table
+//   h5shard tokens fineweb_train_*.bin --vocab-size 50257 --out data/fineweb
 //   h5shard inspect data/fmnist/train.json
 //   h5shard verify data/fmnist/train.json
 //
@@ -12,6 +13,7 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <iomanip>
 #include <iostream>
@@ -21,6 +23,7 @@
 #include "mpitrain/data/shards.h"
 #include "mpitrain/data/sources.h"
 #include "mpitrain/data/spec.h"
+#include "mpitrain/data/token_files.h"
 #include "mpitrain/runtime/error.h"
 
 using namespace mpitrain;
@@ -104,6 +107,38 @@ void write_text(const std::vector<std::string>& files, const std::string& separa
   if (!validation.empty()) report(data::write_shards(o.out, o.val_name, {{"tokens", part(validation)}}, o.shards, metadata));
 }
 
+// Token files of llm.c, nanoGPT or numpy, concatenated in the order given, into one stream.
+void write_tokens(const std::vector<std::string>& files, const std::string& format, std::int64_t vocab_size,
+                  const std::string& tokenizer, const Output& o) {
+  if (o.val > 0)
+    throw runtime::Error("--val splits documents, which token files do not mark: convert the validation file "
+                         "separately (--name val)",
+                         runtime::ExitCode::bad_input);
+  std::vector<at::Tensor> parts;
+  nlohmann::json sources = nlohmann::json::array();
+  std::int64_t total = 0;
+  bool narrow = true;
+  for (const std::string& file : files) {
+    const data::TokenFile read = data::read_token_file(file, data::parse_token_file_format(format), vocab_size);
+    sources.push_back({{"file", file}, {"format", data::to_string(read.format)}, {"tokens", read.tokens.numel()}});
+    total += read.tokens.numel();
+    narrow = narrow && read.tokens.scalar_type() == at::kUInt16;
+    parts.push_back(read.tokens);
+  }
+  // GPT-2's ids fit in uint16: keep 2 bytes per token (FineWeb's 100M-token files are 200 MB).
+  at::Tensor all = at::empty({total}, at::TensorOptions().dtype(narrow ? at::kUInt16 : at::kInt));
+  std::int64_t offset = 0;
+  for (const at::Tensor& part : parts) {
+    const at::Tensor same = narrow ? part : part.to(at::kInt);
+    std::memcpy(static_cast<char*>(all.data_ptr()) + offset * all.element_size(), same.data_ptr(), same.nbytes());
+    offset += part.numel();
+  }
+  nlohmann::json metadata = {{"source", "tokens"}, {"files", sources}};
+  if (!tokenizer.empty()) metadata["tokenizer"] = tokenizer;
+  if (vocab_size > 0) metadata["vocab_size"] = vocab_size;
+  report(data::write_shards(o.out, o.name, {{"tokens", all}}, o.shards, metadata));
+}
+
 std::string join(const std::vector<std::int64_t>& values) {
   std::string out = "[";
   for (std::size_t i = 0; i < values.size(); ++i) out += (i ? "," : "") + std::to_string(values[i]);
@@ -180,6 +215,21 @@ int main(int argc, char** argv) {
   csv->add_option("--delimiter", csv_options.delimiter, "field delimiter")->capture_default_str();
   add_output_options(*csv, output);
 
+  std::vector<std::string> token_files;
+  std::string token_format = "auto", tokenizer;
+  std::int64_t vocab_size = 0;
+  CLI::App* tokens = app.add_subcommand(
+      "tokens", "token files of llm.c (.bin with header), nanoGPT (raw uint16 .bin) or numpy (.npy) -> 'tokens'");
+  tokens->add_option("files", token_files, "token files, concatenated in this order")->required();
+  tokens->add_option("--format", token_format, "auto (from the file's first bytes), llmc, nanogpt or npy")
+      ->check(CLI::IsMember({"auto", "llmc", "nanogpt", "npy"}))
+      ->capture_default_str();
+  tokens->add_option("--vocab-size", vocab_size, "every token id must be below this, e.g. 50257 for GPT-2 (0: not checked)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  tokens->add_option("--tokenizer", tokenizer, "name recorded in the manifest, e.g. gpt2");
+  add_output_options(*tokens, output);
+
   std::string source;
   bool no_locking = false;
   CLI::App* inspect_cmd = app.add_subcommand("inspect", "datasets, shapes, dtypes, chunking, filters and row counts");
@@ -199,6 +249,7 @@ int main(int argc, char** argv) {
     if (text->parsed()) write_text(text_files, separator, level, output);
     if (idx->parsed()) write_table(data::read_idx(images, labels), output);
     if (csv->parsed()) write_table(data::read_csv(csv_file, csv_options), output);
+    if (tokens->parsed()) write_tokens(token_files, token_format, vocab_size, tokenizer, output);
     if (inspect_cmd->parsed()) inspect(source, !no_locking);
     if (verify_cmd->parsed()) verify(source, !no_locking);
   } catch (const runtime::Error& e) {

@@ -3,10 +3,12 @@
 #include <ATen/core/ivalue.h>
 #include <torch/serialize.h>
 
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <vector>
 
+#include "mpitrain/checkpoint/gpt2.h"
 #include "mpitrain/checkpoint/safetensors.h"
 #include "mpitrain/runtime/error.h"
 
@@ -35,6 +37,12 @@ std::map<std::string, at::Tensor> tensors_of(const c10::IValue& value, const std
 }  // namespace
 
 std::map<std::string, at::Tensor> read_weights(const std::string& path) {
+  // A Hugging Face model directory (save_pretrained) holds its weights in model.safetensors.
+  if (std::filesystem::is_directory(path)) {
+    const std::string inside = (std::filesystem::path(path) / "model.safetensors").string();
+    if (!std::filesystem::exists(inside)) bad(path, "is a directory without model.safetensors: name the weights file");
+    return read_safetensors(inside);
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) bad(path, "cannot be opened: check the path (model.init_from)");
   char magic[4] = {};
@@ -53,9 +61,12 @@ std::map<std::string, at::Tensor> read_weights(const std::string& path) {
   return read_safetensors(path);
 }
 
-void load_weights(torch::nn::Module& module, const std::map<std::string, at::Tensor>& weights,
+void load_weights(torch::nn::Module& module, const std::map<std::string, at::Tensor>& file_weights,
                   const std::string& source) {
   std::map<std::string, at::Tensor> targets = state_dict_of(module);
+  // The built-in gpt also loads GPT-2 weights in Hugging Face's and nanoGPT's layouts.
+  const bool gpt = targets.count("wte.weight") > 0 && targets.count("h.0.attn.c_attn.weight") > 0;
+  const std::map<std::string, at::Tensor> weights = gpt ? to_mpitrain_names(file_weights, source) : file_weights;
   std::string problems;
   for (const auto& [name, target] : targets) {
     const auto it = weights.find(name);
@@ -67,6 +78,15 @@ void load_weights(torch::nn::Module& module, const std::map<std::string, at::Ten
   }
   for (const auto& [name, tensor] : weights)
     if (targets.count(name) == 0) problems += "\n  unexpected: " + name + " " + c10::str(tensor.sizes());
+  if (!problems.empty() && gpt) {
+    // Say it in the model's options first: one wrong size mis-shapes dozens of tensors.
+    const nlohmann::json file = gpt_sizes(weights), model = gpt_sizes(targets);
+    std::string sizes;
+    for (const auto& [key, value] : model.items())
+      if (file.contains(key) && file.at(key) != value)
+        sizes += "\n  " + key + ": " + file.at(key).dump() + " in the file, " + value.dump() + " in the model (model.gpt." + key + ")";
+    if (!sizes.empty()) problems = sizes + problems;
+  }
   if (!problems.empty())
     throw runtime::Error(source + " does not fit the model (names as in its state dict):" + problems +
                              "\nCheck model.name and the model's options against the ones the file was saved with",

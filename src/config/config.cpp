@@ -50,7 +50,7 @@ void from_json(const json& j, BatchConfig& b) {
   b.global = j.at("global").get<std::int64_t>();
 }
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(OptimizerConfig, name, lr, momentum, nesterov, betas, eps,
-                                   weight_decay, grad_clip, fused)
+                                   weight_decay, grad_clip, fused, decay)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(ScheduleConfig, name, warmup_steps, min_lr_ratio)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(TrainConfig, steps, max_nonfinite_steps, epochs)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(LossScaleConfig, init, growth_factor, backoff_factor,
@@ -219,6 +219,11 @@ Schema make_settings() {
       number("optimizer.eps", 1e-8, "AdamW's epsilon", positive),
       number("optimizer.weight_decay", 0.01, "decoupled weight decay (AdamW) or L2 penalty (SGD)",
              non_negative),
+      text("optimizer.decay", "matrices",
+           "which parameters weight_decay applies to: matrices = tensors of 2 or more dimensions "
+           "(weights, embeddings; not biases and norm weights), as nanoGPT; all = every parameter, "
+           "as torch.optim with one parameter group",
+           {"matrices", "all"}),
       number("optimizer.grad_clip", 0.0,
              "clip the global gradient norm to this value (0 = no clipping)", non_negative),
       text("optimizer.fused", "auto",

@@ -139,6 +139,12 @@ bool use_fused_adamw(const config::OptimizerConfig& config, c10::Device device) 
 
 namespace {
 
+// optimizer.decay: matrices only (biases and norm weights would only be pulled towards zero), or
+// every parameter.
+bool decays(const config::OptimizerConfig& config, const at::Tensor& parameter) {
+  return config.decay == "all" || parameter.dim() >= 2;
+}
+
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerConfig& config,
                                                         std::vector<torch::Tensor> decay,
                                                         std::vector<torch::Tensor> no_decay, c10::Device device) {
@@ -178,7 +184,7 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerC
   std::vector<torch::Tensor> decay, no_decay;
   for (const auto& parameter : module.parameters(/*recurse=*/true)) {
     if (!parameter.requires_grad()) continue;
-    (parameter.dim() >= 2 ? decay : no_decay).push_back(parameter);
+    (decays(config, parameter) ? decay : no_decay).push_back(parameter);
   }
   return make_optimizer(config, std::move(decay), std::move(no_decay), device);
 }
@@ -186,7 +192,7 @@ std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerC
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerConfig& config,
                                                         const std::vector<ddp::ShardSlice>& shard, c10::Device device) {
   std::vector<torch::Tensor> decay, no_decay;
-  for (const ddp::ShardSlice& slice : shard) (slice.parameter.dim() >= 2 ? decay : no_decay).push_back(slice.value);
+  for (const ddp::ShardSlice& slice : shard) (decays(config, slice.parameter) ? decay : no_decay).push_back(slice.value);
   return make_optimizer(config, std::move(decay), std::move(no_decay), device);
 }
 

@@ -98,7 +98,7 @@ TEST_CASE("config errors name the file, the key path and the expected form", "[c
       {R"({"lr": 0.1})", R"(unknown key "lr"; did you mean "optimizer.lr"?)"},
       {R"({"optimizer": {"zzz": 1}})",
        R"(unknown key "optimizer.zzz"; the keys of "optimizer" are: name, lr, momentum, )"
-       R"(nesterov, betas, eps, weight_decay, grad_clip, fused)"},
+       R"(nesterov, betas, eps, weight_decay, decay, grad_clip, fused)"},
       {R"({"model": {"name": "gpt", "gpt": {"n_layr": 2}}})",
        R"(unknown key "model.gpt.n_layr"; did you mean "model.gpt.n_layer"?)"},
       {R"({"model": {"gtp": {}}})", R"(unknown key "model.gtp"; did you mean "model.gpt"?)"},

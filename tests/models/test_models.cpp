@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "mpitrain/config/config.h"
+#include "mpitrain/models/decoder.h"
 #include "mpitrain/models/registry.h"
 #include "expect_error.h"
 #include "mpitrain/runtime/error.h"
@@ -222,6 +223,47 @@ TEST_CASE("gpt: attention is causal", "[models]") {
   CHECK(at::equal(before.slice(1, 0, 5), after.slice(1, 0, 5)));  // positions 0..4: unchanged
   for (std::int64_t t = 5; t < 8; ++t)
     CHECK_FALSE(at::allclose(before.select(1, t), after.select(1, t)));
+}
+
+TEST_CASE("gpt: decoding with the KV cache gives forward()'s logits", "[models]") {
+  at::manual_seed(2);
+  for (const char* activation : {"gelu", "gelu_tanh"}) {
+    INFO("activation " << activation);
+    json options = kTinyGpt;
+    options["activation"] = activation;
+    auto model = models::create("gpt", options);
+    model->eval();
+    auto* decoder = dynamic_cast<models::Decoder*>(model.get());
+    REQUIRE(decoder != nullptr);
+    const at::Tensor tokens = at::randint(50, {2, 8}, at::kLong);
+    const at::Tensor full = model->forward(tokens);
+    // A prompt of 3, one token, a chunk of 3 after cached positions (the offset causal mask),
+    // one more token: every piece's logits are forward()'s at the same positions.
+    models::KvCache cache = decoder->new_cache(2);
+    CHECK(cache.room() == 8);
+    std::int64_t done = 0;
+    for (const std::int64_t piece : {3, 1, 3, 1}) {
+      const at::Tensor logits = decoder->decode(tokens.narrow(1, done, piece), cache);
+      CHECK(at::allclose(logits, full.narrow(1, done, piece), /*rtol=*/0, /*atol=*/1e-5));
+      done += piece;
+      CHECK(cache.length == done);
+    }
+    CHECK(error_of([&] { decoder->decode(tokens.narrow(1, 0, 1), cache); }) ==
+          "gpt: a sequence of 9 tokens is longer than the context length 8 (model.gpt.seq_len)");
+    models::KvCache other = decoder->new_cache(1);
+    CHECK(error_of([&] { decoder->decode(tokens.narrow(1, 0, 1), other); }) ==
+          "gpt: the KV cache was made for another model or batch size (new_cache)");
+  }
+  // The two activations are different functions of the same weights.
+  at::manual_seed(3);
+  auto exact = models::create("gpt", kTinyGpt);
+  at::manual_seed(3);
+  json tanh_options = kTinyGpt;
+  tanh_options["activation"] = "gelu_tanh";
+  auto tanh = models::create("gpt", tanh_options);
+  const at::Tensor tokens = at::randint(50, {1, 8}, at::kLong);
+  CHECK_FALSE(at::equal(exact->forward(tokens), tanh->forward(tokens)));
+  CHECK(at::allclose(exact->forward(tokens), tanh->forward(tokens), 0, 1e-2));
 }
 
 TEST_CASE("gpt: dropout acts in training mode only", "[models]") {

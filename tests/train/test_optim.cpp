@@ -64,6 +64,25 @@ TEST_CASE("weight decay applies to matrices only, not to biases and norm weights
   CHECK_THROWS_WITH(train::make_optimizer(bad, net, torch::kCPU), Catch::Contains("optimizer.momentum > 0"));
 }
 
+TEST_CASE("optimizer.decay all: every parameter decays, biases and norm weights too", "[train]") {
+  Net net;
+  auto config = optimizer_config("sgd");
+  config.momentum = 0;
+  config.decay = "all";
+  auto optimizer = train::make_optimizer(config, net, torch::kCPU);
+  REQUIRE(optimizer->param_groups()[0].params().size() == 4);
+  CHECK(optimizer->param_groups()[1].params().empty());
+  std::vector<at::Tensor> before;
+  for (const auto& p : net.parameters()) {
+    before.push_back(p.detach().clone());
+    p.mutable_grad() = at::zeros_like(p);
+  }
+  optimizer->step();
+  // With a zero gradient, SGD's L2 penalty alone moves p to p - lr * weight_decay * p.
+  std::size_t i = 0;
+  for (const auto& p : net.parameters()) CHECK(at::allclose(p.detach(), before[i++] * (1 - 0.1 * 0.5)));
+}
+
 TEST_CASE("fused AdamW: auto means GPUs only; equals torch::optim::AdamW; same checkpoints", "[train]") {
   auto config = optimizer_config("adamw");
   config.fused = "auto";

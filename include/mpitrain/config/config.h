@@ -91,6 +91,7 @@ struct OptimizerConfig {
   double weight_decay = 0;
   double grad_clip = 0;  // 0: off
   std::string fused;     // "auto" | "on" | "off"
+  std::string decay;     // "matrices" (tensors of >= 2 dimensions) | "all"
 };
 
 struct ScheduleConfig {

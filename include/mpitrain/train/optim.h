@@ -5,7 +5,8 @@
 // - make_optimizer() builds SGD (momentum, Nesterov) or AdamW over the module's parameters that
 //   require grad, in two groups: group 0 with weight decay (tensors of 2 or more dimensions:
 //   weight matrices, convolution kernels, embeddings), group 1 without (biases and norm weights,
-//   which decay would only pull towards zero). Parameter order within a group is the module's
+//   which decay would only pull towards zero); with optimizer.decay "all", every parameter is
+//   in group 0 and group 1 is empty. Parameter order within a group is the module's
 //   registration order, so optimizer state maps to parameters the same way on every run.
 //   AdamW runs in LibTorch's fused kernel (at::_fused_adamw_) when use_fused_adamw() says so
 //   (optimizer.fused: on, or auto on a CUDA device); its state and checkpoints are those of
