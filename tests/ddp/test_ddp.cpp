@@ -318,6 +318,38 @@ struct MixedModel : TinyModel {
 
 }  // namespace
 
+TEST_CASE("buffers come from rank 0 in one broadcast per dtype, not one per buffer", "[ddp]") {
+  struct Normed : torch::nn::Module {
+    Normed() {
+      fc = register_module("fc", torch::nn::Linear(4, 6));
+      first = register_module("first", torch::nn::BatchNorm1d(6));
+      second = register_module("second", torch::nn::BatchNorm1d(6));
+    }
+    torch::nn::Linear fc{nullptr};
+    torch::nn::BatchNorm1d first{nullptr}, second{nullptr};
+  };
+  RecordingCommunicator recorder(communicator());
+  auto model = std::make_shared<Normed>();
+  ddp::DistributedDataParallel ddp(model, recorder);
+  // Each rank's statistics drift apart, as training on different samples makes them.
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& buffer : model->buffers()) buffer.fill_(world().rank() + 1);
+  }
+  const std::size_t before = recorder.events().size();
+  ddp.before_forward();
+  const std::vector<std::string> events = recorder.events();
+  // In dtype order: the batch counters (2 x 1 int64), then running means and variances (4 x 6 float32).
+  CHECK(std::vector<std::string>(events.begin() + static_cast<std::ptrdiff_t>(before), events.end()) ==
+        std::vector<std::string>{"broadcast 2", "broadcast 24"});
+  for (const auto& buffer : model->buffers()) CHECK(torch::equal(buffer, torch::ones_like(buffer)));
+  {
+    auto guard = ddp.no_sync();
+    ddp.before_forward();  // nothing inside no_sync
+  }
+  CHECK(recorder.events().size() == events.size());
+}
+
 TEST_CASE("parameters of mixed dtypes: buckets split by dtype, result still the reference", "[ddp]") {
   Run run;
   run.dtype = at::kFloat;
