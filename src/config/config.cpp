@@ -604,13 +604,4 @@ json to_json(const Config& config) {
   return j;
 }
 
-std::uint64_t fingerprint(const Config& config) {
-  std::uint64_t h = 14695981039346656037ull;  // FNV-1a 64: offset basis and prime
-  for (const unsigned char c : to_json(config).dump()) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return h;
-}
-
 }  // namespace mpitrain::config

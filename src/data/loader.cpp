@@ -19,6 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "mpitrain/comm/agreement.h"
 #include "mpitrain/comm/communicator.h"
 #include "mpitrain/runtime/error.h"
 #include "mpitrain/runtime/fatal.h"
@@ -29,18 +30,6 @@ namespace {
 
 using runtime::Error;
 using runtime::ExitCode;
-
-std::int64_t fnv1a(const std::string& text) {
-  std::uint64_t hash = 0xcbf29ce484222325ull;
-  for (unsigned char c : text) hash = (hash ^ c) * 0x100000001b3ull;
-  return static_cast<std::int64_t>(hash);
-}
-
-std::string ranks_text(const std::vector<int>& ranks) {
-  std::string out;
-  for (int r : ranks) out += (out.empty() ? "" : ", ") + std::to_string(r);
-  return out;
-}
 
 // A batch read ahead, or the error that stopped the reading.
 struct Ready {
@@ -93,7 +82,7 @@ struct Loader::Impl {
     const bool ok = open_error.empty();
     constexpr std::int64_t kFields = 4;
     const std::vector<std::int64_t> mine = {ok ? 1 : 0, ok ? dataset->size() : -1,
-                                            ok ? fnv1a(dataset->description()) : 0, fnv1a(order)};
+                                            ok ? comm::fnv1a(dataset->description()) : 0, comm::fnv1a(order)};
     const auto device_long = at::TensorOptions().dtype(at::kLong).device(comm.device());
     at::Tensor input = at::tensor(mine, at::kLong).to(comm.device());
     at::Tensor gathered = at::empty({kFields * comm.size()}, device_long);
@@ -109,18 +98,18 @@ struct Loader::Impl {
     }
     if (!ok) throw Error(open_error, ExitCode::bad_input);
     if (!failed.empty())
-      throw Error("the data loader could not open the dataset on rank(s) " + ranks_text(failed) +
+      throw Error("the data loader could not open the dataset on rank(s) " + comm::list_text(failed) +
                       " (see their errors): every rank must be able to read '" + dataset->spec().source + "'",
                   ExitCode::bad_input);
     if (!other_data.empty())
       throw Error("ranks see different datasets: rank " + std::to_string(comm.rank()) + " sees " +
-                      dataset->description() + ", rank(s) " + ranks_text(other_data) +
+                      dataset->description() + ", rank(s) " + comm::list_text(other_data) +
                       " see something else: every rank must read the same shards (one shared copy, or "
                       "identical copies)",
                   ExitCode::bad_input);
     if (!other_order.empty())
       throw Error("ranks disagree on the data loader options: rank " + std::to_string(comm.rank()) + " has " + order +
-                      ", rank(s) " + ranks_text(other_order) + " differ: every rank must pass the same",
+                      ", rank(s) " + comm::list_text(other_order) + " differ: every rank must pass the same",
                   ExitCode::bad_input);
   }
 

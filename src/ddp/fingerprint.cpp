@@ -3,21 +3,13 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <cstring>
 #include <sstream>
 
+#include "mpitrain/comm/agreement.h"
 #include "mpitrain/runtime/error.h"
 
 namespace mpitrain::ddp::detail {
 namespace {
-
-std::int64_t fnv1a(const std::string& text) {
-  std::uint64_t hash = 1469598103934665603ull;
-  for (unsigned char c : text) hash = (hash ^ c) * 1099511628211ull;
-  std::int64_t out;
-  std::memcpy(&out, &hash, sizeof out);
-  return out;
-}
 
 std::string join(const std::vector<std::string>& entries) {
   std::string text;
@@ -49,21 +41,13 @@ std::string broadcast_root_text(const std::string& mine, comm::Communicator& com
 
 void verify_same_model(const std::vector<std::string>& entries, comm::Communicator& comm) {
   const std::string text = join(entries);
-  const auto options = at::TensorOptions().device(comm.device()).dtype(at::kLong);
-  at::Tensor hashes = at::empty({comm.size()}, options);
-  comm.all_gather(hashes, at::full({1}, fnv1a(text), options));
-  const at::Tensor host = hashes.cpu();
-  const std::int64_t* all = host.data_ptr<std::int64_t>();
-  std::vector<int> differing;
-  for (int r = 1; r < comm.size(); ++r)
-    if (all[r] != all[0]) differing.push_back(r);
+  const std::vector<std::int64_t> all = comm::gather_per_rank(comm, comm::fnv1a(text));
+  const std::vector<int> differing = comm::ranks_differing(all, all[0]);
   if (differing.empty()) return;
 
   const std::vector<std::string> root = split(broadcast_root_text(text, comm));
-  if (all[comm.rank()] == all[0]) {
-    std::string ranks;
-    for (int r : differing) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
-    throw runtime::Error("DDP: the model on rank(s) " + ranks + " differs from rank 0's; see their messages. "
+  if (all[static_cast<std::size_t>(comm.rank())] == all[0]) {
+    throw runtime::Error("DDP: the model on rank(s) " + comm::list_text(differing) + " differs from rank 0's; see their messages. "
                          "Every rank must build the same model (same config, same code)",
                          runtime::ExitCode::bad_input);
   }

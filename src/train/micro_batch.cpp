@@ -6,7 +6,7 @@
 
 #include "mpitrain/data/sampler.h"
 #include "mpitrain/runtime/error.h"
-#include "per_rank.h"
+#include "mpitrain/comm/agreement.h"
 
 namespace mpitrain::train {
 
@@ -36,7 +36,7 @@ std::int64_t micro_batch_for(const std::vector<std::int64_t>& caps, const std::v
   const std::vector<double> w = weights.empty() ? std::vector<double>(caps.size(), 1.0) : weights;
   const auto none = [&](const std::string& what) {
     return runtime::Error("batch.micro_batch auto: no micro-batch keeps batch.global " + std::to_string(global) + " over " +
-                              std::to_string(ranks) + " ranks within what fits on each (" + detail::per_rank_text(caps) + "): " + what,
+                              std::to_string(ranks) + " ranks within what fits on each (" + comm::list_text(caps) + "): " + what,
                           runtime::ExitCode::bad_input);
   };
   if (ranks < 1 || global % ranks != 0) throw none("make batch.global a multiple of the number of ranks");

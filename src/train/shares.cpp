@@ -7,7 +7,7 @@
 #include "mpitrain/data/sampler.h"
 #include "mpitrain/ddp/ddp.h"
 #include "mpitrain/runtime/error.h"
-#include "per_rank.h"
+#include "mpitrain/comm/agreement.h"
 
 namespace mpitrain::train {
 namespace {
@@ -97,7 +97,7 @@ void RankShares::record(double compute_seconds, std::int64_t samples) {
 bool RankShares::due(std::int64_t step) const { return automatic_ && next_ > 0 && step == next_; }
 
 bool RankShares::rebalance(std::int64_t step, comm::Communicator& comm) {
-  seconds_per_sample_ = detail::gather_per_rank(comm, samples_ > 0 ? seconds_ / static_cast<double>(samples_) : 0.0);
+  seconds_per_sample_ = comm::gather_per_rank(comm, samples_ > 0 ? seconds_ / static_cast<double>(samples_) : 0.0);
   seconds_ = 0;
   samples_ = 0;
   next_ = every_ > 0 ? step + every_ : 0;

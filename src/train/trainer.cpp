@@ -19,6 +19,7 @@
 
 #include "mpitrain/amp/amp.h"
 #include "mpitrain/checkpoint/weights.h"
+#include "mpitrain/comm/agreement.h"
 #include "mpitrain/comm/communicator.h"
 #include "mpitrain/data/loader.h"
 #include "mpitrain/ddp/ddp.h"
@@ -35,7 +36,6 @@
 #include "mpitrain/train/micro_batch.h"
 #include "mpitrain/train/optim.h"
 #include "mpitrain/train/shares.h"
-#include "per_rank.h"
 #include "run_state.h"
 #include "timeline.h"
 
@@ -473,7 +473,7 @@ struct Trainer::Impl {
       speeds += figure;
     }
     world.log().info("data.rank_weights auto after step " + std::to_string(progress.steps_done) +
-                     ": shares of each micro-batch " + detail::per_rank_text(shares->shares()) +
+                     ": shares of each micro-batch " + comm::list_text(shares->shares()) +
                      " (measured ms of forward + backward per sample: " + speeds + ")");
     metrics.write({{"step", progress.steps_done}, {"rank_shares", shares->shares()}, {"rank_seconds_per_sample", shares->seconds_per_sample()}});
   }
@@ -585,14 +585,8 @@ struct Trainer::Impl {
   }
 
   void check_same_config() {
-    const auto fingerprint = static_cast<std::int64_t>(config::fingerprint(config));
-    const std::vector<std::int64_t> all = detail::gather_per_rank(*comm, fingerprint);
-    for (int r = 0; r < comm->size(); ++r)
-      if (all[static_cast<std::size_t>(r)] != fingerprint)
-        throw runtime::Error("the resolved config differs between rank " + std::to_string(r) + " and rank " +
-                                 std::to_string(comm->rank()) + ": start every rank with the same --config and --set "
-                                 "arguments",
-                             runtime::ExitCode::bad_input);
+    comm::check_all_equal(*comm, comm::fnv1a(config::to_json(config).dump()), "the resolved config",
+                          "Start every rank with the same --config and --set arguments");
   }
 
   data::LoaderOptions loader_options(const config::DataSplit& split, bool shuffle) const {
@@ -645,7 +639,7 @@ struct Trainer::Impl {
       trial_optimizer.reset();
       release_cached_memory();
     }
-    const std::vector<std::int64_t> caps = detail::gather_per_rank(*comm, cap);
+    const std::vector<std::int64_t> caps = comm::gather_per_rank(*comm, cap);
     // Equal shares: the smallest cap rules. A list: each weighted share within its cap. auto: each
     // rank starts with a share in proportion to its own cap (RankShares), so none waits on the
     // smallest.
@@ -657,7 +651,7 @@ struct Trainer::Impl {
     config = config::resolve(config, world.size());
     world.log().info("batch.micro_batch auto: " + std::to_string(config.batch.micro_batch) + " per rank x " +
                      std::to_string(config.batch.accumulation) + " accumulation x " + std::to_string(world.size()) +
-                     " ranks = batch.global " + std::to_string(config.batch.global) + " (fits per rank: " + detail::per_rank_text(caps) +
+                     " ranks = batch.global " + std::to_string(config.batch.global) + " (fits per rank: " + comm::list_text(caps) +
                      (limited ? "; where memory was the limit, " + std::to_string(static_cast<int>(kMargin * 100)) +
                                     " % below the largest that ran)"
                               : "; no memory limit on CPU)"));

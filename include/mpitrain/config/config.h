@@ -17,8 +17,8 @@
 //   batch.accumulation from batch.global (or batch.global from the others). Call it once per
 //   run, before the resolved config is saved or fingerprinted.
 // - to_json() is canonical and round-trips: validate(to_json(c)) equals c, and a resolved
-//   config re-resolves to itself at the same world size. fingerprint() hashes its compact dump,
-//   so ranks with equal configs (and equal model schemas) get equal fingerprints.
+//   config re-resolves to itself at the same world size, so ranks with equal configs (and equal
+//   model schemas) have equal dumps: the trainer compares their hash across ranks.
 
 #include <array>
 #include <cstdint>
@@ -217,8 +217,5 @@ Config resolve(Config config, int world_size);
 
 /// The canonical tree (only the selected model's options under model); see the contract.
 nlohmann::json to_json(const Config& config);
-
-/// FNV-1a 64 of to_json(config).dump(): equal configs give equal values on every rank.
-std::uint64_t fingerprint(const Config& config);
 
 }  // namespace mpitrain::config
