@@ -45,7 +45,8 @@
 #include "mpitrain/runtime/gpu_info.h"
 #include "mpitrain/runtime/world.h"
 #include "mpitrain/train/optim.h"
-#include "mpitrain/train/trace.h"
+#include "train/step_parts.h"
+#include "train/trace.h"
 #include "mpitrain/train/trainer.h"
 
 using namespace mpitrain;

@@ -1,4 +1,4 @@
-#include "mpitrain/train/metrics.h"
+#include "metrics.h"
 
 #include <cstdio>
 #include <iostream>

@@ -1,4 +1,4 @@
-#include "mpitrain/train/micro_batch.h"
+#include "micro_batch.h"
 
 #include <algorithm>
 #include <cmath>

@@ -25,7 +25,7 @@
 #include "mpitrain/runtime/host_read.h"
 #include "mpitrain/runtime/world.h"
 #include "mpitrain/train/optim.h"
-#include "mpitrain/train/shard_state.h"
+#include "shard_state.h"
 
 namespace mpitrain::train {
 namespace {

@@ -1,4 +1,4 @@
-#include "mpitrain/train/shard_state.h"
+#include "shard_state.h"
 
 #include <ATen/ATen.h>
 #include <torch/optim/adamw.h>

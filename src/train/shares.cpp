@@ -1,4 +1,4 @@
-#include "mpitrain/train/shares.h"
+#include "shares.h"
 
 #include <algorithm>
 #include <cmath>

@@ -14,7 +14,7 @@
 #include "mpitrain/ddp/ddp.h"
 #include "mpitrain/runtime/error.h"
 #include "mpitrain/runtime/world.h"
-#include "mpitrain/train/metrics.h"
+#include "metrics.h"
 
 namespace mpitrain::train {
 namespace {

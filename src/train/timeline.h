@@ -25,7 +25,7 @@
 #include <memory>
 #include <string>
 
-#include "mpitrain/train/trace.h"
+#include "trace.h"
 
 namespace mpitrain::comm {
 class Communicator;

@@ -1,4 +1,4 @@
-#include "mpitrain/train/trace.h"
+#include "trace.h"
 
 #include <mpi.h>
 

@@ -12,7 +12,7 @@
 
 #include "mpitrain/runtime/error.h"
 #include "mpitrain/runtime/memory_budget.h"
-#include "mpitrain/train/micro_batch.h"
+#include "train/micro_batch.h"
 
 using namespace mpitrain;
 using Catch::Contains;

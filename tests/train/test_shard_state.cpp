@@ -15,7 +15,7 @@
 #include "mpitrain/checkpoint/safetensors.h"
 #include "mpitrain/runtime/error.h"
 #include "mpitrain/train/optim.h"
-#include "mpitrain/train/shard_state.h"
+#include "train/shard_state.h"
 
 using namespace mpitrain;
 

@@ -2,7 +2,7 @@
 // the trace-event document, and the gather of every rank's events to rank 0 (run at np 1 and 2).
 #include <catch2/catch.hpp>
 
-#include "mpitrain/train/trace.h"
+#include "train/trace.h"
 #include "test_world.h"
 
 using namespace mpitrain;

@@ -45,10 +45,9 @@
 
 #include <nlohmann/json.hpp>
 
-#include "mpitrain/amp/amp.h"
+#include <ATen/core/Tensor.h>
+
 #include "mpitrain/config/config.h"
-#include "mpitrain/ddp/ddp.h"
-#include "mpitrain/models/model.h"
 
 namespace mpitrain::runtime {
 class World;
@@ -102,12 +101,5 @@ class Trainer {
 
 /// run.dir/run.name.
 std::string run_directory(const config::Config& config);
-
-/// The pieces of a step the trainer builds from the config, for programs that time a step
-/// without the trainer (bench_ddp): DDP's and the loss scaler's options, and the loss
-/// (cross-entropy in float32; over every token of a language model).
-ddp::Options ddp_options(const config::DdpConfig& config);
-amp::ScalerOptions scaler_options(const config::LossScaleConfig& config);
-at::Tensor loss_of(const at::Tensor& logits, const at::Tensor& targets, models::Task task);
 
 }  // namespace mpitrain::train
