@@ -12,7 +12,14 @@ install(TARGETS mpitrain mpitrain_warnings mpitrain_sanitize EXPORT mpitrainTarg
         ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR}
         LIBRARY DESTINATION ${CMAKE_INSTALL_LIBDIR}
         RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
-install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/mpitrain DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+# The API only: the headers under include/ (internal units live in src/), and the CUDA/NCCL
+# check macros only where the CUDA path is built.
+if(MPITRAIN_HAVE_CUDA)
+  install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/mpitrain DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+else()
+  install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/mpitrain DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}
+          PATTERN cuda_check.h EXCLUDE)
+endif()
 install(EXPORT mpitrainTargets NAMESPACE mpitrain:: DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/mpitrain)
 
 # The programs. LibTorch, NCCL and the CUDA runtime are shared libraries in the torch wheel's

@@ -82,20 +82,25 @@ enum class OpCode : std::int64_t { all_reduce = 1, broadcast, all_gather, reduce
 
 }  // namespace
 
-Communicator::Communicator(MPI_Comm control, const CommOptions& options) : options_(options) {
+struct Communicator::Control {
+  MPI_Comm comm = MPI_COMM_NULL;
+};
+
+Communicator::Communicator(const runtime::World& world, const CommOptions& options)
+    : control_(std::make_unique<Control>()), options_(options) {
   // Non-blocking and bounded: at start-up a rank that never arrives (stopped, say) must end the
   // job after the timeout, not hold the others in MPI_Comm_dup.
   MPI_Request request = MPI_REQUEST_NULL;
-  MPITRAIN_CHECK_MPI(MPI_Comm_idup(control, &control_, &request));
+  MPITRAIN_CHECK_MPI(MPI_Comm_idup(world.comm(), &control_->comm, &request));
   runtime::wait_or_die(&request, options_.timeout, "creating the communicator's control channel (MPI_Comm_idup)");
-  MPITRAIN_CHECK_MPI(MPI_Comm_rank(control_, &rank_));
-  MPITRAIN_CHECK_MPI(MPI_Comm_size(control_, &size_));
+  MPITRAIN_CHECK_MPI(MPI_Comm_rank(control_->comm, &rank_));
+  MPITRAIN_CHECK_MPI(MPI_Comm_size(control_->comm, &size_));
 }
 
 Communicator::~Communicator() {
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (control_ != MPI_COMM_NULL && !finalized) MPI_Comm_free(&control_);
+  if (control_->comm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&control_->comm);
 }
 
 void Communicator::check_tensor(const char* operation, const at::Tensor& tensor) const {
@@ -128,7 +133,7 @@ void Communicator::verify_across_ranks(const char* operation, const at::Tensor* 
   std::vector<std::int64_t> all(mine.size() * static_cast<std::size_t>(size_));
   MPI_Request request;
   MPITRAIN_CHECK_MPI(MPI_Iallgather(mine.data(), 4, MPI_INT64_T, all.data(), 4, MPI_INT64_T,
-                                    control_, &request));
+                                    control_->comm, &request));
   runtime::wait_or_die(&request, options_.timeout, "verify_collectives: the check before " + name);
   const char* names[] = {"?", "all_reduce", "broadcast", "all_gather", "reduce_scatter", "barrier"};
   auto show = [&](const std::int64_t* s) {

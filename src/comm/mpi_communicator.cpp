@@ -251,7 +251,7 @@ MPI_Comm dup(MPI_Comm comm, std::chrono::milliseconds timeout) {
 }  // namespace
 
 MpiCommunicator::MpiCommunicator(const runtime::World& world, const CommOptions& options)
-    : Communicator(world.comm(), options), engine_(std::make_unique<Engine>(dup(world.comm(), options.timeout), options.timeout)) {}
+    : Communicator(world, options), engine_(std::make_unique<Engine>(dup(world.comm(), options.timeout), options.timeout)) {}
 
 MpiCommunicator::~MpiCommunicator() = default;
 

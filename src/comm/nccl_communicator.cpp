@@ -384,7 +384,7 @@ class NcclCommunicator::State {
 
 NcclCommunicator::NcclCommunicator(const runtime::World& world, c10::Device device,
                                    const CommOptions& options)
-    : Communicator(world.comm(), options),
+    : Communicator(world, options),
       device_(device),
       state_(std::make_unique<State>(world, device, options.timeout)) {}
 

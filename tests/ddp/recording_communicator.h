@@ -14,7 +14,7 @@ namespace mpitrain::testing {
 class RecordingCommunicator final : public comm::Communicator {
  public:
   explicit RecordingCommunicator(comm::Communicator& inner)
-      : Communicator(world().comm(), inner.options()), inner_(inner) {}
+      : Communicator(world(), inner.options()), inner_(inner) {}
 
   c10::Device device() const override { return inner_.device(); }
   comm::Backend backend() const override { return inner_.backend(); }

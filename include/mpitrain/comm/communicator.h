@@ -32,8 +32,6 @@
 #include <optional>
 #include <string>
 
-#include <mpi.h>
-
 namespace mpitrain::runtime {
 class World;
 }
@@ -112,8 +110,9 @@ class Communicator {
   virtual void abort() noexcept = 0;
 
  protected:
-  /// control: a communicator the base class may use for verify_collectives (a dup it owns).
-  Communicator(MPI_Comm control, const CommOptions& options);
+  /// Over the world's ranks; the base class keeps its own duplicate of the world's MPI
+  /// communicator for verify_collectives (MPI stays out of this header).
+  Communicator(const runtime::World& world, const CommOptions& options);
 
   virtual WorkPtr do_all_reduce(at::Tensor& tensor, ReduceOp op) = 0;
   virtual WorkPtr do_broadcast(at::Tensor& tensor, int root) = 0;
@@ -125,7 +124,8 @@ class Communicator {
   void check_tensor(const char* operation, const at::Tensor& tensor) const;
   void verify_across_ranks(const char* operation, const at::Tensor* tensor, std::int64_t extra);
 
-  MPI_Comm control_ = MPI_COMM_NULL;
+  struct Control;  // the MPI communicator verify_collectives uses
+  std::unique_ptr<Control> control_;
   int rank_ = 0;
   int size_ = 1;
   CommOptions options_;
