@@ -13,6 +13,7 @@
 
 #include <iostream>
 
+#include "mpitrain/apps/cli.h"
 #include "mpitrain/checkpoint/gpt2.h"
 #include "mpitrain/checkpoint/weights.h"
 #include "mpitrain/config/schema.h"
@@ -31,13 +32,7 @@ int main(int argc, char** argv) {
       ->required()
       ->check(CLI::IsMember({"huggingface", "nanogpt"}));
   app.add_option("--out", out, "huggingface: the directory to write; nanogpt: the ckpt.pt file")->required();
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int code = app.exit(e);
-    return code == 0 ? 0 : runtime::to_int(runtime::ExitCode::bad_input);
-  }
-  try {
+  return apps::run_tool("convert_weights", app, argc, argv, [&] {
     const checkpoint::Pretrained model = checkpoint::read_pretrained(input);
     if (model.model != "gpt")
       throw runtime::Error(input + " holds model \"" + model.model + "\"; only the built-in gpt has a GPT-2 layout",
@@ -49,12 +44,6 @@ int main(int argc, char** argv) {
     if (layout == "huggingface") checkpoint::write_huggingface(out, checkpoint::state_dict_of(*built), options);
     else checkpoint::write_nanogpt(out, checkpoint::state_dict_of(*built), options, model.step);
     std::cout << "wrote " << out << " (" << layout << ", from the " << model.format << " model " << input << ")\n";
-  } catch (const runtime::Error& e) {
-    std::cerr << "convert_weights: error: " << e.what() << '\n';
-    return runtime::to_int(e.code());
-  } catch (const std::exception& e) {
-    std::cerr << "convert_weights: error: " << e.what() << '\n';
-    return runtime::to_int(runtime::ExitCode::failure);
-  }
-  return 0;
+    return 0;
+  });
 }

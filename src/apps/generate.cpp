@@ -22,6 +22,7 @@
 #include <limits>
 #include <sstream>
 
+#include "mpitrain/apps/cli.h"
 #include "mpitrain/checkpoint/gpt2.h"
 #include "mpitrain/checkpoint/weights.h"
 #include "mpitrain/data/spec.h"
@@ -220,22 +221,5 @@ int main(int argc, char** argv) {
   app.add_option("--seed", o.seed, "seed of the draws")->capture_default_str();
   app.add_option("--device", o.device, "cpu, cuda or cuda:N")->capture_default_str();
   app.add_flag("--no-cache", o.no_cache, "recompute the whole context for every token (slow; for comparison)");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int code = app.exit(e);
-    return code == 0 ? 0 : runtime::to_int(runtime::ExitCode::bad_input);
-  }
-  try {
-    return run(o);
-  } catch (const runtime::Error& e) {
-    std::cerr << "generate: error: " << e.what() << '\n';
-    return runtime::to_int(e.code());
-  } catch (const c10::Error& e) {
-    std::cerr << "generate: error: " << e.what_without_backtrace() << '\n';
-    return runtime::to_int(runtime::ExitCode::failure);
-  } catch (const std::exception& e) {
-    std::cerr << "generate: error: " << e.what() << '\n';
-    return runtime::to_int(runtime::ExitCode::failure);
-  }
+  return apps::run_tool("generate", app, argc, argv, [&] { return run(o); });
 }

@@ -19,6 +19,7 @@
 #include <iostream>
 #include <sstream>
 
+#include "mpitrain/apps/cli.h"
 #include "mpitrain/comm/communicator.h"
 #include "mpitrain/data/shards.h"
 #include "mpitrain/data/sources.h"
@@ -239,25 +240,13 @@ int main(int argc, char** argv) {
   verify_cmd->add_option("source", source, "a manifest (.json) or a glob of .h5 files")->required();
   verify_cmd->add_flag("--no-file-locking", no_locking, "open without HDF5 file locking (shared file systems)");
 
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int code = app.exit(e);
-    return code == 0 ? 0 : runtime::to_int(runtime::ExitCode::bad_input);
-  }
-  try {
+  return apps::run_tool("h5shard", app, argc, argv, [&] {
     if (text->parsed()) write_text(text_files, separator, level, output);
     if (idx->parsed()) write_table(data::read_idx(images, labels), output);
     if (csv->parsed()) write_table(data::read_csv(csv_file, csv_options), output);
     if (tokens->parsed()) write_tokens(token_files, token_format, vocab_size, tokenizer, output);
     if (inspect_cmd->parsed()) inspect(source, !no_locking);
     if (verify_cmd->parsed()) verify(source, !no_locking);
-  } catch (const runtime::Error& e) {
-    std::cerr << "h5shard: error: " << e.what() << '\n';
-    return runtime::to_int(e.code());
-  } catch (const std::exception& e) {
-    std::cerr << "h5shard: error: " << e.what() << '\n';
-    return runtime::to_int(runtime::ExitCode::failure);
-  }
-  return 0;
+    return 0;
+  });
 }
