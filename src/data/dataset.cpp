@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <list>
 #include <map>
@@ -31,6 +32,7 @@ struct Column {
   std::vector<std::int64_t> row_shape;
   std::int64_t row_elements = 1;
   std::int64_t unit_rows = 1;  // rows per cache entry: a whole number of HDF5 chunks
+  std::int64_t chunk_rows = 1;  // rows per HDF5 chunk (per unit when not chunked)
 
   std::int64_t row_bytes() const { return row_elements * static_cast<std::int64_t>(h5::element_bytes(cached)); }
 };
@@ -129,6 +131,10 @@ struct Dataset::Impl {
   std::list<ChunkKey> lru;
   std::int64_t cache_bytes = 0;
   std::int64_t cache_capacity = 0;
+  // expect(): announced uses still to come, per unit; units without any are dropped once read.
+  bool announced = false;
+  std::unordered_map<ChunkKey, std::int64_t, ChunkKeyHash> remaining;
+  std::atomic<std::int64_t> bytes_read{0}, chunks_read{0}, cache_hits{0};
 
   bool tokens() const { return spec.kind == Kind::tokens; }
 
@@ -157,10 +163,11 @@ struct Dataset::Impl {
     const std::int64_t row_bytes = std::max<std::int64_t>(1, c.row_bytes());
     if (chunk.empty()) {
       c.unit_rows = std::max<std::int64_t>(1, (spec.block_bytes > 0 ? spec.block_bytes : kContiguousUnitBytes) / row_bytes);
+      c.chunk_rows = c.unit_rows;
     } else {
-      const std::int64_t chunk_rows = std::max<std::int64_t>(1, chunk[0]);
-      const std::int64_t chunk_bytes = chunk_rows * row_bytes;
-      c.unit_rows = chunk_rows * std::max<std::int64_t>(1, (spec.block_bytes + chunk_bytes / 2) / chunk_bytes);
+      c.chunk_rows = std::max<std::int64_t>(1, chunk[0]);
+      const std::int64_t chunk_bytes = c.chunk_rows * row_bytes;
+      c.unit_rows = c.chunk_rows * std::max<std::int64_t>(1, (spec.block_bytes + chunk_bytes / 2) / chunk_bytes);
     }
   }
 
@@ -313,6 +320,7 @@ struct Dataset::Impl {
       if (pinned.count(key)) continue;
       const auto hit = cache.find(key);
       if (hit != cache.end()) {
+        ++cache_hits;
         lru.splice(lru.begin(), lru, hit->second.second);
         pinned.emplace(key, hit->second.first);
       } else {
@@ -331,6 +339,8 @@ struct Dataset::Impl {
       // Every buffer of a column has the full unit size, so any can be reused for any unit.
       Chunk chunk{buffers->get(column.unit_rows * column.row_bytes()), count * column.row_bytes()};
       h5::read_rows(column.dataset, column.cached, first, count, chunk.buffer.get(), column.where);
+      bytes_read += chunk.bytes;
+      chunks_read += (count + column.chunk_rows - 1) / column.chunk_rows;
       pinned[key] = chunk;
       lru.push_front(key);
       cache.emplace(key, std::make_pair(chunk, lru.begin()));
@@ -339,12 +349,76 @@ struct Dataset::Impl {
   }
 
   void trim() {
-    while (cache_bytes > cache_capacity && !lru.empty()) {
-      const auto entry = cache.find(lru.back());
-      cache_bytes -= entry->second.first.bytes;
-      cache.erase(entry);
-      lru.pop_back();
+    while (cache_bytes > cache_capacity && !lru.empty()) drop(lru.back());
+  }
+
+  void drop(const ChunkKey& key) {
+    const auto entry = cache.find(key);
+    if (entry == cache.end()) return;
+    cache_bytes -= entry->second.first.bytes;
+    lru.erase(entry->second.second);
+    cache.erase(entry);
+  }
+
+  std::pair<std::int64_t, std::int64_t> locate(std::int64_t index) const {
+    if (index < 0 || index >= samples)
+      throw Error("sample " + std::to_string(index) + " is out of range (the dataset has " + std::to_string(samples) + ")");
+    const auto s = static_cast<std::int64_t>(std::upper_bound(firsts.begin(), firsts.end(), index) - firsts.begin()) - 1;
+    return {s, index - shards[static_cast<std::size_t>(s)].first};
+  }
+
+  // The units one sample's rows lie in: its inputs and targets rows, or its token window.
+  template <typename Visit>
+  void for_each_unit(std::int64_t s, std::int64_t local, Visit&& visit) const {
+    const auto columns = static_cast<std::int64_t>(shards[static_cast<std::size_t>(s)].columns.size());
+    for (std::int64_t c = 0; c < columns; ++c) {
+      const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
+      const std::int64_t first = tokens() ? local * spec.seq_len : local;
+      const std::int64_t last = tokens() ? first + spec.seq_len + 1 : local + 1;
+      for (std::int64_t k = first / column.unit_rows; k <= (last - 1) / column.unit_rows; ++k) visit(ChunkKey{s, c, k});
     }
+  }
+
+  void expect(const std::vector<std::int64_t>& indices) {
+    remaining.clear();
+    for (const std::int64_t index : indices) {
+      const auto [s, local] = locate(index);
+      for_each_unit(s, local, [&](const ChunkKey& key) { ++remaining[key]; });
+    }
+    announced = true;
+    for (auto it = lru.begin(); it != lru.end();) {
+      const ChunkKey key = *it++;
+      if (!remaining.count(key)) drop(key);
+    }
+  }
+
+  // One announced use of each unit of a sample done; the units no announced sample needs any
+  // more are added to `finished`.
+  void used(std::int64_t s, std::int64_t local, std::vector<ChunkKey>& finished) {
+    for_each_unit(s, local, [&](const ChunkKey& key) {
+      const auto left = remaining.find(key);
+      if (left != remaining.end() && --left->second == 0) {
+        remaining.erase(left);
+        finished.push_back(key);
+      }
+    });
+  }
+
+  ReadStats footprint(const std::vector<std::int64_t>& indices) const {
+    std::unordered_map<ChunkKey, bool, ChunkKeyHash> units;
+    for (const std::int64_t index : indices) {
+      const auto [s, local] = locate(index);
+      for_each_unit(s, local, [&](const ChunkKey& key) { units.emplace(key, true); });
+    }
+    ReadStats stats;
+    for (const auto& entry : units) {
+      const ChunkKey& key = entry.first;
+      const Column& column = shards[static_cast<std::size_t>(key.shard)].columns[static_cast<std::size_t>(key.column)];
+      const std::int64_t count = std::min(column.rows, (key.chunk + 1) * column.unit_rows) - key.chunk * column.unit_rows;
+      stats.bytes_read += count * column.row_bytes();
+      stats.chunks_read += (count + column.chunk_rows - 1) / column.chunk_rows;
+    }
+    return stats;
   }
 
   // Copies rows [first, first + n) of a column, crossing units, as raw bytes or widened to int64.
@@ -378,11 +452,7 @@ struct Dataset::Impl {
     std::unordered_map<ChunkKey, Chunk, ChunkKeyHash> pinned;
     std::vector<ChunkKey> missing;
     for (std::size_t p = 0; p < indices.size(); ++p) {
-      const std::int64_t index = indices[p];
-      if (index < 0 || index >= samples)
-        throw Error("sample " + std::to_string(index) + " is out of range (the dataset has " + std::to_string(samples) + ")");
-      const auto s = static_cast<std::int64_t>(std::upper_bound(firsts.begin(), firsts.end(), index) - firsts.begin()) - 1;
-      const std::int64_t local = index - shards[static_cast<std::size_t>(s)].first;
+      const auto [s, local] = locate(indices[p]);
       located[p] = {s, local};
       if (tokens()) {
         need(s, 0, local * spec.seq_len, local * spec.seq_len + spec.seq_len + 1, pinned, missing);
@@ -406,6 +476,11 @@ struct Dataset::Impl {
         copy_rows(s, 0, local, 1, false, in + p * in_bytes, pinned);
         copy_rows(s, 1, local, 1, targets.dtype == c10::kLong, tg + p * tg_bytes, pinned);
       }
+    }
+    if (announced) {
+      std::vector<ChunkKey> finished;
+      for (const auto& [s, local] : located) used(s, local, finished);
+      for (const ChunkKey& key : finished) drop(key);
     }
     trim();
     if (spec.id_limit > 0) {
@@ -448,6 +523,20 @@ std::int64_t Dataset::size() const { return impl_->samples; }
 const Field& Dataset::inputs() const { return impl_->inputs; }
 const Field& Dataset::targets() const { return impl_->targets; }
 const std::vector<std::int64_t>& Dataset::blocks() const { return impl_->blocks; }
+
+std::int64_t Dataset::bytes() const {
+  std::int64_t total = 0;
+  for (const auto& shard : impl_->shards)
+    for (const auto& column : shard.columns) total += column.rows * column.row_bytes();
+  return total;
+}
+
+std::int64_t Dataset::block_bytes() const { return impl_->block_bytes(); }
+void Dataset::set_cache_bytes(std::int64_t bytes) { impl_->cache_capacity = std::max<std::int64_t>(bytes, 1); }
+std::int64_t Dataset::cache_bytes() const { return impl_->cache_capacity; }
+void Dataset::expect(const std::vector<std::int64_t>& indices) { impl_->expect(indices); }
+ReadStats Dataset::stats() const { return {impl_->bytes_read, impl_->chunks_read, impl_->cache_hits}; }
+ReadStats Dataset::footprint(const std::vector<std::int64_t>& indices) const { return impl_->footprint(indices); }
 
 std::string Dataset::description() const {
   std::string out = std::string(to_string(impl_->spec.kind)) + " samples=" + std::to_string(impl_->samples);

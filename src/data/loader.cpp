@@ -6,6 +6,7 @@
 #include <deque>
 #include <exception>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <numeric>
 #include <optional>
@@ -63,6 +64,8 @@ struct Loader::Impl {
   std::condition_variable changed;  // the queue or stop changed
   std::deque<Ready> queue;
   bool stop = false;
+  // The dataset's counters when the reader began each epoch (guarded by mutex), for stats(epoch).
+  std::map<std::int64_t, ReadStats> epoch_start;
   std::thread reader;
   // CPU batches handed out before, reused once the consumer has let go of them (the reader
   // thread's alone): fresh memory would cost a page fault every 4 KiB of every batch.
@@ -75,10 +78,11 @@ struct Loader::Impl {
   void agree(comm::Communicator& comm, const std::string& open_error) {
     std::string shares;  // every rank's, filled in by the constructor
     for (std::int64_t share : options.shares) shares += (shares.empty() ? "" : ",") + std::to_string(share);
-    const std::string order = "batch=" + shares + " world=" + std::to_string(world) +
-                              " seed=" + std::to_string(options.seed) + " shuffle=" + std::to_string(options.shuffle) +
-                              " window=" + std::to_string(options.shuffle_window) + " remainder=" +
-                              to_string(options.remainder);
+    const std::string order = "batch=" + shares + " accumulation=" + std::to_string(options.accumulation) +
+                              " world=" + std::to_string(world) + " seed=" + std::to_string(options.seed) +
+                              " shuffle=" + std::to_string(options.shuffle) + " window=" +
+                              std::to_string(options.shuffle_window) + " partitions=" +
+                              std::to_string(options.partitions) + " remainder=" + to_string(options.remainder);
     const bool ok = open_error.empty();
     constexpr std::int64_t kFields = 4;
     const std::vector<std::int64_t> mine = {ok ? 1 : 0, ok ? dataset->size() : -1,
@@ -113,13 +117,13 @@ struct Loader::Impl {
                   ExitCode::bad_input);
   }
 
-  void start(std::int64_t epoch, std::int64_t step) {
+  void start(const LoaderState& from) {
     stop = false;
-    reader = std::thread([this, epoch, step] {
+    reader = std::thread([this, from] {
       // read_ahead hands its errors to the consumer; what escapes it (no memory left to queue
       // the error) ends the job with a message instead of std::terminate.
       try {
-        read_ahead(epoch, step);
+        read_ahead(from.epoch, from.step, from.micro);
       } catch (const std::exception& e) {
         runtime::fatal("the data loader's reader thread failed: " + std::string(e.what()));
       } catch (...) {
@@ -158,8 +162,52 @@ struct Loader::Impl {
     queue.clear();
   }
 
-  // The reader thread: batch after batch in order, until stopped or an error.
-  void read_ahead(std::int64_t epoch, std::int64_t step) {
+  // The cache holds, for every partition this rank's slices touch, a shuffle window of blocks
+  // and the next one (data.cache_mb overrides; window 0 caches all).
+  void size_cache() {
+    if (options.cache_bytes > 0) return dataset->set_cache_bytes(options.cache_bytes);
+    if (options.shuffle_window == 0) return dataset->set_cache_bytes(std::numeric_limits<std::int64_t>::max());
+    const std::int64_t first = slice_begin(0), last = slice_begin(options.accumulation - 1) + options.batch_size;
+    std::int64_t touched = 0;
+    for (std::int64_t p = 0, begin = 0; p < sampler->partitions(); ++p) {
+      const std::int64_t end = begin + sampler->partition_share(p);
+      if (begin < last && first < end) ++touched;
+      begin = end;
+    }
+    const std::int64_t blocks = std::min<std::int64_t>(touched * (2 * options.shuffle_window + 2),
+                                                       static_cast<std::int64_t>(dataset->blocks().size()));
+    dataset->set_cache_bytes(blocks * dataset->block_bytes());
+  }
+
+  void begin_epoch(std::int64_t epoch) {
+    const ReadStats now = dataset->stats();
+    std::lock_guard<std::mutex> lock(mutex);
+    epoch_start[epoch] = now;
+  }
+
+  // Where this rank's micro-batch `micro` lies in a global batch: [begin, begin + share).
+  std::int64_t slice_begin(std::int64_t micro) const {
+    const std::int64_t before = std::accumulate(options.shares.begin(), options.shares.begin() + rank, std::int64_t{0});
+    return options.accumulation * before + micro * options.batch_size;
+  }
+
+  // This rank's samples of an epoch from (step, micro) on, in the order it reads them.
+  std::vector<std::int64_t> rest_of_epoch(const std::vector<std::int64_t>& order, std::int64_t step,
+                                          std::int64_t micro) const {
+    const std::int64_t g = sampler->options().global_batch;
+    std::vector<std::int64_t> indices;
+    for (; step < sampler->steps_per_epoch(); ++step, micro = 0)
+      for (; micro < options.accumulation; ++micro) {
+        const auto begin = order.begin() + step * g + slice_begin(micro);
+        indices.insert(indices.end(), begin, begin + options.batch_size);
+      }
+    return indices;
+  }
+
+  // The reader thread: micro-batch after micro-batch in order, until stopped or an error. Each
+  // epoch it announces its samples to the dataset, whose cache then keeps a block only while a
+  // later sample of this rank needs it.
+  void read_ahead(std::int64_t epoch, std::int64_t step, std::int64_t micro) {
     // Read-ahead buffers are host memory (pinned staging on a GPU machine), outside a budget.
     const runtime::UncountedScope host_memory;
     try {
@@ -170,6 +218,9 @@ struct Loader::Impl {
       if (cuda) c10::cuda::set_device(options.device.index());
 #endif
       std::vector<std::int64_t> order = sampler->order(epoch);
+      dataset->expect(rest_of_epoch(order, step, micro));
+      begin_epoch(epoch);
+      const std::int64_t g = sampler->options().global_batch;
       for (;;) {
         {
           std::unique_lock<std::mutex> lock(mutex);
@@ -179,9 +230,11 @@ struct Loader::Impl {
         Ready ready;
         try {
           ready.batch = make_batch(cuda);
-          dataset->read_into(Sampler::slice(sampler->global_batch(order, step), options.shares, rank), ready.batch);
+          const auto begin = order.begin() + step * g + slice_begin(micro);
+          dataset->read_into(std::vector<std::int64_t>(begin, begin + options.batch_size), ready.batch);
           ready.batch.epoch = epoch;
           ready.batch.step = step;
+          ready.batch.micro = micro;
           if (cuda) to_device(ready);
           else remember(ready.batch);
         } catch (const Error& e) {
@@ -194,9 +247,13 @@ struct Loader::Impl {
           queue.push_back(std::move(ready));
         }
         changed.notify_all();
+        if (++micro < options.accumulation) continue;
+        micro = 0;
         if (++step == sampler->steps_per_epoch()) {
           step = 0;
           order = sampler->order(++epoch);
+          dataset->expect(rest_of_epoch(order, 0, 0));
+          begin_epoch(epoch);
         }
       }
     } catch (...) {
@@ -247,10 +304,12 @@ Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, 
   m.options = options;
   m.rank = rank;
   m.world = world_size;
-  if (options.batch_size < 1 || options.prefetch < 1 || world_size < 1 || rank < 0 || rank >= world_size)
-    throw Error("data loader: batch_size (" + std::to_string(options.batch_size) + ") and prefetch (" +
-                    std::to_string(options.prefetch) + ") must be >= 1, and rank " + std::to_string(rank) +
-                    " must lie in a world of " + std::to_string(world_size),
+  if (options.batch_size < 1 || options.prefetch < 1 || options.accumulation < 1 || world_size < 1 || rank < 0 ||
+      rank >= world_size)
+    throw Error("data loader: batch_size (" + std::to_string(options.batch_size) + "), accumulation (" +
+                    std::to_string(options.accumulation) + ") and prefetch (" + std::to_string(options.prefetch) +
+                    ") must be >= 1, and rank " + std::to_string(rank) + " must lie in a world of " +
+                    std::to_string(world_size),
                 ExitCode::bad_input);
   if (m.options.shares.empty()) m.options.shares.assign(static_cast<std::size_t>(world_size), options.batch_size);
   check_shares(m.options.shares, world_size);
@@ -263,22 +322,21 @@ Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, 
                 ExitCode::bad_input);
 #endif
   }
-  // A window's blocks and the next window's stay cached (the least recently used go first).
-  const std::int64_t cache_blocks =
-      options.shuffle_window == 0 ? std::numeric_limits<std::int64_t>::max() : 2 * options.shuffle_window + 2;
   std::string open_error;
   try {
-    m.dataset = std::make_unique<Dataset>(spec, cache_blocks);
+    m.dataset = std::make_unique<Dataset>(spec);
   } catch (const Error& e) {
     open_error = e.what();
   }
   m.agree(comm, open_error);
   SamplerOptions sampling;
-  sampling.global_batch = std::accumulate(m.options.shares.begin(), m.options.shares.end(), std::int64_t{0});
+  sampling.global_batch =
+      options.accumulation * std::accumulate(m.options.shares.begin(), m.options.shares.end(), std::int64_t{0});
   sampling.seed = options.seed;
   sampling.shuffle = options.shuffle;
   sampling.window = options.shuffle_window;
   sampling.remainder = options.remainder;
+  sampling.partitions = options.partitions;
   try {
     m.sampler = std::make_unique<Sampler>(m.dataset->blocks(), sampling);
   } catch (const Error& e) {
@@ -291,8 +349,9 @@ Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, 
                     std::to_string(world_size) + " ranks: " + e.what(),
                 e.code());
   }
-  m.position = {0, 0, options.seed, sampling.global_batch, m.dataset->size()};
-  m.start(0, 0);
+  m.size_cache();
+  m.position = {0, 0, 0, options.seed, sampling.global_batch, m.sampler->partitions(), m.dataset->size()};
+  m.start(m.position);
 }
 
 Loader::~Loader() { impl_->halt(); }
@@ -311,10 +370,14 @@ Batch Loader::next() {
   m.changed.notify_all();
   m.hand_over(ready);
   m.position.epoch = ready.batch.epoch;
-  m.position.step = ready.batch.step + 1;
-  if (m.position.step == m.sampler->steps_per_epoch()) {
-    m.position.step = 0;
-    ++m.position.epoch;
+  m.position.step = ready.batch.step;
+  m.position.micro = ready.batch.micro + 1;
+  if (m.position.micro == m.options.accumulation) {
+    m.position.micro = 0;
+    if (++m.position.step == m.sampler->steps_per_epoch()) {
+      m.position.step = 0;
+      ++m.position.epoch;
+    }
   }
   return std::move(ready.batch);
 }
@@ -324,41 +387,65 @@ LoaderState Loader::state() const { return impl_->position; }
 void Loader::restore(const LoaderState& state) {
   Impl& m = *impl_;
   const LoaderState& here = m.position;
-  if (state.seed != here.seed || state.global_batch != here.global_batch || state.samples != here.samples)
+  if (state.seed != here.seed || state.global_batch != here.global_batch || state.partitions != here.partitions ||
+      state.samples != here.samples)
     throw Error("data loader state (seed " + std::to_string(state.seed) + ", global batch " +
-                    std::to_string(state.global_batch) + ", " + std::to_string(state.samples) +
-                    " samples) is from a different run than this loader (seed " + std::to_string(here.seed) +
-                    ", global batch " + std::to_string(here.global_batch) + ", " + std::to_string(here.samples) +
-                    " samples): resume with the same seed, data and batch_size x world size",
+                    std::to_string(state.global_batch) + ", " + std::to_string(state.partitions) + " partitions, " +
+                    std::to_string(state.samples) + " samples) is from a different run than this loader (seed " +
+                    std::to_string(here.seed) + ", global batch " + std::to_string(here.global_batch) + ", " +
+                    std::to_string(here.partitions) + " partitions, " + std::to_string(here.samples) +
+                    " samples): resume with the same seed, data, partitions and global batch (any world size, "
+                    "micro-batch and accumulation that keep the global batch)",
                 ExitCode::bad_input);
-  if (state.epoch < 0 || state.step < 0 || state.step >= m.sampler->steps_per_epoch())
+  if (state.epoch < 0 || state.step < 0 || state.step >= m.sampler->steps_per_epoch() || state.micro < 0 ||
+      state.micro >= m.options.accumulation)
     throw Error("data loader state epoch " + std::to_string(state.epoch) + " step " + std::to_string(state.step) +
-                    " is out of range (" + std::to_string(m.sampler->steps_per_epoch()) + " steps per epoch)",
+                    " micro-batch " + std::to_string(state.micro) + " is out of range (" +
+                    std::to_string(m.sampler->steps_per_epoch()) + " steps per epoch, " +
+                    std::to_string(m.options.accumulation) + " micro-batches per step)",
                 ExitCode::bad_input);
   m.halt();
   m.position = state;
-  m.start(state.epoch, state.step);
+  m.start(state);
 }
 
 void Loader::set_shares(const std::vector<std::int64_t>& shares) {
   Impl& m = *impl_;
   check_shares(shares, m.world);
-  if (std::accumulate(shares.begin(), shares.end(), std::int64_t{0}) != m.sampler->options().global_batch)
+  if (m.options.accumulation * std::accumulate(shares.begin(), shares.end(), std::int64_t{0}) !=
+      m.sampler->options().global_batch)
     throw Error("data loader: new shares must keep the global batch of " +
                     std::to_string(m.sampler->options().global_batch) + " samples",
                 ExitCode::bad_input);
+  if (m.position.micro != 0)
+    throw Error("data loader: shares change between global batches, not after micro-batch " +
+                std::to_string(m.position.micro) + " of one");
   if (shares == m.options.shares) return;
   m.halt();
   m.recycled.clear();
   m.options.shares = shares;
   m.options.batch_size = shares[static_cast<std::size_t>(m.rank)];
-  m.start(m.position.epoch, m.position.step);
+  m.size_cache();
+  m.start(m.position);
 }
 
 std::int64_t Loader::batch_size() const { return impl_->options.batch_size; }
 
 std::int64_t Loader::steps_per_epoch() const { return impl_->sampler->steps_per_epoch(); }
 std::int64_t Loader::global_batch() const { return impl_->sampler->options().global_batch; }
+ReadStats Loader::stats() const { return impl_->dataset->stats(); }
+
+ReadStats Loader::stats(std::int64_t epoch) const {
+  Impl& m = *impl_;
+  const ReadStats now = m.dataset->stats();
+  std::lock_guard<std::mutex> lock(m.mutex);
+  const auto start = m.epoch_start.find(epoch);
+  if (start == m.epoch_start.end()) return {};
+  const auto next = std::next(start);
+  const ReadStats& end = next == m.epoch_start.end() ? now : next->second;
+  return {end.bytes_read - start->second.bytes_read, end.chunks_read - start->second.chunks_read,
+          end.cache_hits - start->second.cache_hits};
+}
 const Dataset& Loader::dataset() const { return *impl_->dataset; }
 const Sampler& Loader::sampler() const { return *impl_->sampler; }
 

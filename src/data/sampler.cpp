@@ -57,8 +57,10 @@ const char* to_string(Remainder remainder) { return remainder == Remainder::wrap
 void to_json(nlohmann::json& json, const LoaderState& state) {
   json = {{"epoch", state.epoch},
           {"step", state.step},
+          {"micro", state.micro},
           {"seed", state.seed},
           {"global_batch", state.global_batch},
+          {"partitions", state.partitions},
           {"samples", state.samples}};
 }
 
@@ -66,12 +68,15 @@ void from_json(const nlohmann::json& json, LoaderState& state) {
   try {
     state.epoch = json.at("epoch").get<std::int64_t>();
     state.step = json.at("step").get<std::int64_t>();
+    state.micro = json.value("micro", std::int64_t{0});
     state.seed = json.at("seed").get<std::uint64_t>();
     state.global_batch = json.at("global_batch").get<std::int64_t>();
+    state.partitions = json.at("partitions").get<std::int64_t>();
     state.samples = json.at("samples").get<std::int64_t>();
   } catch (const nlohmann::json::exception& e) {
     throw Error(std::string("data loader state ") + json.dump() + " is not valid (" + e.what() +
-                    "): it needs epoch, step, seed, global_batch and samples",
+                    "): it needs epoch, step, seed, global_batch, partitions and samples (a state without "
+                    "partitions comes from an mpitrain older than the partitioned order and cannot resume it)",
                 ExitCode::bad_input);
   }
 }
@@ -96,6 +101,10 @@ Sampler::Sampler(std::vector<std::int64_t> blocks, const SamplerOptions& options
   if (options_.window < 0)
     throw Error("shuffle window " + std::to_string(options_.window) + ": it must be >= 0 (0: all blocks)",
                 ExitCode::bad_input);
+  if (options_.partitions < 1)
+    throw Error("partitions " + std::to_string(options_.partitions) + ": there must be at least 1",
+                ExitCode::bad_input);
+  partitions_ = std::min(options_.partitions, options_.global_batch);
 }
 
 std::int64_t Sampler::steps_per_epoch() const {
@@ -103,36 +112,83 @@ std::int64_t Sampler::steps_per_epoch() const {
   return options_.remainder == Remainder::wrap ? (samples_ + g - 1) / g : samples_ / g;
 }
 
+std::int64_t Sampler::partition_share(std::int64_t p) const {
+  const std::int64_t g = options_.global_batch;
+  return g / partitions_ + (p < g % partitions_ ? 1 : 0);
+}
+
 std::vector<std::int64_t> Sampler::order(std::int64_t epoch) const {
-  std::vector<std::int64_t> order(static_cast<std::size_t>(samples_));
-  if (!options_.shuffle) {
-    std::iota(order.begin(), order.end(), std::int64_t{0});
-    return order;
-  }
-  std::vector<std::int64_t> starts(blocks_.size());
-  std::exclusive_scan(blocks_.begin(), blocks_.end(), starts.begin(), std::int64_t{0});
+  // The block sequence: every sample once, blocks kept together, blocks permuted.
   std::vector<std::size_t> permuted(blocks_.size());
   std::iota(permuted.begin(), permuted.end(), std::size_t{0});
   Rng rng(options_.seed, static_cast<std::uint64_t>(epoch));
-  rng.shuffle(permuted.data(), permuted.size());
-  const std::size_t window = options_.window == 0 ? permuted.size() : static_cast<std::size_t>(options_.window);
-  std::size_t filled = 0;
-  for (std::size_t w = 0; w < permuted.size(); w += window) {
-    const std::size_t begin = filled;
-    for (std::size_t b = w; b < std::min(permuted.size(), w + window); ++b) {
-      const std::size_t block = permuted[b];
-      for (std::int64_t i = 0; i < blocks_[block]; ++i) order[filled++] = starts[block] + i;
+  if (options_.shuffle) rng.shuffle(permuted.data(), permuted.size());
+  std::vector<std::int64_t> starts(blocks_.size());
+  std::exclusive_scan(blocks_.begin(), blocks_.end(), starts.begin(), std::int64_t{0});
+  std::vector<std::int64_t> sequence;
+  std::vector<bool> block_start;  // where a block begins in the sequence
+  sequence.reserve(static_cast<std::size_t>(samples_));
+  block_start.reserve(static_cast<std::size_t>(samples_));
+  for (const std::size_t block : permuted) {
+    for (std::int64_t i = 0; i < blocks_[block]; ++i) {
+      sequence.push_back(starts[block] + i);
+      block_start.push_back(i == 0);
     }
-    rng.shuffle(order.data() + begin, filled - begin);
+  }
+  // Each partition's stretch, window-shuffled, dealt out b_p samples per global batch.
+  const std::int64_t g = options_.global_batch, steps = steps_per_epoch();
+  std::vector<std::int64_t> order(static_cast<std::size_t>(steps * g));
+  std::int64_t first = 0, offset = 0;  // where the partition starts in the sequence and in a batch
+  std::vector<std::int64_t> stretch;
+  for (std::int64_t p = 0; p < partitions_; ++p) {
+    const std::int64_t share = partition_share(p), length = steps * share;
+    stretch.assign(static_cast<std::size_t>(length), 0);
+    std::int64_t window_begin = 0, blocks_in_window = 0;
+    for (std::int64_t i = 0; i < length; ++i) {
+      const auto at = static_cast<std::size_t>((first + i) % samples_);
+      // With wrap, the stretch that continues from the sequence's start opens a window of its
+      // own, so that a sample and its repeat are never shuffled together.
+      const bool wrapped = i > 0 && at == 0;
+      if (i == 0 || block_start[at]) {
+        if ((options_.window > 0 && blocks_in_window == options_.window) || wrapped) {
+          if (options_.shuffle) rng.shuffle(stretch.data() + window_begin, static_cast<std::size_t>(i - window_begin));
+          window_begin = i;
+          blocks_in_window = 0;
+        }
+        ++blocks_in_window;
+      }
+      stretch[static_cast<std::size_t>(i)] = sequence[at];
+    }
+    if (options_.shuffle) rng.shuffle(stretch.data() + window_begin, static_cast<std::size_t>(length - window_begin));
+    for (std::int64_t s = 0; s < steps; ++s)
+      std::copy_n(stretch.begin() + s * share, share, order.begin() + s * g + offset);
+    first += length;
+    offset += share;
   }
   return order;
 }
 
+double Sampler::blocks_per_batch(std::int64_t epoch) const {
+  std::vector<std::int64_t> block_of(static_cast<std::size_t>(samples_));
+  std::int64_t index = 0;
+  for (std::size_t b = 0; b < blocks_.size(); ++b)
+    for (std::int64_t i = 0; i < blocks_[b]; ++i) block_of[static_cast<std::size_t>(index++)] = static_cast<std::int64_t>(b);
+  const std::vector<std::int64_t> all = order(epoch);
+  const std::int64_t g = options_.global_batch, steps = steps_per_epoch();
+  std::int64_t distinct = 0;
+  std::vector<std::int64_t> seen;
+  for (std::int64_t s = 0; s < steps; ++s) {
+    seen.clear();
+    for (std::int64_t k = 0; k < g; ++k) seen.push_back(block_of[static_cast<std::size_t>(all[static_cast<std::size_t>(s * g + k)])]);
+    std::sort(seen.begin(), seen.end());
+    distinct += std::unique(seen.begin(), seen.end()) - seen.begin();
+  }
+  return static_cast<double>(distinct) / static_cast<double>(steps);
+}
+
 std::vector<std::int64_t> Sampler::global_batch(const std::vector<std::int64_t>& order, std::int64_t step) const {
   const std::int64_t g = options_.global_batch;
-  std::vector<std::int64_t> batch(static_cast<std::size_t>(g));
-  for (std::int64_t k = 0; k < g; ++k) batch[static_cast<std::size_t>(k)] = order[static_cast<std::size_t>((step * g + k) % samples_)];
-  return batch;
+  return std::vector<std::int64_t>(order.begin() + step * g, order.begin() + (step + 1) * g);
 }
 
 std::vector<std::int64_t> Sampler::slice(const std::vector<std::int64_t>& global_batch, int rank, int world) {

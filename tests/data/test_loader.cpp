@@ -11,6 +11,7 @@
 #include <fstream>
 #include <numeric>
 #include <optional>
+#include <map>
 #include <set>
 
 #include "data_support.h"
@@ -164,10 +165,11 @@ TEST_CASE("round trip: h5shard output read by the data layer equals the source",
     data::Loader loader(data::DatasetSpec::token_stream(fixture("tool/text/train.json"), 16), o, communicator().rank(), n,
                         communicator());
     REQUIRE(loader.dataset().size() == (480 - 1) / 16);
+    const std::vector<std::int64_t> order = loader.sampler().order(0);
     for (std::int64_t step = 0; step < loader.steps_per_epoch(); ++step) {
       const data::Batch batch = loader.next();
       for (std::int64_t p = 0; p < o.batch_size; ++p) {
-        const std::int64_t sample = step * 4 + communicator().rank() * o.batch_size + p;
+        const std::int64_t sample = order[static_cast<std::size_t>(step * 4 + communicator().rank() * o.batch_size + p)];
         for (std::int64_t j = 0; j < 16; ++j) {
           CHECK(vocab[static_cast<std::size_t>(batch.inputs[p][j].item<std::int64_t>())] == stream[static_cast<std::size_t>(16 * sample + j)]);
           CHECK(vocab[static_cast<std::size_t>(batch.targets[p][j].item<std::int64_t>())] == stream[static_cast<std::size_t>(16 * sample + j + 1)]);
@@ -192,8 +194,9 @@ TEST_CASE("the order is a function of seed and epoch, and groups samples by chun
   CHECK(sampler.order(1) != e0);                   // next epoch: another order
   o.seed = 12;
   CHECK(data::Sampler(blocks, o).order(0) != e0);  // another seed: another order
-  // With a window of one block, the order is a run of whole blocks: each chunk is needed by
-  // one stretch of consecutive batches, so it is read once.
+  // With one partition and a window of one block, the order is a run of whole blocks: each
+  // chunk is needed by one stretch of consecutive batches, so it is read once.
+  o.partitions = 1;
   o.window = 1;
   const std::vector<std::int64_t> runs = data::Sampler(blocks, o).order(0);
   for (std::size_t k = 0; k < runs.size();) {
@@ -205,12 +208,75 @@ TEST_CASE("the order is a function of seed and epoch, and groups samples by chun
     k += size;
   }
   // Pinned values: the generator is mpitrain's own, so an order is the same on every platform
-  // (a changed generator would silently change every resumed run).
+  // (a changed generator would silently change every resumed run). One partition and window 0
+  // is a uniform shuffle of all samples, the same as before partitions existed.
   o.seed = 1;
   o.window = 0;
+  o.global_batch = 8;
   CHECK(data::Sampler({4, 4}, o).order(0) == std::vector<std::int64_t>{2, 4, 6, 3, 0, 5, 7, 1});
+  // Two partitions; and uneven blocks, windows of one block, wrap (values from an independent
+  // reimplementation of the generator and the order).
+  o.partitions = 2;
+  CHECK(data::Sampler({4, 4}, o).order(0) == std::vector<std::int64_t>{6, 7, 4, 5, 2, 3, 0, 1});
+  {
+    data::SamplerOptions w;
+    w.global_batch = 4;
+    w.partitions = 2;
+    w.seed = 9;
+    w.window = 1;
+    w.remainder = data::Remainder::wrap;
+    CHECK(data::Sampler({3, 2, 4}, w).order(1) == std::vector<std::int64_t>{7, 8, 1, 0, 5, 6, 2, 6, 4, 3, 7, 5});
+  }
   o.shuffle = false;
+  o.partitions = 1;
+  o.global_batch = 5;
   CHECK(data::Sampler(blocks, o).order(3) == iota(85));
+}
+
+TEST_CASE("partitions: each gives its share of every global batch from its own stretch of blocks", "[data]") {
+  data::SamplerOptions o;
+  o.shuffle = false;
+  o.global_batch = 4;
+  o.partitions = 2;
+  // 8 samples, 2 steps: partition 0 owns samples 0-3, partition 1 samples 4-7, two of each per batch.
+  CHECK(data::Sampler({2, 2, 2, 2}, o).order(0) == std::vector<std::int64_t>{0, 1, 4, 5, 2, 3, 6, 7});
+  // Uneven: G = 5 over 2 partitions gives 3 + 2 per batch; 11 samples give 2 steps (drop), so
+  // partition 0 owns the first 6 samples, partition 1 the next 4, and sample 10 is dropped.
+  o.global_batch = 5;
+  const data::Sampler uneven({4, 4, 3}, o);
+  CHECK(uneven.partitions() == 2);
+  CHECK((uneven.partition_share(0) == 3 && uneven.partition_share(1) == 2));
+  CHECK(uneven.order(0) == std::vector<std::int64_t>{0, 1, 2, 6, 7, 3, 4, 5, 8, 9});
+  // More partitions than samples per batch: one sample from each of G partitions.
+  o.global_batch = 3;
+  o.partitions = 16;
+  const data::Sampler many({3, 3, 3}, o);
+  CHECK(many.partitions() == 3);
+  CHECK(many.order(0) == std::vector<std::int64_t>{0, 3, 6, 1, 4, 7, 2, 5, 8});
+  // Shuffled: every sample once per epoch (G divides N), and a partition's samples come from
+  // its own stretch of the block sequence, so 4 ranks over 16 partitions each see a quarter of
+  // the blocks.
+  o.shuffle = true;
+  o.seed = 3;
+  o.window = 2;
+  o.global_batch = 32;
+  const std::vector<std::int64_t> blocks(64, 8);  // 512 samples, 16 steps
+  const data::Sampler sampler(blocks, o);
+  const std::vector<std::int64_t> order = sampler.order(0);
+  std::vector<std::int64_t> sorted = order;
+  std::sort(sorted.begin(), sorted.end());
+  CHECK(sorted == iota(512));
+  for (int rank = 0; rank < 4; ++rank) {
+    std::set<std::int64_t> mine;
+    for (std::int64_t step = 0; step < 16; ++step)
+      for (std::int64_t k = rank * 8; k < rank * 8 + 8; ++k) mine.insert(order[static_cast<std::size_t>(step * 32 + k)] / 8);
+    CHECK(mine.size() == 16);  // 64 blocks / 4 ranks: no block shared with another rank
+  }
+  // Shuffle quality: a batch draws from up to 16 partitions x 2-block windows; one partition
+  // (the order before partitions) from the two windows the batch spans.
+  CHECK(sampler.blocks_per_batch(0) > 20);
+  o.partitions = 1;
+  CHECK(data::Sampler(blocks, o).blocks_per_batch(0) <= 4);
 }
 
 TEST_CASE("remainder policy: drop runs N / G steps, wrap fills the last batch from the start", "[data]") {
@@ -220,11 +286,20 @@ TEST_CASE("remainder policy: drop runs N / G steps, wrap fills the last batch fr
   o.remainder = data::Remainder::drop;
   const data::Sampler drop({10}, o);
   CHECK(drop.steps_per_epoch() == 2);
+  CHECK(drop.order(0).size() == 8);
   o.remainder = data::Remainder::wrap;
+  o.partitions = 1;
   const data::Sampler wrap({10}, o);
   CHECK(wrap.steps_per_epoch() == 3);
   const auto order = wrap.order(0);
-  CHECK(wrap.global_batch(order, 2) == std::vector<std::int64_t>{order[8], order[9], order[0], order[1]});
+  REQUIRE(order.size() == 12);
+  // Every sample once, then the batch is completed from the start of the block sequence (one
+  // block: samples 0 and 1), in a window of its own.
+  std::vector<std::int64_t> first(order.begin(), order.begin() + 10);
+  std::sort(first.begin(), first.end());
+  CHECK(first == iota(10));
+  CHECK(std::set<std::int64_t>(order.begin() + 10, order.end()) == std::set<std::int64_t>{0, 1});
+  CHECK(wrap.global_batch(order, 2) == std::vector<std::int64_t>(order.begin() + 8, order.end()));
   // Rank slices are contiguous and partition the global batch.
   const auto batch = wrap.global_batch(order, 1);
   CHECK(data::Sampler::slice(batch, 1, 2) == std::vector<std::int64_t>{order[6], order[7]});
@@ -283,12 +358,16 @@ TEST_CASE("drop and wrap across ranks", "[data][mpi]") {
     data::Loader loader(chunked(source), o, rank, n, communicator());
     const std::vector<std::int64_t> order = loader.sampler().order(0);
     std::vector<int> seen(96, 0);
-    for (std::int64_t step = 0; step < loader.steps_per_epoch(); ++step)
-      for (const std::int64_t id : gather(loader.next().targets)) ++seen[static_cast<std::size_t>(id)];
-    for (std::size_t k = 0; k < 96; ++k) {
-      const int expected = policy == data::Remainder::drop ? (k < 80 ? 1 : 0) : (k < 24 ? 2 : 1);
-      CHECK(seen[static_cast<std::size_t>(order[k])] == expected);
+    for (std::int64_t step = 0; step < loader.steps_per_epoch(); ++step) {
+      const std::vector<std::int64_t> global = gather(loader.next().targets);
+      CHECK(global == std::vector<std::int64_t>(order.begin() + step * 40, order.begin() + step * 40 + 40));
+      for (const std::int64_t id : global) ++seen[static_cast<std::size_t>(id)];
     }
+    // drop: 2 steps, 80 samples once and 16 not at all; wrap: 3 steps, 24 samples twice.
+    std::map<int, int> times;
+    for (const int count : seen) ++times[count];
+    if (policy == data::Remainder::drop) CHECK(times == std::map<int, int>{{0, 16}, {1, 80}});
+    else CHECK(times == std::map<int, int>{{1, 72}, {2, 24}});
     CHECK(loader.next().epoch == 1);  // the epoch rolls over
   }
 }
@@ -337,9 +416,14 @@ TEST_CASE("resume mid-epoch gives the batches of an uninterrupted run, also 4 ra
 }
 
 TEST_CASE("loader state: JSON, and a state from another run is refused", "[data]") {
-  const data::LoaderState state{3, 7, 42, 64, 1000};
+  const data::LoaderState state{3, 7, 1, 42, 64, 16, 1000};
   const data::LoaderState back = nlohmann::json(state).get<data::LoaderState>();
-  CHECK((back.epoch == 3 && back.step == 7 && back.seed == 42 && back.global_batch == 64 && back.samples == 1000));
+  CHECK((back.epoch == 3 && back.step == 7 && back.micro == 1 && back.seed == 42 && back.global_batch == 64 &&
+         back.partitions == 16 && back.samples == 1000));
+  // A state from before partitions cannot resume their order.
+  CHECK_THROWS_WITH(
+      nlohmann::json({{"epoch", 1}, {"step", 0}, {"seed", 1}, {"global_batch", 8}, {"samples", 96}}).get<data::LoaderState>(),
+      Contains("partitions"));
   CHECK_THROWS_WITH(nlohmann::json({{"epoch", 1}}).get<data::LoaderState>(), Contains("is not valid"));
 
   const int n = communicator().size();
@@ -348,6 +432,9 @@ TEST_CASE("loader state: JSON, and a state from another run is refused", "[data]
   data::LoaderState other = loader.state();
   other.seed = 10;
   CHECK_THROWS_WITH(loader.restore(other), Contains("from a different run"));
+  other = loader.state();
+  other.partitions = 8;
+  CHECK_THROWS_WITH(loader.restore(other), Contains("partitions"));
   other = loader.state();
   other.step = loader.steps_per_epoch();
   CHECK_THROWS_WITH(loader.restore(other), Contains("out of range"));
@@ -383,7 +470,8 @@ TEST_CASE("an error on the prefetch thread reaches next() with its message", "[d
   REQUIRE(damaged == 1);
   const int n = communicator().size();
   data::LoaderOptions o = options(8 / n);
-  o.shuffle = false;  // global batch k is chunk k
+  o.shuffle = false;  // with one partition, global batch k is chunk k
+  o.partitions = 1;
   o.prefetch = 2;
   data::Loader loader(chunked(source), o, communicator().rank(), n, communicator());
   for (int step = 0; step < 5; ++step) CHECK(loader.next().step == step);
@@ -482,4 +570,88 @@ TEST_CASE("unequal shares read the global batches of one rank; new shares mid-ep
   data::Loader loader(spec, o, 0, 2, communicator());
   CHECK_THROWS_WITH(loader.set_shares({3, 4}), Contains("keep the global batch of 8"));
   CHECK_THROWS_WITH(loader.set_shares({8, 0}), Contains("one count >= 1 per rank"));
+}
+
+TEST_CASE("a global batch's samples do not depend on the world size or the micro-batch split", "[data][mpi]") {
+  const std::string source = write_ids(scratch("split"), 96, 3, 4);
+  const auto spec = chunked(source);
+  // Runs `steps` global batches of 8 as `ranks` ranks simulated in this process, each reading
+  // `accumulation` micro-batches per step; returns each step's samples, ranks in order and each
+  // rank's micro-batches in order (which is the global batch itself: slices are contiguous).
+  struct Run {
+    std::vector<std::vector<std::int64_t>> steps;
+    data::LoaderState state;
+  };
+  const auto run = [&](int ranks, std::int64_t accumulation, std::int64_t steps,
+                       const std::optional<data::LoaderState>& from) {
+    std::vector<std::unique_ptr<data::Loader>> loaders;
+    for (int r = 0; r < ranks; ++r) {
+      data::LoaderOptions o = options(8 / ranks / accumulation);
+      o.accumulation = accumulation;
+      loaders.push_back(std::make_unique<data::Loader>(spec, o, r, ranks, communicator()));
+      CHECK(loaders.back()->global_batch() == 8);
+    }
+    if (from)
+      for (auto& loader : loaders) loader->restore(*from);
+    Run out;
+    for (std::int64_t s = 0; s < steps; ++s) {
+      std::vector<std::int64_t> global;
+      for (auto& loader : loaders)
+        for (std::int64_t m = 0; m < accumulation; ++m) {
+          const data::Batch batch = loader->next();
+          CHECK(batch.micro == m);
+          const auto mine = to_vector(batch.targets);
+          global.insert(global.end(), mine.begin(), mine.end());
+        }
+      out.steps.push_back(global);
+    }
+    out.state = loaders.front()->state();
+    return out;
+  };
+  const Run reference = run(1, 1, 20, std::nullopt);  // 12 steps per epoch: crosses into epoch 1
+  CHECK(run(4, 1, 20, std::nullopt).steps == reference.steps);
+  CHECK(run(2, 2, 20, std::nullopt).steps == reference.steps);
+  CHECK(run(1, 4, 20, std::nullopt).steps == reference.steps);
+  CHECK(run(4, 2, 20, std::nullopt).steps == reference.steps);
+  // Resume on another split: 2 ranks x 4 for 7 steps, then 1 rank x 4 x accumulation 2.
+  const Run first = run(2, 1, 7, std::nullopt);
+  CHECK((first.state.step == 7 && first.state.micro == 0));
+  const data::LoaderState saved = nlohmann::json::parse(nlohmann::json(first.state).dump()).get<data::LoaderState>();
+  Run joined = first;
+  const Run second = run(1, 2, 13, saved);
+  joined.steps.insert(joined.steps.end(), second.steps.begin(), second.steps.end());
+  CHECK(joined.steps == reference.steps);
+}
+
+TEST_CASE("each rank reads only the blocks of its partitions, each once per epoch", "[data][mpi]") {
+  const int n = communicator().size(), rank = communicator().rank();
+  const std::string source = write_ids(scratch("reads"), 512, 1, 8);  // 64 blocks of 8 samples
+  data::LoaderOptions o = options(32 / n, 4, /*window=*/2);
+  o.prefetch = 1;
+  data::Loader loader(chunked(source), o, rank, n, communicator());
+  REQUIRE(loader.steps_per_epoch() == 16);
+  // What this rank's samples of epoch 0 need: its 4 partitions' stretches of 4 blocks each.
+  const std::vector<std::int64_t> order = loader.sampler().order(0);
+  std::vector<std::int64_t> samples;
+  for (std::int64_t s = 0; s < 16; ++s) {
+    const auto begin = order.begin() + s * 32 + rank * (32 / n);
+    samples.insert(samples.end(), begin, begin + 32 / n);
+  }
+  const data::ReadStats epoch = loader.dataset().footprint(samples);
+  // Inputs and targets are one chunk (64 bytes) each per block.
+  CHECK(epoch.chunks_read == 2 * 64 / n);
+  CHECK(epoch.bytes_read == 64 / n * 128);
+  CHECK(loader.dataset().bytes() == 64 * 128);
+  for (std::int64_t s = 0; s < 16; ++s) loader.next();
+  // Read exactly that: every chunk once, the other lookups served by the cache.
+  const data::ReadStats read = loader.stats(0);
+  CHECK(read.chunks_read == epoch.chunks_read);
+  CHECK(read.bytes_read == epoch.bytes_read);
+  CHECK(read.cache_hits > 0);
+  CHECK(loader.stats().chunks_read >= read.chunks_read);  // and whatever epoch 1 read ahead
+  // A cache of one block cannot keep a window: blocks are read again.
+  o.cache_bytes = 128;
+  data::Loader small(chunked(source), o, rank, n, communicator());
+  for (std::int64_t s = 0; s < 16; ++s) small.next();
+  CHECK(small.stats(0).chunks_read > epoch.chunks_read);
 }

@@ -13,7 +13,15 @@
 //   window, not once per sample.
 // - read_into() fills a batch in the order of the indices given. Each block it needs and does
 //   not hold is read with one chunk-aligned hyperslab into a cache of decompressed blocks
-//   (least recently used out) of about cache_blocks blocks.
+//   (least recently used out) of about cache_blocks blocks, or set_cache_bytes() bytes.
+// - expect(indices) announces the samples the next reads will ask for, in order (replacing
+//   what was announced before). A cached block that no announced sample still needs is dropped
+//   as soon as its last announced sample was read, so a reader whose upcoming samples are
+//   announced keeps only the blocks it will use again: with a cache that can hold those, each
+//   block is read once per announcement (an epoch, for the loader).
+// - stats() counts, since construction: decompressed bytes and HDF5 chunks read, and block
+//   lookups the cache served. footprint(indices) is what reading those samples with an empty,
+//   unbounded cache would read, without reading anything.
 // - Delivered dtypes: classification inputs keep their stored dtype (uint16/uint32 widen to
 //   int32/int64); integer targets and all tokens are int64; float targets keep their dtype.
 //   Tokens: inputs = window[0, seq_len), targets = window[1, seq_len + 1).
@@ -44,6 +52,15 @@ struct Batch {
   at::Tensor targets;
   std::int64_t epoch = 0;  // the global batch this is a slice of (set by the loader)
   std::int64_t step = 0;
+  std::int64_t micro = 0;  // which micro-batch of this rank's slice of it
+};
+
+/// What reading cost: decompressed bytes and HDF5 chunks read from the files, and the block
+/// lookups the cache answered.
+struct ReadStats {
+  std::int64_t bytes_read = 0;
+  std::int64_t chunks_read = 0;
+  std::int64_t cache_hits = 0;
 };
 
 class Dataset {
@@ -62,6 +79,17 @@ class Dataset {
   const std::vector<std::int64_t>& blocks() const;
   /// One line naming what every rank must agree on (counts, blocks, names, dtypes, shapes).
   std::string description() const;
+  /// Decompressed bytes of every dataset of every shard.
+  std::int64_t bytes() const;
+  /// The most the cache holds for one block, in bytes.
+  std::int64_t block_bytes() const;
+  void set_cache_bytes(std::int64_t bytes);
+  std::int64_t cache_bytes() const;
+
+  void expect(const std::vector<std::int64_t>& indices);
+  /// Safe to call from any thread.
+  ReadStats stats() const;
+  ReadStats footprint(const std::vector<std::int64_t>& indices) const;
 
   /// Empty CPU tensors of the right shape and dtype for n samples (pinned when asked).
   Batch allocate(std::int64_t n, bool pinned = false) const;

@@ -8,15 +8,25 @@
 //   counts, block layout, dtypes, shapes) and the options that shape the order (batch size,
 //   world size, seed, shuffle, window, remainder). A rank that could not open the dataset, or
 //   any disagreement, is a runtime::Error(bad_input) on every rank, never a hang.
-// - rank/world_size choose this rank's slice of each global batch (global batch = batch_size *
-//   world_size, or the sum of LoaderOptions::shares when given, rank r reading shares[r]
-//   samples); comm is used for the agreement only. Sampler documents the order, the slices and
-//   the remainder policy; every rank runs steps_per_epoch() steps per epoch.
-// - set_shares() changes the shares between two next() calls, keeping their sum: the batches
+// - rank/world_size choose this rank's slice of each global batch: global batch = accumulation
+//   * batch_size * world_size (or accumulation * the sum of LoaderOptions::shares, rank r
+//   reading shares[r] samples per micro-batch). Rank r's slice is the contiguous range
+//   accumulation * (shares of the ranks before it) onwards, cut into `accumulation`
+//   micro-batches; so the samples of one global batch, and therefore of one optimizer step,
+//   are the same for every world size and micro-batch x accumulation split. comm is used for
+//   the agreement only. Sampler documents the order (partitions), the slices and the remainder
+//   policy; every rank runs steps_per_epoch() global batches per epoch.
+// - Reading: a rank reads only the blocks its own samples lie in. Each epoch it announces its
+//   samples to the dataset (Dataset::expect), so a block leaves the cache once this rank has no
+//   later sample in it, and with a cache of cache_bytes (0: a shuffle window of blocks and the
+//   next one, for each partition its slices touch) each block is read at most once per epoch.
+//   stats() counts what was read, including batches read ahead.
+// - set_shares() changes the shares between two global batches, keeping their sum: the batches
 //   read ahead are dropped and reading restarts at state(), so the global order is unchanged.
 //   Every rank must make the same call before its next next().
-// - next() returns this rank's next batch and never ends: after the last step of an epoch
-//   comes step 0 of the next. Batch::epoch/step say which global batch it is a slice of.
+// - next() returns this rank's next micro-batch and never ends: after the last step of an
+//   epoch comes step 0 of the next. Batch::epoch/step/micro say which global batch it is part
+//   of and which of this rank's micro-batches.
 //   On a CUDA device the tensors are read into pinned host memory and copied on a side stream;
 //   next() makes the caller's current stream wait for that copy (an event), so they can be used
 //   at once on the current stream. On CPU they are plain tensors, whose memory the loader
@@ -26,10 +36,12 @@
 //   chunk, a file gone) is rethrown by next() as runtime::Error naming file, dataset, epoch and
 //   step; the loader is unusable afterwards (next() keeps rethrowing it). The destructor stops
 //   and joins the thread, whatever state it is in.
-// - state() is the position after the last batch next() returned; restore(state) makes the
-//   following next() calls return exactly what an uninterrupted run would have returned after
-//   that point, on any world size and shares that keep the global batch equal.
-//   A state from a different seed, global batch or dataset is refused (bad_input).
+// - state() is the position after the last micro-batch next() returned; restore(state) of a
+//   state taken between global batches makes the following next() calls return exactly the
+//   samples an uninterrupted run would have returned after that point, on any world size,
+//   shares and accumulation that keep the global batch (a state taken inside a global batch
+//   needs the same shares and accumulation). A state from a different seed, global batch,
+//   partition count or dataset is refused (bad_input).
 
 #include <c10/core/Device.h>
 
@@ -48,12 +60,15 @@ class Communicator;
 namespace mpitrain::data {
 
 struct LoaderOptions {
-  std::int64_t batch_size = 1;  // per rank, when `shares` is empty
-  /// Samples per rank of each global batch, one entry per rank (empty: batch_size each).
+  std::int64_t batch_size = 1;  // per rank and micro-batch, when `shares` is empty
+  /// Samples per rank of each micro-batch, one entry per rank (empty: batch_size each).
   std::vector<std::int64_t> shares;
+  std::int64_t accumulation = 1;  // micro-batches per global batch
   std::uint64_t seed = 0;
   bool shuffle = true;
-  std::int64_t shuffle_window = 16;  // blocks per shuffle window, see Sampler; 0: uniform
+  std::int64_t shuffle_window = 4;  // blocks per shuffle window of a partition, see Sampler; 0: uniform
+  std::int64_t partitions = 16;     // canonical partitions, see Sampler
+  std::int64_t cache_bytes = 0;     // decompressed-block cache; 0: sized to the shuffle window
   Remainder remainder = Remainder::drop;
   int prefetch = 4;  // batches read ahead, >= 1
   c10::Device device = c10::Device(c10::kCPU);
@@ -72,8 +87,13 @@ class Loader {
   void restore(const LoaderState& state);
   /// New per-rank shares with the same sum; see the contract.
   void set_shares(const std::vector<std::int64_t>& shares);
-  /// This rank's samples per batch.
+  /// This rank's samples per micro-batch.
   std::int64_t batch_size() const;
+  /// What this rank's reads cost so far.
+  ReadStats stats() const;
+  /// What reading the batches of one epoch cost (so far, while the reader is in it; zeros for
+  /// an epoch this loader did not read). A restore mid-epoch starts its count again.
+  ReadStats stats(std::int64_t epoch) const;
 
   std::int64_t steps_per_epoch() const;
   std::int64_t global_batch() const;
