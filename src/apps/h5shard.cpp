@@ -6,6 +6,7 @@
 //   h5shard tokens fineweb_train_*.bin --vocab-size 50257 --out data/fineweb
 //   h5shard inspect data/fmnist/train.json
 //   h5shard verify data/fmnist/train.json
+//   h5shard plan data/fmnist/train.json --ranks 4 --batch 256
 //
 // Exit codes: 0 done, 2 bad input (one line on stderr saying what and where); nothing is left
 // half-written.
@@ -185,6 +186,49 @@ void verify(const std::string& source, bool locking) {
             << comm::format_bytes(r.bytes_read) << " read in " << std::fixed << std::setprecision(2) << seconds << " s\n";
 }
 
+struct PlanOptions {
+  int ranks = 1;
+  std::int64_t seq_len = 0;
+  std::int64_t epoch = 0;
+  data::SamplerOptions sampling;
+  std::string remainder = "drop";
+};
+
+// What each rank reads in one epoch, as a table; the figures of data::plan_reads.
+void plan(const std::string& source, PlanOptions o, bool locking) {
+  data::DatasetSpec spec = o.seq_len > 0 ? data::DatasetSpec::token_stream(source, o.seq_len)
+                                         : data::DatasetSpec::classification(source);
+  spec.file_locking = locking;
+  o.sampling.remainder = data::parse_remainder(o.remainder);
+  const data::ReadPlan p = data::plan_reads(spec, o.sampling, o.ranks, o.epoch);
+  const std::int64_t used = p.steps_per_epoch * o.sampling.global_batch;
+  std::cout << source << ": " << p.samples << " samples in " << p.blocks << " blocks, " << comm::format_bytes(p.bytes)
+            << " decompressed\nglobal batch " << o.sampling.global_batch << " = " << p.partitions << " partitions x "
+            << o.sampling.global_batch / p.partitions << (o.sampling.global_batch % p.partitions ? "-" + std::to_string(o.sampling.global_batch / p.partitions + 1) : "")
+            << " samples; " << p.steps_per_epoch << " steps per epoch ("
+            << (used <= p.samples ? std::to_string(p.samples - used) + " samples unused" : std::to_string(used - p.samples) + " seen twice")
+            << ", " << o.remainder << "); epoch " << o.epoch << ", " << o.ranks << " rank(s):\n";
+  std::cout << "  rank  partitions  samples/batch  blocks  chunks  read      share of the data  x 1/N\n";
+  for (std::size_t r = 0; r < p.ranks.size(); ++r) {
+    const data::RankReads& reads = p.ranks[r];
+    const double share = p.bytes > 0 ? double(reads.bytes) / double(p.bytes) : 0.0;
+    char line[160];
+    std::snprintf(line, sizeof line, "  %-5zu %-11s %-14lld %-7lld %-7lld %-9s %5.1f %%             %.2f", r,
+                  (std::to_string(reads.first_partition) + "-" + std::to_string(reads.last_partition)).c_str(),
+                  static_cast<long long>(reads.samples_per_batch), static_cast<long long>(reads.blocks),
+                  static_cast<long long>(reads.chunks), comm::format_bytes(reads.bytes).c_str(), share * 100,
+                  share * o.ranks);
+    std::cout << line << '\n';
+  }
+  if (p.partitions % o.ranks != 0)
+    std::cout << "note: " << o.ranks << " ranks do not divide " << p.partitions
+              << " partitions, so ranks share partitions and each reads more than 1/N; choose data.partitions as a "
+                 "multiple of the world size\n";
+  std::cout << std::fixed << std::setprecision(1) << "shuffle: a global batch draws from " << p.blocks_per_batch
+            << " blocks on average (one partition with a window of 16 blocks, the order before partitions: "
+            << p.blocks_per_batch_before << ")\n";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -239,6 +283,29 @@ int main(int argc, char** argv) {
   CLI::App* verify_cmd = app.add_subcommand("verify", "read every chunk; check counts, dtypes and shapes");
   verify_cmd->add_option("source", source, "a manifest (.json) or a glob of .h5 files")->required();
   verify_cmd->add_flag("--no-file-locking", no_locking, "open without HDF5 file locking (shared file systems)");
+  PlanOptions plan_options;
+  plan_options.sampling.seed = 0;
+  CLI::App* plan_cmd = app.add_subcommand("plan", "what each of N ranks reads in one epoch of the loader's order");
+  plan_cmd->add_option("source", source, "a manifest (.json) or a glob of .h5 files")->required();
+  plan_cmd->add_option("--ranks", plan_options.ranks, "world size")->check(CLI::PositiveNumber)->capture_default_str();
+  plan_cmd->add_option("--batch", plan_options.sampling.global_batch, "batch.global: samples per optimizer step")
+      ->check(CLI::PositiveNumber)
+      ->required();
+  plan_cmd->add_option("--partitions", plan_options.sampling.partitions, "data.partitions")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  plan_cmd->add_option("--window", plan_options.sampling.window, "data.shuffle_window (blocks)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  plan_cmd->add_option("--seed", plan_options.sampling.seed, "run.seed")->capture_default_str();
+  plan_cmd->add_option("--epoch", plan_options.epoch, "which epoch's order")->check(CLI::NonNegativeNumber)->capture_default_str();
+  plan_cmd->add_option("--remainder", plan_options.remainder, "data.train.remainder")
+      ->check(CLI::IsMember({"drop", "wrap"}))
+      ->capture_default_str();
+  plan_cmd->add_option("--seq-len", plan_options.seq_len, "token streams: tokens per sample (data.seq_len); 0: inputs/targets")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  plan_cmd->add_flag("--no-file-locking", no_locking, "open without HDF5 file locking (shared file systems)");
 
   return apps::run_tool("h5shard", app, argc, argv, [&] {
     if (text->parsed()) write_text(text_files, separator, level, output);
@@ -247,6 +314,7 @@ int main(int argc, char** argv) {
     if (tokens->parsed()) write_tokens(token_files, token_format, vocab_size, tokenizer, output);
     if (inspect_cmd->parsed()) inspect(source, !no_locking);
     if (verify_cmd->parsed()) verify(source, !no_locking);
+    if (plan_cmd->parsed()) plan(source, plan_options, !no_locking);
     return 0;
   });
 }

@@ -10,6 +10,7 @@
 #include <numeric>
 
 #include "hdf5.h"
+#include "mpitrain/data/dataset.h"
 #include "mpitrain/runtime/error.h"
 #include "paths.h"
 
@@ -261,6 +262,58 @@ VerifyReport verify(const std::string& source, bool file_locking) {
     ++report.files;
   }
   return report;
+}
+
+ReadPlan plan_reads(const DatasetSpec& spec, const SamplerOptions& options, int ranks, std::int64_t epoch) {
+  if (ranks < 1 || options.global_batch % ranks != 0)
+    throw runtime::Error(std::to_string(ranks) + " ranks cannot share a global batch of " +
+                             std::to_string(options.global_batch) + " equally: choose a divisor of it",
+                         runtime::ExitCode::bad_input);
+  const Dataset dataset(spec);
+  const Sampler sampler(dataset.blocks(), options);
+  ReadPlan plan;
+  plan.samples = dataset.size();
+  plan.blocks = static_cast<std::int64_t>(dataset.blocks().size());
+  plan.bytes = dataset.bytes();
+  plan.steps_per_epoch = sampler.steps_per_epoch();
+  plan.partitions = sampler.partitions();
+  const std::vector<std::int64_t> order = sampler.order(epoch);
+  std::vector<std::int64_t> block_of;
+  for (std::size_t b = 0; b < dataset.blocks().size(); ++b) block_of.insert(block_of.end(), static_cast<std::size_t>(dataset.blocks()[b]), static_cast<std::int64_t>(b));
+  const std::int64_t share = options.global_batch / ranks;
+  for (int r = 0; r < ranks; ++r) {
+    RankReads reads;
+    reads.samples_per_batch = share;
+    std::int64_t begin = 0;
+    reads.first_partition = -1;
+    for (std::int64_t p = 0; p < sampler.partitions(); ++p) {
+      const std::int64_t end = begin + sampler.partition_share(p);
+      if (begin < (r + 1) * share && r * share < end) {
+        if (reads.first_partition < 0) reads.first_partition = p;
+        reads.last_partition = p;
+      }
+      begin = end;
+    }
+    std::vector<std::int64_t> samples;
+    for (std::int64_t s = 0; s < plan.steps_per_epoch; ++s) {
+      const auto first = order.begin() + s * options.global_batch + r * share;
+      samples.insert(samples.end(), first, first + share);
+    }
+    std::vector<std::int64_t> blocks;
+    for (const std::int64_t sample : samples) blocks.push_back(block_of[static_cast<std::size_t>(sample)]);
+    std::sort(blocks.begin(), blocks.end());
+    reads.blocks = std::unique(blocks.begin(), blocks.end()) - blocks.begin();
+    const ReadStats footprint = dataset.footprint(samples);
+    reads.chunks = footprint.chunks_read;
+    reads.bytes = footprint.bytes_read;
+    plan.ranks.push_back(reads);
+  }
+  plan.blocks_per_batch = sampler.blocks_per_batch(epoch);
+  SamplerOptions before = options;  // one partition, window 16: the order before partitions
+  before.partitions = 1;
+  before.window = 16;
+  plan.blocks_per_batch_before = Sampler(dataset.blocks(), before).blocks_per_batch(epoch);
+  return plan;
 }
 
 }  // namespace mpitrain::data

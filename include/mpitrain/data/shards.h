@@ -10,6 +10,10 @@
 // - inspect_file() describes every dataset of one file; verify() reads every chunk of every
 //   shard a source names and checks row counts (per file, and against a manifest), dtypes and
 //   shapes, returning totals or throwing runtime::Error(bad_input) at the first problem.
+// - plan_reads() says, without reading any data, what each of `ranks` equal ranks will read in
+//   one epoch of the loader's order (Sampler): its partitions, blocks, chunks and bytes, and how
+//   far the global batches mix blocks (against one partition and a window of 16 blocks: the
+//   order before partitions).
 
 #include <ATen/core/Tensor.h>
 
@@ -19,6 +23,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "mpitrain/data/sampler.h"
 #include "mpitrain/data/spec.h"
 
 namespace mpitrain::data {
@@ -73,5 +78,25 @@ struct VerifyReport {
 
 /// source: manifest or glob (see spec.h). Every dataset of every file is read.
 VerifyReport verify(const std::string& source, bool file_locking = true);
+
+struct RankReads {
+  std::int64_t first_partition = 0, last_partition = 0;  // those its slices touch
+  std::int64_t samples_per_batch = 0;
+  std::int64_t blocks = 0;  // distinct blocks its samples lie in
+  std::int64_t chunks = 0;  // HDF5 chunks, all datasets
+  std::int64_t bytes = 0;   // decompressed
+};
+
+struct ReadPlan {
+  std::int64_t samples = 0, blocks = 0, bytes = 0;  // the dataset's
+  std::int64_t steps_per_epoch = 0, partitions = 0;
+  std::vector<RankReads> ranks;
+  double blocks_per_batch = 0;            // Sampler::blocks_per_batch
+  double blocks_per_batch_before = 0;  // with one partition and window 16 (before partitions)
+};
+
+/// Throws runtime::Error(bad_input) when `ranks` does not divide the global batch, or for what
+/// the Dataset and Sampler refuse.
+ReadPlan plan_reads(const DatasetSpec& spec, const SamplerOptions& options, int ranks, std::int64_t epoch = 0);
 
 }  // namespace mpitrain::data
