@@ -35,8 +35,8 @@ void from_json(const json& j, RankWeights& w) {
     w.mode = j.get<std::string>() == "auto" ? RankWeights::Mode::auto_ : RankWeights::Mode::equal;
   }
 }
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataConfig, kind, seq_len, prefetch, file_locking, rank_weights,
-                                   rebalance_every, train, eval)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataConfig, kind, seq_len, prefetch, file_locking, partitions, shuffle_window,
+                                   cache_mb, rank_weights, rebalance_every, train, eval)
 // batch.micro_batch "auto" is 0 in the struct until the trainer has found the value.
 void to_json(json& j, const BatchConfig& b) {
   j = json{{"micro_batch", b.micro_batch == 0 ? json("auto") : json(b.micro_batch)},
@@ -167,6 +167,19 @@ Schema make_settings() {
       integer("data.prefetch", 2, "micro-batches read ahead in the background", Range::closed(1, 1024)),
       flag("data.file_locking", false,
            "use HDF5 file locking when opening shards (network file systems often lack it)"),
+      integer("data.partitions", 16,
+              "canonical partitions of every global batch (docs/data.md): the order depends on it, "
+              "not on the world size; a world size that divides it has each rank read only 1/N of "
+              "the data",
+              Range::at_least(1)),
+      integer("data.shuffle_window", 4,
+              "blocks (~1 MiB of HDF5 chunks each) whose samples are shuffled together in each "
+              "partition (0 = all of a partition's)",
+              non_negative),
+      number("data.cache_mb", 0,
+             "decompressed blocks each rank keeps, in MiB (0 = a shuffle window and the next for "
+             "each partition the rank reads)",
+             Range::at_least(0)),
       numbers("data.rank_weights", {},
               "each rank's share of every global batch: equal, proportional to a weight per rank, "
               "or auto (measured so that ranks finish backward together); docs/heterogeneous.md",

@@ -58,7 +58,7 @@ void set_generator_state(at::Generator generator, const nlohmann::json& json) {
 // what the run computes. Prefix match on the dotted path.
 bool safe_to_change(const std::string& path) {
   for (const char* prefix : {"/model/init_from", "/train/", "/log/", "/eval/", "/checkpoint/", "/ddp/comm_timeout_s", "/data/prefetch",
-                             "/data/file_locking", "/device/", "/run/dir", "/run/name", "/batch/micro_batch",
+                             "/data/file_locking", "/data/cache_mb", "/device/", "/run/dir", "/run/name", "/batch/micro_batch",
                              "/batch/accumulation", "/data/rank_weights", "/data/rebalance_every"})
     if (path.rfind(prefix, 0) == 0) return true;
   return false;

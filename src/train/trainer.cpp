@@ -328,8 +328,8 @@ struct Trainer::Impl {
     at::Tensor loss = progress.window_loss.reshape({1}).to(at::kDouble) / steps;
     comm->all_reduce(loss, comm::ReduceOp::avg);
     const at::Tensor norm = last.grad_norm.defined() ? last.grad_norm.reshape({1}).to(at::kDouble) : at::zeros_like(loss);
-    const at::Tensor figures = runtime::read_tensor(
-        at::cat({loss, norm, progress.window_skipped.to(at::kDouble), progress.nonfinite_run.to(at::kDouble)}));
+    const at::Tensor figures = runtime::read_tensor(at::cat({loss, norm, progress.window_skipped.to(at::kDouble),
+                                                             progress.nonfinite_run.to(at::kDouble), read_stats()}));
     const auto* value = figures.data_ptr<double>();
     nonfinite_run = static_cast<std::int64_t>(value[3]);
     const StepTimes times = timeline->take(progress.window_steps);
@@ -361,12 +361,37 @@ struct Trainer::Impl {
         if (peak_tflops > 0) record["mfu"] = tflops / peak_tflops;
       }
     }
+    add_read_figures(record, value + 4);
     add_gpu_figures(record);
     progress.window_loss.zero_();
     progress.window_skipped.zero_();
     progress.window_steps = 0;
     window_start = Clock::now();
     return record;
+  }
+
+  // Every rank's data reads so far (its loader's counters, read-ahead included): one all-gather.
+  at::Tensor read_stats() {
+    const data::ReadStats read = train_loader->stats();
+    const at::Tensor mine = at::tensor({static_cast<double>(read.bytes_read), static_cast<double>(read.chunks_read),
+                                        static_cast<double>(read.cache_hits)},
+                                       at::kDouble)
+                                .to(device);
+    at::Tensor all = at::empty({3 * world.size()}, mine.options());
+    comm->all_gather(all, mine);
+    return all;
+  }
+
+  void add_read_figures(nlohmann::json& record, const double* per_rank) const {
+    std::vector<std::int64_t> bytes, chunks, hits;
+    for (int r = 0; r < world.size(); ++r) {
+      bytes.push_back(static_cast<std::int64_t>(per_rank[3 * r]));
+      chunks.push_back(static_cast<std::int64_t>(per_rank[3 * r + 1]));
+      hits.push_back(static_cast<std::int64_t>(per_rank[3 * r + 2]));
+    }
+    record["data_bytes_read"] = bytes;
+    record["data_chunks_read"] = chunks;
+    record["data_cache_hits"] = hits;
   }
 
   // rank 0's GPU: NVML's utilisation and temperature, the caching allocator's memory.
@@ -500,6 +525,7 @@ struct Trainer::Impl {
     shares = std::make_unique<RankShares>(config, world.rank(), world.size(), caps);
     data::LoaderOptions train_options = loader_options(config.data.train, true);
     train_options.shares = shares->shares();
+    train_options.accumulation = config.batch.accumulation;
     train_loader = open_loader(train_spec, train_options);
     if (!config.data.eval.empty()) {
       eval_loader = open_loader(
@@ -507,7 +533,7 @@ struct Trainer::Impl {
           loader_options(config.data.eval, false));
       eval_start = eval_loader->state();
     }
-    const std::int64_t per_epoch = train_loader->steps_per_epoch() / config.batch.accumulation;
+    const std::int64_t per_epoch = train_loader->steps_per_epoch();
     // train.steps and train.epochs: whichever is reached first (0 = that bound is off; the
     // config check makes sure one is set). An epoch count too large to multiply is no bound.
     total_steps = config.train.steps;
@@ -563,6 +589,9 @@ struct Trainer::Impl {
     options.seed = static_cast<std::uint64_t>(config.run.seed);
     options.shuffle = shuffle && split.shuffle;
     options.remainder = data::parse_remainder(split.remainder);
+    options.partitions = config.data.partitions;
+    options.shuffle_window = config.data.shuffle_window;
+    options.cache_bytes = static_cast<std::int64_t>(config.data.cache_mb * (1 << 20));
     options.prefetch = static_cast<int>(config.data.prefetch);
     options.device = device;
     return options;

@@ -69,6 +69,9 @@ struct DataConfig {
   std::int64_t seq_len = 0;
   std::int64_t prefetch = 0;
   bool file_locking = false;
+  std::int64_t partitions = 0;
+  std::int64_t shuffle_window = 0;
+  double cache_mb = 0;  // 0: sized by the loader
   RankWeights rank_weights;
   std::int64_t rebalance_every = 0;
   DataSplit train;
