@@ -10,6 +10,11 @@
 #include <numeric>
 #include <unordered_map>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include "hdf5.h"
 #include "mpitrain/runtime/error.h"
 
@@ -40,6 +45,10 @@ struct Column {
 struct Shard {
   std::string path;
   h5::Handle file;
+  // The file as read-only memory, for rows stored exactly as they are read (see fetch); null
+  // when it could not be mapped.
+  std::shared_ptr<char> mapping;
+  std::int64_t mapped_bytes = 0;
   std::vector<Column> columns;  // classification: inputs, targets; tokens: tokens
   std::int64_t first = 0;       // global index of its first sample
   std::int64_t samples = 0;
@@ -60,6 +69,23 @@ struct ChunkKeyHash {
 struct Chunk {
   std::shared_ptr<char[]> buffer;
   std::int64_t bytes = 0;
+};
+
+// The units one read_into() uses, by dense unit number: held until the batch is copied (so
+// that trimming the cache cannot free them), looked up by array index rather than by hash.
+struct Pinned {
+  std::vector<Chunk> chunks;
+  std::vector<std::int64_t> ids;  // those set, in the order pinned
+  bool has(std::int64_t id) const { return chunks[static_cast<std::size_t>(id)].buffer != nullptr; }
+  void set(std::int64_t id, Chunk chunk) {
+    chunks[static_cast<std::size_t>(id)] = std::move(chunk);
+    ids.push_back(id);
+  }
+  const char* data(std::int64_t id) const { return chunks[static_cast<std::size_t>(id)].buffer.get(); }
+  void clear() {
+    for (const std::int64_t id : ids) chunks[static_cast<std::size_t>(id)] = Chunk{};
+    ids.clear();
+  }
 };
 
 // Unit buffers are recycled: once the cache is full, a read reuses an evicted buffer instead
@@ -131,9 +157,13 @@ struct Dataset::Impl {
   std::list<ChunkKey> lru;
   std::int64_t cache_bytes = 0;
   std::int64_t cache_capacity = 0;
-  // expect(): announced uses still to come, per unit; units without any are dropped once read.
+  // expect(): announced uses still to come, per unit (numbered densely, unit_base + chunk), so
+  // that counting an epoch's samples costs array increments, not hash lookups.
   bool announced = false;
-  std::unordered_map<ChunkKey, std::int64_t, ChunkKeyHash> remaining;
+  std::vector<std::int64_t> remaining;
+  std::vector<std::vector<std::int64_t>> unit_base;  // per shard, per column
+  std::int64_t units = 0;
+  Pinned pinned;
   std::atomic<std::int64_t> bytes_read{0}, chunks_read{0}, cache_hits{0};
 
   bool tokens() const { return spec.kind == Kind::tokens; }
@@ -180,6 +210,7 @@ struct Dataset::Impl {
       Shard shard;
       shard.path = path;
       shard.file = h5::open_file(path, spec.file_locking);
+      map_file(shard);
       if (tokens()) open_tokens(shard);
       else open_classification(shard);
       shard.first = samples;
@@ -189,10 +220,32 @@ struct Dataset::Impl {
     if (is_manifest(spec.source)) check_manifest();
     if (samples == 0) throw Error(no_samples(), ExitCode::bad_input);
     for (const auto& shard : shards) {
+      unit_base.emplace_back();
+      for (const Column& column : shard.columns) {
+        unit_base.back().push_back(units);
+        units += (column.rows + column.unit_rows - 1) / column.unit_rows;
+      }
+    }
+    pinned.chunks.resize(static_cast<std::size_t>(units));
+    for (const auto& shard : shards) {
       firsts.push_back(shard.first);
       for (std::int64_t start = 0; start < shard.samples; start += shard.block)
         blocks.push_back(std::min(shard.block, shard.samples - start));
     }
+  }
+
+  static void map_file(Shard& shard) {
+    const int fd = ::open(shard.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    struct stat st {};
+    void* memory = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && st.st_size > 0)
+      memory = mmap(nullptr, static_cast<std::size_t>(st.st_size), PROT_READ, MAP_SHARED, fd, 0);
+    ::close(fd);
+    if (memory == MAP_FAILED) return;
+    const auto bytes = static_cast<std::size_t>(st.st_size);
+    shard.mapping = std::shared_ptr<char>(static_cast<char*>(memory), [bytes](char* p) { munmap(p, bytes); });
+    shard.mapped_bytes = static_cast<std::int64_t>(bytes);
   }
 
   void open_classification(Shard& shard) {
@@ -311,37 +364,45 @@ struct Dataset::Impl {
   }
 
   // Rows [first, last) of column c in shard s: pins the units that hold them, noting the missing.
-  void need(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t last,
-            std::unordered_map<ChunkKey, Chunk, ChunkKeyHash>& pinned,
-            std::vector<ChunkKey>& missing) {
+  void need(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t last, std::vector<ChunkKey>& missing) {
     const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
     for (std::int64_t k = first / column.unit_rows; k <= (last - 1) / column.unit_rows; ++k) {
       const ChunkKey key{s, c, k};
-      if (pinned.count(key)) continue;
+      const std::int64_t id = unit_id(key);
+      if (pinned.has(id) || std::find(missing.begin(), missing.end(), key) != missing.end()) continue;
       const auto hit = cache.find(key);
       if (hit != cache.end()) {
         ++cache_hits;
         lru.splice(lru.begin(), lru, hit->second.second);
-        pinned.emplace(key, hit->second.first);
+        pinned.set(id, hit->second.first);
       } else {
-        pinned.emplace(key, Chunk{});
         missing.push_back(key);
       }
     }
   }
 
   // Reads the missing units, one chunk-aligned hyperslab each.
-  void fetch(const std::vector<ChunkKey>& missing, std::unordered_map<ChunkKey, Chunk, ChunkKeyHash>& pinned) {
+  void fetch(const std::vector<ChunkKey>& missing) {
     for (const ChunkKey& key : missing) {
       const Column& column = shards[static_cast<std::size_t>(key.shard)].columns[static_cast<std::size_t>(key.column)];
       const std::int64_t first = key.chunk * column.unit_rows;
       const std::int64_t count = std::min(column.rows, first + column.unit_rows) - first;
-      // Every buffer of a column has the full unit size, so any can be reused for any unit.
-      Chunk chunk{buffers->get(column.unit_rows * column.row_bytes()), count * column.row_bytes()};
-      h5::read_rows(column.dataset, column.cached, first, count, chunk.buffer.get(), column.where);
+      const Shard& shard = shards[static_cast<std::size_t>(key.shard)];
+      const std::int64_t address =
+          shard.mapping ? h5::stored_address(column.dataset, column.cached, first, count, column.where) : -1;
+      Chunk chunk;
+      if (address >= 0 && address + count * column.row_bytes() <= shard.mapped_bytes) {
+        // Stored exactly as read (no filter, no conversion): the rows are copied into batches
+        // straight from the file's pages, one copy instead of two.
+        chunk = Chunk{std::shared_ptr<char[]>(shard.mapping, shard.mapping.get() + address), count * column.row_bytes()};
+      } else {
+        // Every buffer of a column has the full unit size, so any can be reused for any unit.
+        chunk = Chunk{buffers->get(column.unit_rows * column.row_bytes()), count * column.row_bytes()};
+        h5::read_rows(column.dataset, column.cached, first, count, chunk.buffer.get(), column.where);
+      }
       bytes_read += chunk.bytes;
       chunks_read += (count + column.chunk_rows - 1) / column.chunk_rows;
-      pinned[key] = chunk;
+      pinned.set(unit_id(key), chunk);
       lru.push_front(key);
       cache.emplace(key, std::make_pair(chunk, lru.begin()));
       cache_bytes += chunk.bytes;
@@ -379,16 +440,20 @@ struct Dataset::Impl {
     }
   }
 
+  std::int64_t unit_id(const ChunkKey& key) const {
+    return unit_base[static_cast<std::size_t>(key.shard)][static_cast<std::size_t>(key.column)] + key.chunk;
+  }
+
   void expect(const std::vector<std::int64_t>& indices) {
-    remaining.clear();
+    remaining.assign(static_cast<std::size_t>(units), 0);
     for (const std::int64_t index : indices) {
       const auto [s, local] = locate(index);
-      for_each_unit(s, local, [&](const ChunkKey& key) { ++remaining[key]; });
+      for_each_unit(s, local, [&](const ChunkKey& key) { ++remaining[static_cast<std::size_t>(unit_id(key))]; });
     }
     announced = true;
     for (auto it = lru.begin(); it != lru.end();) {
       const ChunkKey key = *it++;
-      if (!remaining.count(key)) drop(key);
+      if (remaining[static_cast<std::size_t>(unit_id(key))] == 0) drop(key);
     }
   }
 
@@ -396,11 +461,8 @@ struct Dataset::Impl {
   // more are added to `finished`.
   void used(std::int64_t s, std::int64_t local, std::vector<ChunkKey>& finished) {
     for_each_unit(s, local, [&](const ChunkKey& key) {
-      const auto left = remaining.find(key);
-      if (left != remaining.end() && --left->second == 0) {
-        remaining.erase(left);
-        finished.push_back(key);
-      }
+      std::int64_t& left = remaining[static_cast<std::size_t>(unit_id(key))];
+      if (left > 0 && --left == 0) finished.push_back(key);
     });
   }
 
@@ -422,8 +484,7 @@ struct Dataset::Impl {
   }
 
   // Copies rows [first, first + n) of a column, crossing units, as raw bytes or widened to int64.
-  void copy_rows(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t n, bool widen, char* out,
-                 const std::unordered_map<ChunkKey, Chunk, ChunkKeyHash>& pinned) const {
+  void copy_rows(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t n, bool widen, char* out) const {
     const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
     const std::int64_t row_bytes = column.row_bytes();
     const std::int64_t out_row_bytes = widen ? column.row_elements * 8 : row_bytes;
@@ -431,7 +492,7 @@ struct Dataset::Impl {
       const std::int64_t k = first / column.unit_rows;
       const std::int64_t offset = first - k * column.unit_rows;
       const std::int64_t take = std::min(n, column.unit_rows - offset);
-      const char* source = pinned.at(ChunkKey{s, c, k}).buffer.get() + offset * row_bytes;
+      const char* source = pinned.data(unit_id(ChunkKey{s, c, k})) + offset * row_bytes;
       if (widen) to_int64(column.cached, source, reinterpret_cast<std::int64_t*>(out), take * column.row_elements);
       else std::memcpy(out, source, static_cast<std::size_t>(take * row_bytes));
       out += take * out_row_bytes;
@@ -449,19 +510,22 @@ struct Dataset::Impl {
       throw Error("Dataset::read_into: the batch was not made by allocate(" + std::to_string(n) + ")");
     // Where each sample lives: shard and index within it.
     std::vector<std::pair<std::int64_t, std::int64_t>> located(indices.size());
-    std::unordered_map<ChunkKey, Chunk, ChunkKeyHash> pinned;
     std::vector<ChunkKey> missing;
+    const struct Unpin {
+      Pinned& pinned;
+      ~Unpin() { pinned.clear(); }
+    } unpin{pinned};
     for (std::size_t p = 0; p < indices.size(); ++p) {
       const auto [s, local] = locate(indices[p]);
       located[p] = {s, local};
       if (tokens()) {
-        need(s, 0, local * spec.seq_len, local * spec.seq_len + spec.seq_len + 1, pinned, missing);
+        need(s, 0, local * spec.seq_len, local * spec.seq_len + spec.seq_len + 1, missing);
       } else {
-        need(s, 0, local, local + 1, pinned, missing);
-        need(s, 1, local, local + 1, pinned, missing);
+        need(s, 0, local, local + 1, missing);
+        need(s, 1, local, local + 1, missing);
       }
     }
-    fetch(missing, pinned);
+    fetch(missing);
     char* in = static_cast<char*>(out.inputs.data_ptr());
     char* tg = static_cast<char*>(out.targets.data_ptr());
     const std::int64_t in_bytes = out.inputs.numel() / std::max<std::int64_t>(1, n) * static_cast<std::int64_t>(out.inputs.element_size());
@@ -470,11 +534,11 @@ struct Dataset::Impl {
       const auto [s, local] = located[static_cast<std::size_t>(p)];
       if (tokens()) {
         const std::int64_t start = local * spec.seq_len;
-        copy_rows(s, 0, start, spec.seq_len, true, in + p * in_bytes, pinned);
-        copy_rows(s, 0, start + 1, spec.seq_len, true, tg + p * tg_bytes, pinned);
+        copy_rows(s, 0, start, spec.seq_len, true, in + p * in_bytes);
+        copy_rows(s, 0, start + 1, spec.seq_len, true, tg + p * tg_bytes);
       } else {
-        copy_rows(s, 0, local, 1, false, in + p * in_bytes, pinned);
-        copy_rows(s, 1, local, 1, targets.dtype == c10::kLong, tg + p * tg_bytes, pinned);
+        copy_rows(s, 0, local, 1, false, in + p * in_bytes);
+        copy_rows(s, 1, local, 1, targets.dtype == c10::kLong, tg + p * tg_bytes);
       }
     }
     if (announced) {

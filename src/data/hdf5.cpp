@@ -348,4 +348,42 @@ void read_rows(const Handle& dataset, Element e, std::int64_t first, std::int64_
     fail(where, "cannot read rows " + std::to_string(first) + ".." + std::to_string(first + count - 1));
 }
 
+std::int64_t stored_address(const Handle& dataset, Element e, std::int64_t first, std::int64_t count,
+                            const std::string& where) {
+  const Handle stored = file_type(dataset, where);
+  const Handle memory = memory_type(e);
+  const Handle plist = create_plist(dataset, where);
+  if (H5Tequal(stored.get(), memory.get()) <= 0 || H5Pget_nfilters(plist.get()) != 0) return -1;
+  const std::vector<std::int64_t> extent = dims(dataset, where);
+  auto row_bytes = static_cast<std::int64_t>(element_bytes(e));
+  for (std::size_t i = 1; i < extent.size(); ++i) row_bytes *= extent[i];
+  const H5D_layout_t layout = H5Pget_layout(plist.get());
+  if (layout == H5D_CONTIGUOUS) {
+    const haddr_t base = H5Dget_offset(dataset.get());
+    return base == HADDR_UNDEF ? -1 : static_cast<std::int64_t>(base) + first * row_bytes;
+  }
+  if (layout != H5D_CHUNKED) return -1;
+  const std::vector<std::int64_t> chunk = chunk_dims(dataset, where);
+  for (std::size_t i = 1; i < extent.size(); ++i)
+    if (chunk[i] != extent[i]) return -1;  // a row would be spread over several chunks
+  const std::int64_t rows = chunk[0];
+  std::int64_t start = -1, next = -1;
+  for (std::int64_t k = first / rows; k <= (first + count - 1) / rows; ++k) {
+    std::vector<hsize_t> offset(extent.size(), 0);
+    offset[0] = static_cast<hsize_t>(k * rows);
+    unsigned mask = 0;
+    haddr_t address = HADDR_UNDEF;
+    hsize_t size = 0;
+    if (H5Dget_chunk_info_by_coord(dataset.get(), offset.data(), &mask, &address, &size) < 0) {
+      error_stack();  // clears it: the rows are read the ordinary way instead
+      return -1;
+    }
+    if (address == HADDR_UNDEF || static_cast<std::int64_t>(size) != rows * row_bytes) return -1;
+    if (start < 0) start = static_cast<std::int64_t>(address);
+    else if (static_cast<std::int64_t>(address) != next) return -1;
+    next = static_cast<std::int64_t>(address + size);
+  }
+  return start + (first % rows) * row_bytes;
+}
+
 }  // namespace mpitrain::data::h5

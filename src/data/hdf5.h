@@ -119,6 +119,11 @@ Handle memory_type(Element e);
 /// Little-endian standard type for writing an element.
 Handle file_type_for(Element e);
 
+/// Where rows [first, first + count) lie in the file, when they are stored there exactly as
+/// they would be read into memory as element e (no filter, no type conversion, one run of
+/// bytes: a contiguous dataset, or whole chunks that follow each other in the file); -1 when not.
+std::int64_t stored_address(const Handle& dataset, Element e, std::int64_t first, std::int64_t count,
+                            const std::string& where);
 /// Reads rows [first, first + count) of every trailing dimension into `out` (memory type of e).
 void read_rows(const Handle& dataset, Element e, std::int64_t first, std::int64_t count,
                void* out, const std::string& where);
