@@ -527,6 +527,7 @@ struct Trainer::Impl {
     train_options.shares = shares->shares();
     train_options.accumulation = config.batch.accumulation;
     train_loader = open_loader(train_spec, train_options);
+    explain_partitions();
     if (!config.data.eval.empty()) {
       eval_loader = open_loader(
           dataset_spec(config, config.data.eval, "eval", task, model->context_length(), model->output_classes()),
@@ -608,6 +609,21 @@ struct Trainer::Impl {
                                std::to_string(spec.seq_len) + " tokens, set by model." + config.model.name + "'s options)",
                            e.code());
     }
+  }
+
+  // A world size that does not divide the partitions reads the same batches, but each rank
+  // reads every partition its slice touches: say so once, with the sizes that would not.
+  void explain_partitions() const {
+    const std::int64_t partitions = train_loader->sampler().partitions();
+    if (partitions % world.size() == 0 || !world.is_root()) return;
+    std::vector<std::int64_t> fitting;
+    for (std::int64_t n = 1; n <= partitions; ++n)
+      if (partitions % n == 0) fitting.push_back(n);
+    world.log().info("data: " + std::to_string(world.size()) + " ranks do not divide the " + std::to_string(partitions) +
+                     " partitions of each global batch, so ranks share partitions and each reads more than 1/" +
+                     std::to_string(world.size()) + " of the data (the batches are the same). World sizes that read "
+                     "1/N: " + comm::list_text(fitting) + "; or set data.partitions to a multiple of " +
+                     std::to_string(world.size()) + " (it changes the order: a new run, not a resume)");
   }
 
   // ZeRO stage 1: over this rank's shard only, so the state is about 1/N of the model's.
