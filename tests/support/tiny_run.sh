@@ -27,3 +27,23 @@ train() { local np=$1; shift; "$MPIEXEC" -np "$np" --oversubscribe --bind-to non
 # losses FILE: the logged losses of a metrics.jsonl.
 losses() { python3 -c "import json,sys; print([json.loads(l)['loss'] for l in open(sys.argv[1]) if 'loss' in l])" "$1"; }
 fail() { echo "FAIL: $*"; exit 1; }
+# same_weights RUN REFERENCE TOLERANCE [STEP]: the checkpointed weights of two runs at STEP (default
+# 20) agree: ||a - b|| / ||b|| per tensor. (The largest single element's difference over the
+# tensor's largest is printed too: at np 4 it reaches about 1e-6 in the first layer, where the
+# input's always-black border pixels give gradients of rounding noise that AdamW normalises.)
+same_weights() {
+  local step
+  step=$(printf "%08d" "${4:-20}")
+  "$PYTHON" - "$work/runs/$1/checkpoints/step-$step/model.safetensors" \
+    "$work/runs/$2/checkpoints/step-$step/model.safetensors" "$1" "$2" "$3" <<'PY'
+import sys
+import numpy as np
+from safetensors.numpy import load_file
+a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
+assert a.keys() == b.keys()
+norm = max(float(np.linalg.norm((a[k] - b[k]).astype(np.float64)) / np.linalg.norm(b[k].astype(np.float64))) for k in a)
+element = max(float(abs(a[k] - b[k]).max() / abs(b[k]).max()) for k in a)
+print(f"{sys.argv[3]} vs {sys.argv[4]}: relative difference {norm:.2e} (largest element {element:.2e})")
+assert norm <= float(sys.argv[5]), "FAIL: the weights differ"
+PY
+}

@@ -13,27 +13,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/../support/tiny_run.sh"
 common=(--set model.mlp.dropout=0 --set train.steps=20 --set checkpoint.every_steps=10 --set checkpoint.keep_last=5
         --set log.every_steps=1)
 
-# same RUN REFERENCE TOLERANCE: the step-20 weights of two runs agree: ||a - b|| / ||b|| per tensor.
-same() {
-  "$PYTHON" - "$work/runs/$1/checkpoints/step-00000020/model.safetensors" \
-    "$work/runs/$2/checkpoints/step-00000020/model.safetensors" "$1" "$2" "$3" <<'PY'
-import sys
-import numpy as np
-from safetensors.numpy import load_file
-a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
-assert a.keys() == b.keys()
-norm = max(float(np.linalg.norm((a[k] - b[k]).astype(np.float64)) / np.linalg.norm(b[k].astype(np.float64))) for k in a)
-print(f"{sys.argv[3]} vs {sys.argv[4]}: relative difference {norm:.2e}")
-assert norm <= float(sys.argv[5]), "FAIL: the weights differ"
-PY
-}
-
 echo "--- 1. one global batch, four splits"
 train 4 "${common[@]}" --set batch.global=32 --set batch.micro_batch=8 --set run.name=np4-m8
 train 2 "${common[@]}" --set batch.global=32 --set batch.micro_batch=8 --set run.name=np2-m8-a2
 train 1 "${common[@]}" --set batch.global=32 --set batch.micro_batch=32 --set run.name=np1-m32
 train 1 "${common[@]}" --set batch.global=32 --set batch.micro_batch=8 --set run.name=np1-m8-a4
-for run in np2-m8-a2 np1-m32 np1-m8-a4; do same "$run" np4-m8 1e-5; done
+for run in np2-m8-a2 np1-m32 np1-m8-a4; do same_weights "$run" np4-m8 1e-5; done
 # The split really was the one asked for.
 python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['config']['batch']; assert b['accumulation']==2, b" \
   "$work/runs/np2-m8-a2/checkpoints/step-00000020/trainer.json"
@@ -42,7 +27,7 @@ echo "--- 2. 2 ranks x 32 resumed as 1 rank x 32 x accumulation 2"
 train 2 "${common[@]}" --set batch.global=64 --set batch.micro_batch=32 --set run.name=whole
 train 2 "${common[@]}" --set batch.global=64 --set batch.micro_batch=32 --set train.steps=10 --set run.name=split
 train 1 "${common[@]}" --set batch.global=64 --set batch.micro_batch=32 --set run.name=split --resume auto
-same split whole 1e-5
+same_weights split whole 1e-5
 python3 - "$work/runs/whole/metrics.jsonl" "$work/runs/split/metrics.jsonl" <<'PY'
 import json, sys
 def losses(path):

@@ -21,36 +21,16 @@ common=(--set model.mlp.dropout=0 --set train.steps=20 --set checkpoint.every_st
         --set optimizer.grad_clip=0.5 --set log.every_steps=1)
 zero=(--set ddp.zero_stage=1)
 
-# same RUN REFERENCE TOLERANCE: the step-20 weights of two runs agree: ||a - b|| / ||b|| per tensor.
-# (The largest single element's difference over the tensor's largest is printed too: at np 4 it
-# reaches about 1e-6 in the first layer, where the input's always-black border pixels give
-# gradients of rounding noise that AdamW normalises; two stage 0 runs with other bucket sizes
-# differ by 3e-7 there already.)
-same() {
-  "$PYTHON" - "$work/runs/$1/checkpoints/step-00000020/model.safetensors" \
-    "$work/runs/$2/checkpoints/step-00000020/model.safetensors" "$1" "$2" "$3" <<'PY'
-import sys
-import numpy as np
-from safetensors.numpy import load_file
-a, b = load_file(sys.argv[1]), load_file(sys.argv[2])
-assert a.keys() == b.keys()
-norm = max(float(np.linalg.norm((a[k] - b[k]).astype(np.float64)) / np.linalg.norm(b[k].astype(np.float64))) for k in a)
-element = max(float(abs(a[k] - b[k]).max() / abs(b[k]).max()) for k in a)
-print(f"{sys.argv[3]} vs {sys.argv[4]}: relative difference {norm:.2e} (largest element {element:.2e})")
-assert norm <= float(sys.argv[5]), "FAIL: the weights differ"
-PY
-}
-
 echo "--- 1. stage 1 = stage 0"
 train 2 "${common[@]}" --set run.name=s0-np2
 train 2 "${common[@]}" "${zero[@]}" --set run.name=s1-np2
-same s1-np2 s0-np2 1e-6
+same_weights s1-np2 s0-np2 1e-6
 train 4 "${common[@]}" --set batch.micro_batch=8 --set run.name=s0-np4
 train 4 "${common[@]}" "${zero[@]}" --set batch.micro_batch=8 --set run.name=s1-np4
-same s1-np4 s0-np4 1e-6
+same_weights s1-np4 s0-np4 1e-6
 train 2 "${common[@]}" --set precision.mode=bf16 --set run.name=s0-bf16
 train 2 "${common[@]}" "${zero[@]}" --set precision.mode=bf16 --set run.name=s1-bf16
-same s1-bf16 s0-bf16 1e-6
+same_weights s1-bf16 s0-bf16 1e-6
 
 echo "--- 2. optimizer state per rank"
 python3 - "$work/runs" <<'PY'
@@ -116,7 +96,7 @@ print(f"PASS: {len(two)} state tensors, cut in 2 and re-cut in 4, identical")
 PY
 train 4 "${common[@]}" "${zero[@]}" --set batch.micro_batch=8 --set run.name=four --resume auto > "$work/four.log" 2>&1 ||
   { cat "$work/four.log"; fail "training on 4 ranks after the re-shard failed"; }
-same four s1-np2 1e-5
+same_weights four s1-np2 1e-5
 
 echo "--- 5. refusals"
 refused() {
