@@ -191,17 +191,11 @@ struct Loader::Impl {
     return options.accumulation * before + micro * options.batch_size;
   }
 
-  // This rank's samples of an epoch from (step, micro) on, in the order it reads them.
-  std::vector<std::int64_t> rest_of_epoch(const std::vector<std::int64_t>& order, std::int64_t step,
-                                          std::int64_t micro) const {
-    const std::int64_t g = sampler->options().global_batch;
-    std::vector<std::int64_t> indices;
-    for (; step < sampler->steps_per_epoch(); ++step, micro = 0)
-      for (; micro < options.accumulation; ++micro) {
-        const auto begin = order.begin() + step * g + slice_begin(micro);
-        indices.insert(indices.end(), begin, begin + options.batch_size);
-      }
-    return indices;
+  // This rank's samples of an epoch, its slice of every global batch one after the other (the
+  // sampler computes only the partitions the slices touch).
+  std::vector<std::int64_t> my_order(std::int64_t epoch) const {
+    const std::int64_t begin = slice_begin(0);
+    return sampler->order(epoch, begin, begin + options.accumulation * options.batch_size);
   }
 
   // The reader thread: micro-batch after micro-batch in order, until stopped or an error. Each
@@ -217,10 +211,11 @@ struct Loader::Impl {
       // thread's calls create a context on device 0.
       if (cuda) c10::cuda::set_device(options.device.index());
 #endif
-      std::vector<std::int64_t> order = sampler->order(epoch);
-      dataset->expect(rest_of_epoch(order, step, micro));
+      // Micro-batch (step, micro) of this rank is mine[step * width + micro * batch_size, ...).
+      const std::int64_t width = options.accumulation * options.batch_size;
+      std::vector<std::int64_t> mine = my_order(epoch);
+      dataset->expect(std::vector<std::int64_t>(mine.begin() + step * width + micro * options.batch_size, mine.end()));
       begin_epoch(epoch);
-      const std::int64_t g = sampler->options().global_batch;
       for (;;) {
         {
           std::unique_lock<std::mutex> lock(mutex);
@@ -230,7 +225,7 @@ struct Loader::Impl {
         Ready ready;
         try {
           ready.batch = make_batch(cuda);
-          const auto begin = order.begin() + step * g + slice_begin(micro);
+          const auto begin = mine.begin() + step * width + micro * options.batch_size;
           dataset->read_into(std::vector<std::int64_t>(begin, begin + options.batch_size), ready.batch);
           ready.batch.epoch = epoch;
           ready.batch.step = step;
@@ -251,8 +246,8 @@ struct Loader::Impl {
         micro = 0;
         if (++step == sampler->steps_per_epoch()) {
           step = 0;
-          order = sampler->order(++epoch);
-          dataset->expect(rest_of_epoch(order, 0, 0));
+          mine = my_order(++epoch);
+          dataset->expect(mine);
           begin_epoch(epoch);
         }
       }

@@ -117,55 +117,85 @@ std::int64_t Sampler::partition_share(std::int64_t p) const {
   return g / partitions_ + (p < g % partitions_ ? 1 : 0);
 }
 
-std::vector<std::int64_t> Sampler::order(std::int64_t epoch) const {
-  // The block sequence: every sample once, blocks kept together, blocks permuted.
-  std::vector<std::size_t> permuted(blocks_.size());
-  std::iota(permuted.begin(), permuted.end(), std::size_t{0});
+// The epoch's block sequence (every sample once, blocks kept together, blocks permuted) without
+// writing it out: which block is where, and where each begins. O(blocks).
+struct Sampler::Sequence {
+  std::vector<std::size_t> blocks;   // block at each place
+  std::vector<std::int64_t> begins;  // sequence position where it begins (ascending)
+  std::vector<std::int64_t> starts;  // its first sample's index
+};
+
+Sampler::Sequence Sampler::sequence(std::int64_t epoch) const {
+  Sequence out;
+  out.blocks.resize(blocks_.size());
+  std::iota(out.blocks.begin(), out.blocks.end(), std::size_t{0});
   Rng rng(options_.seed, static_cast<std::uint64_t>(epoch));
-  if (options_.shuffle) rng.shuffle(permuted.data(), permuted.size());
-  std::vector<std::int64_t> starts(blocks_.size());
-  std::exclusive_scan(blocks_.begin(), blocks_.end(), starts.begin(), std::int64_t{0});
-  std::vector<std::int64_t> sequence;
-  std::vector<bool> block_start;  // where a block begins in the sequence
-  sequence.reserve(static_cast<std::size_t>(samples_));
-  block_start.reserve(static_cast<std::size_t>(samples_));
-  for (const std::size_t block : permuted) {
-    for (std::int64_t i = 0; i < blocks_[block]; ++i) {
-      sequence.push_back(starts[block] + i);
-      block_start.push_back(i == 0);
-    }
+  if (options_.shuffle) rng.shuffle(out.blocks.data(), out.blocks.size());
+  std::vector<std::int64_t> first_sample(blocks_.size());
+  std::exclusive_scan(blocks_.begin(), blocks_.end(), first_sample.begin(), std::int64_t{0});
+  std::int64_t position = 0;
+  for (const std::size_t block : out.blocks) {
+    out.begins.push_back(position);
+    out.starts.push_back(first_sample[block]);
+    position += blocks_[block];
   }
-  // Each partition's stretch, window-shuffled, dealt out b_p samples per global batch.
-  const std::int64_t g = options_.global_batch, steps = steps_per_epoch();
-  std::vector<std::int64_t> order(static_cast<std::size_t>(steps * g));
-  std::int64_t first = 0, offset = 0;  // where the partition starts in the sequence and in a batch
-  std::vector<std::int64_t> stretch;
-  for (std::int64_t p = 0; p < partitions_; ++p) {
-    const std::int64_t share = partition_share(p), length = steps * share;
-    stretch.assign(static_cast<std::size_t>(length), 0);
-    std::int64_t window_begin = 0, blocks_in_window = 0;
-    for (std::int64_t i = 0; i < length; ++i) {
-      const auto at = static_cast<std::size_t>((first + i) % samples_);
-      // With wrap, the stretch that continues from the sequence's start opens a window of its
-      // own, so that a sample and its repeat are never shuffled together.
-      const bool wrapped = i > 0 && at == 0;
-      if (i == 0 || block_start[at]) {
-        if ((options_.window > 0 && blocks_in_window == options_.window) || wrapped) {
-          if (options_.shuffle) rng.shuffle(stretch.data() + window_begin, static_cast<std::size_t>(i - window_begin));
-          window_begin = i;
-          blocks_in_window = 0;
-        }
-        ++blocks_in_window;
+  return out;
+}
+
+// Partition p's samples in the order it deals them out: its stretch of the sequence, each window
+// of `window` blocks permuted with the partition's own random stream (so that a rank computes
+// only the partitions it reads).
+std::vector<std::int64_t> Sampler::stretch(const Sequence& sequence, std::int64_t epoch, std::int64_t p) const {
+  const std::int64_t steps = steps_per_epoch();
+  std::int64_t first = 0;
+  for (std::int64_t q = 0; q < p; ++q) first += steps * partition_share(q);
+  const std::int64_t length = steps * partition_share(p);
+  std::vector<std::int64_t> out(static_cast<std::size_t>(length));
+  Rng rng(options_.seed + 0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(p + 1), static_cast<std::uint64_t>(epoch));
+  // The place (block) holding sequence position `first`, then walk on.
+  std::size_t place = static_cast<std::size_t>(
+      std::upper_bound(sequence.begins.begin(), sequence.begins.end(), first % samples_) - sequence.begins.begin() - 1);
+  std::int64_t window_begin = 0, blocks_in_window = 0;
+  for (std::int64_t i = 0; i < length; ++i) {
+    const std::int64_t at = (first + i) % samples_;
+    if (i > 0 && at == 0) place = 0;
+    else if (place + 1 < sequence.begins.size() && at == sequence.begins[place + 1]) ++place;
+    const bool block_start = at == sequence.begins[place];
+    // With wrap, the stretch that continues from the sequence's start opens a window of its own.
+    const bool wrapped = i > 0 && at == 0;
+    if (i == 0 || block_start) {
+      if ((options_.window > 0 && blocks_in_window == options_.window) || wrapped) {
+        if (options_.shuffle) rng.shuffle(out.data() + window_begin, static_cast<std::size_t>(i - window_begin));
+        window_begin = i;
+        blocks_in_window = 0;
       }
-      stretch[static_cast<std::size_t>(i)] = sequence[at];
+      ++blocks_in_window;
     }
-    if (options_.shuffle) rng.shuffle(stretch.data() + window_begin, static_cast<std::size_t>(length - window_begin));
-    for (std::int64_t s = 0; s < steps; ++s)
-      std::copy_n(stretch.begin() + s * share, share, order.begin() + s * g + offset);
-    first += length;
-    offset += share;
+    out[static_cast<std::size_t>(i)] = sequence.starts[place] + (at - sequence.begins[place]);
   }
-  return order;
+  if (options_.shuffle) rng.shuffle(out.data() + window_begin, static_cast<std::size_t>(length - window_begin));
+  return out;
+}
+
+std::vector<std::int64_t> Sampler::order(std::int64_t epoch) const { return order(epoch, 0, options_.global_batch); }
+
+std::vector<std::int64_t> Sampler::order(std::int64_t epoch, std::int64_t begin, std::int64_t end) const {
+  const std::int64_t g = options_.global_batch, steps = steps_per_epoch(), width = end - begin;
+  if (begin < 0 || end > g || width < 1)
+    throw Error("positions [" + std::to_string(begin) + ", " + std::to_string(end) + ") are not a slice of a global batch of " +
+                std::to_string(g));
+  const Sequence seq = sequence(epoch);
+  std::vector<std::int64_t> out(static_cast<std::size_t>(steps * width));
+  for (std::int64_t p = 0, offset = 0; p < partitions_ && offset < end; offset += partition_share(p), ++p) {
+    const std::int64_t share = partition_share(p);
+    const std::int64_t from = std::max(begin, offset), to = std::min(end, offset + share);
+    if (from >= to) continue;
+    const std::vector<std::int64_t> dealt = stretch(seq, epoch, p);
+    for (std::int64_t step = 0; step < steps; ++step)
+      std::copy(dealt.begin() + step * share + (from - offset), dealt.begin() + step * share + (to - offset),
+                out.begin() + step * width + (from - begin));
+  }
+  return out;
 }
 
 double Sampler::blocks_per_batch(std::int64_t epoch) const {

@@ -13,7 +13,8 @@
 // - The order is a function of (seed, epoch, the dataset's blocks, shuffle, window, P, G) only:
 //   never of the world size, the rank, the shares or the micro-batch split. The generator is
 //   mpitrain's own (splitmix64 with unbiased bounded draws), so an order is the same on every
-//   platform and library version. With P = 1 it is one window-shuffled run of blocks.
+//   platform and library version: one stream permutes the blocks, and each partition has its
+//   own stream for its windows, so a rank computes only the partitions it reads.
 // - A rank's slice of a global batch is a contiguous range of it: equal shares of G / w, or
 //   per-rank shares s (summing to G) [s_0 + ... + s_{r-1}, s_0 + ... + s_r). When w divides P
 //   each rank's slice is P / w whole partitions, so over an epoch a rank reads only its
@@ -85,6 +86,9 @@ class Sampler {
 
   /// The epoch's global batches, one after the other (steps_per_epoch() * global batch entries).
   std::vector<std::int64_t> order(std::int64_t epoch) const;
+  /// Positions [begin, end) of each of the epoch's global batches, one batch's after the other:
+  /// a rank's slices, computed from the partitions they touch only.
+  std::vector<std::int64_t> order(std::int64_t epoch, std::int64_t begin, std::int64_t end) const;
   /// Shuffle quality of an epoch: the mean number of distinct blocks the samples of one global
   /// batch come from (at most min(G, blocks); higher mixes more).
   double blocks_per_batch(std::int64_t epoch) const;
@@ -98,6 +102,10 @@ class Sampler {
                                          const std::vector<std::int64_t>& shares, int rank);
 
  private:
+  struct Sequence;
+  Sequence sequence(std::int64_t epoch) const;
+  std::vector<std::int64_t> stretch(const Sequence& sequence, std::int64_t epoch, std::int64_t p) const;
+
   std::vector<std::int64_t> blocks_;
   SamplerOptions options_;
   std::int64_t samples_ = 0;
