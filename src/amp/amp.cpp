@@ -23,6 +23,10 @@ Precision resolve_precision(const std::string& mode, c10::Device device) {
   if (mode == "fp16") return Precision::fp16;
   if (mode != "auto")
     throw runtime::Error("precision '" + mode + "': expected auto, fp32, bf16 or fp16", runtime::ExitCode::bad_input);
+  return auto_precision(device);
+}
+
+Precision auto_precision(c10::Device device) {
   if (!device.is_cuda()) return Precision::fp32;
 #ifdef MPITRAIN_HAVE_NCCL
   // bf16 tensor-core math needs compute capability 8.0 (Ampere) or later.

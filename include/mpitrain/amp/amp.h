@@ -2,8 +2,9 @@
 // Mixed precision: which dtype, an autocast scope, and the fp16 loss scaler.
 //
 // Contract:
-// - resolve_precision(): "auto" means bf16 on GPUs of compute capability >= 8.0, fp16 (with
-//   loss scaling) below that, fp32 on CPU; "fp32" | "bf16" | "fp16" are taken as given.
+// - auto_precision(): bf16 on GPUs of compute capability >= 8.0, fp16 (with loss scaling)
+//   below that, fp32 on CPU. resolve_precision(): "auto" is auto_precision(); "fp32" | "bf16" |
+//   "fp16" are taken as given.
 // - AutocastScope enables autocast for the device type with the precision's dtype on this thread
 //   and restores the previous state when it ends; when the outermost scope ends it clears the
 //   autocast cache, so a forward after optimizer.step() never reuses stale low-precision weight
@@ -33,6 +34,7 @@ namespace mpitrain::amp {
 
 enum class Precision { fp32, bf16, fp16 };
 
+Precision auto_precision(c10::Device device);
 Precision resolve_precision(const std::string& mode, c10::Device device);
 const char* to_string(Precision precision);
 c10::ScalarType compute_dtype(Precision precision);
