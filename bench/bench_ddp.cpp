@@ -204,7 +204,7 @@ struct Training {
 
 Training set_up(const runtime::World& world, const config::Config& config) {
   Training t;
-  t.device = runtime::choose_device(world, {runtime::parse_device_kind(config.device.kind), config.device.allow_shared_gpu});
+  t.device = runtime::choose_device(world, {train::device_kind(config.device.kind), config.device.allow_shared_gpu});
 #ifdef MPITRAIN_HAVE_NCCL
   if (t.device.is_cuda()) {
     at::cuda::set_device(t.device.index());
@@ -212,8 +212,8 @@ Training set_up(const runtime::World& world, const config::Config& config) {
     at::globalContext().setAllowTF32CuDNN(config.precision.tf32);
   }
 #endif
-  t.comm = comm::make_communicator(world, t.device, {}, comm::parse_backend(config.device.backend));
-  t.precision = amp::resolve_precision(config.precision.mode, t.device);
+  t.comm = comm::make_communicator(world, t.device, {}, train::backend(config.device.backend));
+  t.precision = train::precision(config.precision.mode, t.device);
 
   // Seeded right before the model is built, as the trainer and torch_ddp.py do: equal weights.
   at::manual_seed(static_cast<std::uint64_t>(config.run.seed));
@@ -362,7 +362,7 @@ int run_train_step(const runtime::World& world, const Options& options) {
   const std::string gpu_name = t.device.is_cuda() ? runtime::GpuInfo(t.device).name() : "";
   const nlohmann::json machine = bench::machine_description(world.size(), gpu_name);
   const char* omp = std::getenv("OMP_NUM_THREADS");
-  const bool fused = config.optimizer.name == "adamw" && train::use_fused_adamw(config.optimizer, t.device);
+  const bool fused = train::use_fused_adamw(config.optimizer, t.device);
   nlohmann::json result = {
       {"name", "ddp_train_step"},
       {"what", "training steps/s of mpitrain's training step (Trainer::step without the loader) under mpitrain "

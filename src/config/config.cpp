@@ -106,6 +106,18 @@ std::string no_empty_entry(const json& v) {
   return "";
 }
 
+// A choice setting of a resolved tree as its enum (resolve() has checked the word).
+template <typename E>
+E chosen(const Section& s, const std::string& key) {
+  return *parse_word<E>(s.text(key));
+}
+
+// A choice setting of the table: its words and default come from the enum's table.
+template <typename E>
+Setting choice(std::string path, E default_value, std::string doc) {
+  return text(std::move(path), word(default_value), std::move(doc), words<E>());
+}
+
 std::string check_run(const Section& s) {
   if (s.integer("train.steps") == 0 && s.integer("train.epochs") == 0)
     return "set train.steps or train.epochs (both are 0, so the run would have no end)";
@@ -125,17 +137,18 @@ std::string check_run(const Section& s) {
     if (s.integer("batch.accumulation") != 1)
       return "batch.micro_batch auto derives batch.accumulation; leave batch.accumulation at 1";
   }
-  if (s.text("optimizer.name") == "sgd" && s.boolean("optimizer.nesterov") &&
-      s.number("optimizer.momentum") == 0.0)
+  const bool sgd = chosen<OptimizerName>(s, "optimizer.name") == OptimizerName::sgd;
+  if (sgd && s.boolean("optimizer.nesterov") && s.number("optimizer.momentum") == 0.0)
     return "optimizer.nesterov needs optimizer.momentum > 0";
-  if (s.text("optimizer.name") == "sgd" && s.text("optimizer.fused") == "on")
+  if (sgd && chosen<Fused>(s, "optimizer.fused") == Fused::on)
     return "optimizer.fused = \"on\" is for adamw; set it to \"auto\" or \"off\" with sgd";
-  const std::string compression = s.text("ddp.compression");
-  if (compression != "none" && s.integer("ddp.zero_stage") != 0)
-    return "ddp.compression " + compression + " works with ddp.zero_stage 0 only (ZeRO reduce-scatters full "
-           "gradients); turn one of them off";
-  if (compression != "none" && s.text("ddp.wire_dtype") != "fp32")
-    return "ddp.compression " + compression + " sends the gradients' own dtype; leave ddp.wire_dtype at fp32";
+  const Compression compression = chosen<Compression>(s, "ddp.compression");
+  if (compression != Compression::none && s.integer("ddp.zero_stage") != 0)
+    return std::string("ddp.compression ") + word(compression) + " works with ddp.zero_stage 0 only (ZeRO "
+           "reduce-scatters full gradients); turn one of them off";
+  if (compression != Compression::none && chosen<WireDtype>(s, "ddp.wire_dtype") != WireDtype::fp32)
+    return std::string("ddp.compression ") + word(compression) +
+           " sends the gradients' own dtype; leave ddp.wire_dtype at fp32";
   return "";
 }
 
@@ -159,9 +172,8 @@ Schema make_settings() {
            "weights to start from: a safetensors file, or a file of torch.save(model.state_dict()) "
            "(empty = the model's own initialisation; a resumed run takes the checkpoint's weights)"),
 
-      text("data.kind", "auto",
-           "what the shards hold: inputs and class targets, or token ids; auto = from the model",
-           {"auto", "classification", "tokens"}),
+      choice("data.kind", DataKind::automatic,
+             "what the shards hold: inputs and class targets, or token ids; auto = from the model"),
       integer("data.seq_len", 0,
               "tokens per sample for token data (0 = the model's context length)", non_negative),
       integer("data.prefetch", 2, "micro-batches read ahead in the background", Range::closed(1, 1024)),
@@ -196,19 +208,17 @@ Schema make_settings() {
            "a JSON shard manifest written by h5shard (docs/data.md) naming the training shards (instead of files)"),
       flag("data.train.shuffle", true,
            "shuffle the training samples each epoch (seeded by run.seed and the epoch)"),
-      text("data.train.remainder", "drop",
-           "samples left after the last full global batch of an epoch: drop, or wrap to the "
-           "epoch's start",
-           {"drop", "wrap"}),
+      choice("data.train.remainder", Remainder::drop,
+             "samples left after the last full global batch of an epoch: drop, or wrap to the "
+             "epoch's start"),
       texts("data.eval.files", {},
             "evaluation shards: a glob or a list of HDF5 files and globs (none = no evaluation)")
           .with_rule("a string or a list of strings, none empty", no_empty_entry),
       text("data.eval.manifest", "",
            "a JSON shard manifest written by h5shard (docs/data.md) naming the evaluation shards (instead of files)"),
       flag("data.eval.shuffle", false, "shuffle the evaluation samples"),
-      text("data.eval.remainder", "drop",
-           "samples left after the last full global batch of the evaluation set: drop or wrap",
-           {"drop", "wrap"}),
+      choice("data.eval.remainder", Remainder::drop,
+             "samples left after the last full global batch of the evaluation set: drop or wrap"),
 
       integer("batch.micro_batch", 32,
               "samples per rank in one forward and backward pass; auto = the largest that fits in "
@@ -223,8 +233,7 @@ Schema make_settings() {
               "ranks)",
               non_negative),
 
-      text("optimizer.name", "adamw", "update rule: SGD (with momentum) or AdamW",
-           {"sgd", "adamw"}),
+      choice("optimizer.name", OptimizerName::adamw, "update rule: SGD (with momentum) or AdamW"),
       number("optimizer.lr", 1e-3, "peak learning rate", positive),
       number("optimizer.momentum", 0.9, "SGD momentum", unit),
       flag("optimizer.nesterov", false, "SGD with Nesterov momentum"),
@@ -232,21 +241,18 @@ Schema make_settings() {
       number("optimizer.eps", 1e-8, "AdamW's epsilon", positive),
       number("optimizer.weight_decay", 0.01, "decoupled weight decay (AdamW) or L2 penalty (SGD)",
              non_negative),
-      text("optimizer.decay", "matrices",
-           "which parameters weight_decay applies to: matrices = tensors of 2 or more dimensions "
-           "(weights, embeddings; not biases and norm weights), as nanoGPT; all = every parameter, "
-           "as torch.optim with one parameter group",
-           {"matrices", "all"}),
+      choice("optimizer.decay", Decay::matrices,
+             "which parameters weight_decay applies to: matrices = tensors of 2 or more dimensions "
+             "(weights, embeddings; not biases and norm weights), as nanoGPT; all = every parameter, "
+             "as torch.optim with one parameter group"),
       number("optimizer.grad_clip", 0.0,
              "clip the global gradient norm to this value (0 = no clipping)", non_negative),
-      text("optimizer.fused", "auto",
-           "AdamW through LibTorch's fused multi-tensor kernel; auto = on GPUs, off on CPU",
-           {"auto", "on", "off"}),
+      choice("optimizer.fused", Fused::automatic,
+             "AdamW through LibTorch's fused multi-tensor kernel; auto = on GPUs, off on CPU"),
 
-      text("schedule.name", "constant",
-           "learning rate after warm-up: constant, or cosine or linear decay to min_lr_ratio x "
-           "lr at the last step",
-           {"constant", "cosine", "linear"}),
+      choice("schedule.name", ScheduleName::constant,
+             "learning rate after warm-up: constant, or cosine or linear decay to min_lr_ratio x "
+             "lr at the last step"),
       integer("schedule.warmup_steps", 0,
               "optimizer steps of linear warm-up from 0 to optimizer.lr", non_negative),
       number("schedule.min_lr_ratio", 0.1,
@@ -264,9 +270,8 @@ Schema make_settings() {
               "ends the run",
               non_negative),
 
-      text("precision.mode", "auto",
-           "compute precision; auto = bf16 on GPUs that have it, else fp16; fp32 on CPU",
-           {"auto", "fp32", "bf16", "fp16"}),
+      choice("precision.mode", PrecisionMode::automatic,
+             "compute precision; auto = bf16 on GPUs that have it, else fp16; fp32 on CPU"),
       flag("precision.tf32", true, "allow TF32 tensor cores for fp32 matmuls and convolutions"),
       number("precision.loss_scale.init", 65536.0, "initial fp16 loss scale", positive),
       number("precision.loss_scale.growth_factor", 2.0,
@@ -285,17 +290,15 @@ Schema make_settings() {
       flag("ddp.broadcast_buffers", true,
            "copy rank 0's buffers (such as batch-norm statistics) to every rank before each "
            "forward"),
-      text("ddp.wire_dtype", "fp32",
-           "dtype of gradients on the wire; bf16 and fp16 halve the traffic",
-           {"fp32", "bf16", "fp16"}),
+      choice("ddp.wire_dtype", WireDtype::fp32,
+             "dtype of gradients on the wire; bf16 and fp16 halve the traffic"),
       integer("ddp.zero_stage", 0,
               "1 = ZeRO stage 1: gradients reduce-scattered, each rank keeps and steps the optimizer "
               "state of its 1/N shard, parameters all-gathered after the step",
               Range::closed(0, 1)),
-      text("ddp.compression", "none",
-           "topk = send each bucket's largest gradient elements; powersgd = send matrices as rank-r "
-           "factors; both keep what they did not send as error feedback for the next step",
-           {"none", "topk", "powersgd"}),
+      choice("ddp.compression", Compression::none,
+             "topk = send each bucket's largest gradient elements; powersgd = send matrices as rank-r "
+             "factors; both keep what they did not send as error feedback for the next step"),
       number("ddp.topk_ratio", 0.1, "fraction of each bucket's elements ddp.compression topk sends",
              Range::open_closed(0, 1)),
       integer("ddp.powersgd_rank", 4, "rank of the factors ddp.compression powersgd sends",
@@ -306,16 +309,14 @@ Schema make_settings() {
       number("ddp.comm_timeout_s", 600.0, "seconds a collective may take before the job is ended",
              Range::open_closed(0, max_timeout_s)),
 
-      text("device.kind", "auto",
-           "auto = the GPU of the rank's node-local index when one is usable, else the CPU",
-           {"auto", "cpu", "cuda"}),
+      choice("device.kind", DeviceKind::automatic,
+             "auto = the GPU of the rank's node-local index when one is usable, else the CPU"),
       flag("device.allow_shared_gpu", false,
            "let ranks of one node share GPUs (MPI backend or debugging only)"),
       number("device.memory_fraction", 1.0,
              "fraction of each GPU's memory the caching allocator may use",
              Range::open_closed(0, 1)),
-      text("device.backend", "auto", "collective backend; auto = nccl on GPUs, mpi on CPU",
-           {"auto", "mpi", "nccl"}),
+      choice("device.backend", Backend::automatic, "collective backend; auto = nccl on GPUs, mpi on CPU"),
       number("device.peak_tflops", 0.0,
              "the device's peak dense TFLOP/s at the training precision, for the mfu metric "
              "(0 = the datasheet value of known GPUs; no mfu on CPU)",

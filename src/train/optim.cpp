@@ -12,6 +12,7 @@
 #include <cmath>
 #include <map>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -134,7 +135,13 @@ class FusedAdamW : public torch::optim::AdamW {
 }  // namespace
 
 bool use_fused_adamw(const config::OptimizerConfig& config, c10::Device device) {
-  return config.name == "adamw" && (config.fused == "on" || (config.fused == "auto" && device.is_cuda()));
+  if (config.name != config::OptimizerName::adamw) return false;
+  switch (config.fused) {
+    case config::Fused::on: return true;
+    case config::Fused::off: return false;
+    case config::Fused::automatic: return device.is_cuda();
+  }
+  throw std::logic_error("use_fused_adamw(): an optimizer.fused value without a meaning");
 }
 
 namespace {
@@ -142,39 +149,48 @@ namespace {
 // optimizer.decay: matrices only (biases and norm weights would only be pulled towards zero), or
 // every parameter.
 bool decays(const config::OptimizerConfig& config, const at::Tensor& parameter) {
-  return config.decay == "all" || parameter.dim() >= 2;
+  return config.decay == config::Decay::all || parameter.dim() >= 2;
+}
+
+std::unique_ptr<torch::optim::Optimizer> make_sgd(const config::OptimizerConfig& config, std::vector<torch::Tensor> decay,
+                                                  std::vector<torch::Tensor> no_decay) {
+  if (config.nesterov && config.momentum <= 0)
+    throw runtime::Error("optimizer.nesterov = true needs optimizer.momentum > 0 (got " +
+                             std::to_string(config.momentum) + ")",
+                         runtime::ExitCode::bad_input);
+  auto with_decay = std::make_unique<torch::optim::SGDOptions>(config.lr);
+  with_decay->momentum(config.momentum).nesterov(config.nesterov).weight_decay(config.weight_decay);
+  auto without = std::make_unique<torch::optim::SGDOptions>(*with_decay);
+  without->weight_decay(0);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, std::move(with_decay));
+  groups.emplace_back(no_decay, std::move(without));
+  return std::make_unique<torch::optim::SGD>(std::move(groups), torch::optim::SGDOptions(config.lr));
+}
+
+std::unique_ptr<torch::optim::Optimizer> make_adamw(const config::OptimizerConfig& config,
+                                                    std::vector<torch::Tensor> decay,
+                                                    std::vector<torch::Tensor> no_decay, c10::Device device) {
+  auto with_decay = std::make_unique<torch::optim::AdamWOptions>(config.lr);
+  with_decay->betas({config.betas[0], config.betas[1]}).eps(config.eps).weight_decay(config.weight_decay);
+  auto without = std::make_unique<torch::optim::AdamWOptions>(*with_decay);
+  without->weight_decay(0);
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  groups.emplace_back(decay, std::move(with_decay));
+  groups.emplace_back(no_decay, std::move(without));
+  if (use_fused_adamw(config, device))
+    return std::make_unique<FusedAdamW>(std::move(groups), torch::optim::AdamWOptions(config.lr));
+  return std::make_unique<torch::optim::AdamW>(std::move(groups), torch::optim::AdamWOptions(config.lr));
 }
 
 std::unique_ptr<torch::optim::Optimizer> make_optimizer(const config::OptimizerConfig& config,
                                                         std::vector<torch::Tensor> decay,
                                                         std::vector<torch::Tensor> no_decay, c10::Device device) {
-  if (config.name == "sgd") {
-    if (config.nesterov && config.momentum <= 0)
-      throw runtime::Error("optimizer.nesterov = true needs optimizer.momentum > 0 (got " +
-                               std::to_string(config.momentum) + ")",
-                           runtime::ExitCode::bad_input);
-    auto with_decay = std::make_unique<torch::optim::SGDOptions>(config.lr);
-    with_decay->momentum(config.momentum).nesterov(config.nesterov).weight_decay(config.weight_decay);
-    auto without = std::make_unique<torch::optim::SGDOptions>(*with_decay);
-    without->weight_decay(0);
-    std::vector<torch::optim::OptimizerParamGroup> groups;
-    groups.emplace_back(decay, std::move(with_decay));
-    groups.emplace_back(no_decay, std::move(without));
-    return std::make_unique<torch::optim::SGD>(std::move(groups), torch::optim::SGDOptions(config.lr));
+  switch (config.name) {
+    case config::OptimizerName::sgd: return make_sgd(config, std::move(decay), std::move(no_decay));
+    case config::OptimizerName::adamw: return make_adamw(config, std::move(decay), std::move(no_decay), device);
   }
-  if (config.name == "adamw") {
-    auto with_decay = std::make_unique<torch::optim::AdamWOptions>(config.lr);
-    with_decay->betas({config.betas[0], config.betas[1]}).eps(config.eps).weight_decay(config.weight_decay);
-    auto without = std::make_unique<torch::optim::AdamWOptions>(*with_decay);
-    without->weight_decay(0);
-    std::vector<torch::optim::OptimizerParamGroup> groups;
-    groups.emplace_back(decay, std::move(with_decay));
-    groups.emplace_back(no_decay, std::move(without));
-    if (use_fused_adamw(config, device))
-      return std::make_unique<FusedAdamW>(std::move(groups), torch::optim::AdamWOptions(config.lr));
-    return std::make_unique<torch::optim::AdamW>(std::move(groups), torch::optim::AdamWOptions(config.lr));
-  }
-  throw runtime::Error("optimizer.name '" + config.name + "': expected sgd or adamw", runtime::ExitCode::bad_input);
+  throw std::logic_error("make_optimizer(): an optimizer.name value without an optimizer");
 }
 
 }  // namespace
@@ -233,13 +249,15 @@ std::int64_t optimizer_state_bytes(const torch::optim::Optimizer& optimizer) {
 double learning_rate(const config::ScheduleConfig& schedule, double lr, std::int64_t step, std::int64_t total_steps) {
   if (schedule.warmup_steps > 0 && step < schedule.warmup_steps)
     return lr * static_cast<double>(step + 1) / static_cast<double>(schedule.warmup_steps);
-  if (schedule.name == "constant") return lr;
   const double floor = lr * schedule.min_lr_ratio;
   const double span = static_cast<double>(std::max<std::int64_t>(total_steps - schedule.warmup_steps, 1));
   const double progress = std::clamp(static_cast<double>(step - schedule.warmup_steps) / span, 0.0, 1.0);
-  if (schedule.name == "linear") return floor + (lr - floor) * (1.0 - progress);
-  // cosine
-  return floor + (lr - floor) * 0.5 * (1.0 + std::cos(M_PI * progress));
+  switch (schedule.name) {
+    case config::ScheduleName::constant: return lr;
+    case config::ScheduleName::linear: return floor + (lr - floor) * (1.0 - progress);
+    case config::ScheduleName::cosine: return floor + (lr - floor) * 0.5 * (1.0 + std::cos(M_PI * progress));
+  }
+  throw std::logic_error("learning_rate(): a schedule.name value without a schedule");
 }
 
 void set_learning_rate(torch::optim::Optimizer& optimizer, double lr) {

@@ -54,9 +54,7 @@ data::DatasetSpec dataset_spec(const config::Config& config, const config::DataS
                          runtime::ExitCode::bad_input);
   data::DatasetSpec spec;
   spec.source = split.manifest.empty() ? split.files.front() : split.manifest;
-  const std::string kind = config.data.kind != "auto" ? config.data.kind
-                           : task == models::Task::language_modeling ? "tokens" : "classification";
-  spec.kind = data::parse_kind(kind);
+  spec.kind = data_kind(config.data.kind, task);
   spec.seq_len = config.data.seq_len > 0 ? config.data.seq_len : context_length;
   spec.id_limit = id_limit;
   spec.file_locking = config.data.file_locking;
@@ -494,9 +492,9 @@ struct Trainer::Impl {
     setup_device();
     comm::CommOptions comm_options;
     comm_options.timeout = std::chrono::milliseconds(static_cast<std::int64_t>(config.ddp.comm_timeout_s * 1000));
-    comm = comm::make_communicator(world, device, comm_options, comm::parse_backend(config.device.backend));
+    comm = comm::make_communicator(world, device, comm_options, backend(config.device.backend));
     check_same_config();
-    precision = amp::resolve_precision(config.precision.mode, device);
+    precision = train::precision(config.precision.mode, device);
 
     at::manual_seed(static_cast<std::uint64_t>(config.run.seed));
     model = models::create(config.model.name, config.model.options);
@@ -563,7 +561,7 @@ struct Trainer::Impl {
   }
 
   void setup_device() {
-    device = runtime::choose_device(world, {runtime::parse_device_kind(config.device.kind), config.device.allow_shared_gpu});
+    device = runtime::choose_device(world, {device_kind(config.device.kind), config.device.allow_shared_gpu});
     if (device.is_cpu()) {
       cpu_budget = runtime::cpu_memory_budget_from_environment();
       runtime::install_cpu_memory_budget(cpu_budget);
@@ -589,7 +587,7 @@ struct Trainer::Impl {
     options.batch_size = config.batch.micro_batch;
     options.seed = static_cast<std::uint64_t>(config.run.seed);
     options.shuffle = shuffle && split.shuffle;
-    options.remainder = data::parse_remainder(split.remainder);
+    options.remainder = train::remainder(split.remainder);
     options.partitions = config.data.partitions;
     options.shuffle_window = config.data.shuffle_window;
     options.cache_bytes = static_cast<std::int64_t>(config.data.cache_mb * (1 << 20));

@@ -75,7 +75,7 @@ TEST_CASE("a minimal config gets every default", "[config]") {
   CHECK(c.batch.micro_batch == 32);
   CHECK(c.batch.accumulation == 1);
   CHECK(c.batch.global == 0);
-  CHECK(c.optimizer.name == "adamw");
+  CHECK(c.optimizer.name == config::OptimizerName::adamw);
   CHECK(c.optimizer.lr == 1e-3);
   CHECK(c.optimizer.betas == std::array<double, 2>{0.9, 0.999});
   CHECK(c.train.steps == 100);
@@ -210,7 +210,7 @@ TEST_CASE("--set parses values by the key's type", "[config]") {
   CHECK(c.data.eval.files == std::vector<std::string>{"eval/*.h5"});
   CHECK(c.model.name == "cnn");
   CHECK(c.model.options.at("channels") == json::array({8, 16, 32}));
-  CHECK(c.schedule.name == "linear");
+  CHECK(c.schedule.name == config::ScheduleName::linear);
 
   // Over a value from the file.
   CHECK(load(patched(json::parse(R"({"optimizer": {"lr": 0.5}})")), {"optimizer.lr=0.25"})
@@ -443,4 +443,56 @@ TEST_CASE("batch.micro_batch auto needs batch.global and leaves batch.accumulati
   CHECK_THAT(error_of([] { load(kBase, {"batch.micro_batch=auto", "batch.global=512", "batch.accumulation=2"}); }),
              Catch::Contains("leave batch.accumulation at 1"));
   CHECK_THAT(error_of([] { load(kBase, {"batch.micro_batch=atuo"}); }), Catch::Contains("did you mean \"auto\"?"));
+}
+
+namespace {
+
+// Every word of E's table, read through the file and --set, becomes the enum the table pairs it
+// with in `field`, and to_json writes the word back at `key`.
+template <typename E, typename Get>
+void check_words(const std::string& key, Get field) {
+  std::string pointer = "/" + key;
+  std::replace(pointer.begin(), pointer.end(), '.', '/');
+  const json::json_pointer at(pointer);
+  for (const config::Word<E>& w : config::Words<E>::table) {
+    INFO(key << " = " << w.text);
+    json tree = kBase;
+    tree[at] = w.text;
+    const config::Config from_file = load(tree);
+    CHECK(field(from_file) == w.value);
+    CHECK(config::to_json(from_file).at(at) == w.text);
+    CHECK(field(load(kBase, {key + "=" + w.text})) == w.value);
+    CHECK(config::parse_word<E>(w.text) == w.value);
+    CHECK(std::string(config::word(w.value)) == w.text);
+  }
+  const config::Setting* setting = config::settings().find(key);
+  REQUIRE(setting != nullptr);
+  CHECK(setting->choices == config::words<E>());  // the schema's choices are the table's words
+  // An unknown word: bad input naming the key (and the file or the --set argument).
+  CHECK_THAT(error_of([&] { load(kBase, {key + "=bogus"}); }),
+             Catch::StartsWith("--set \"" + key + "=bogus\": \"" + key + "\" must be one of "));
+  CHECK_FALSE(config::parse_word<E>("bogus").has_value());
+}
+
+}  // namespace
+
+TEST_CASE("choice settings become enums through one table of words each", "[config]") {
+  using config::Config;
+  check_words<config::DataKind>("data.kind", [](const Config& c) { return c.data.kind; });
+  check_words<config::OptimizerName>("optimizer.name", [](const Config& c) { return c.optimizer.name; });
+  check_words<config::Fused>("optimizer.fused", [](const Config& c) { return c.optimizer.fused; });
+  check_words<config::Decay>("optimizer.decay", [](const Config& c) { return c.optimizer.decay; });
+  check_words<config::ScheduleName>("schedule.name", [](const Config& c) { return c.schedule.name; });
+  check_words<config::PrecisionMode>("precision.mode", [](const Config& c) { return c.precision.mode; });
+  check_words<config::WireDtype>("ddp.wire_dtype", [](const Config& c) { return c.ddp.wire_dtype; });
+  check_words<config::Compression>("ddp.compression", [](const Config& c) { return c.ddp.compression; });
+  check_words<config::DeviceKind>("device.kind", [](const Config& c) { return c.device.kind; });
+  check_words<config::Backend>("device.backend", [](const Config& c) { return c.device.backend; });
+  check_words<config::Remainder>("data.train.remainder", [](const Config& c) { return c.data.train.remainder; });
+  check_words<config::Remainder>("data.eval.remainder", [](const Config& c) { return c.data.eval.remainder; });
+
+  // In a file, an unknown word names the file and the key.
+  const std::string path = (temp_dir() / "config.json").string();
+  CHECK(error_of([&] { load(patched(json::parse(R"({"ddp": {"wire_dtype": "fp8"}})"))); }) ==
+        "config file \"" + path + "\": \"ddp.wire_dtype\" must be one of \"fp32\", \"bf16\", \"fp16\", got \"fp8\"");
 }

@@ -14,15 +14,15 @@ using namespace mpitrain::testing;
 
 TEST_CASE("fused AdamW on CUDA equals torch::optim::AdamW", "[optim]") {
   config::OptimizerConfig config;
-  config.name = "adamw";
+  config.name = config::OptimizerName::adamw;
   config.lr = 0.01;
   config.betas = {0.9, 0.95};
   config.eps = 1e-8;
   config.weight_decay = 0.1;
-  config.fused = "auto";
+  config.fused = config::Fused::automatic;
   REQUIRE(train::use_fused_adamw(config, gpu()));
   auto plain_config = config;
-  plain_config.fused = "off";
+  plain_config.fused = config::Fused::off;
 
   torch::manual_seed(3);
   TinyGpt fused_net;

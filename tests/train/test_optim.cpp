@@ -24,7 +24,7 @@ struct Net : torch::nn::Module {
 
 config::OptimizerConfig optimizer_config(const std::string& name) {
   config::OptimizerConfig c;
-  c.name = name;
+  c.name = config::parse_word<config::OptimizerName>(name).value();
   c.lr = 0.1;
   c.momentum = 0.9;
   c.betas = {0.9, 0.95};
@@ -68,7 +68,7 @@ TEST_CASE("optimizer.decay all: every parameter decays, biases and norm weights 
   Net net;
   auto config = optimizer_config("sgd");
   config.momentum = 0;
-  config.decay = "all";
+  config.decay = config::Decay::all;
   auto optimizer = train::make_optimizer(config, net, torch::kCPU);
   REQUIRE(optimizer->param_groups()[0].params().size() == 4);
   CHECK(optimizer->param_groups()[1].params().empty());
@@ -85,17 +85,17 @@ TEST_CASE("optimizer.decay all: every parameter decays, biases and norm weights 
 
 TEST_CASE("fused AdamW: auto means GPUs only; equals torch::optim::AdamW; same checkpoints", "[train]") {
   auto config = optimizer_config("adamw");
-  config.fused = "auto";
+  config.fused = config::Fused::automatic;
   CHECK_FALSE(train::use_fused_adamw(config, torch::kCPU));
   CHECK(train::use_fused_adamw(config, c10::Device(torch::kCUDA, 0)));
-  config.fused = "off";
+  config.fused = config::Fused::off;
   CHECK_FALSE(train::use_fused_adamw(config, c10::Device(torch::kCUDA, 0)));
-  config.fused = "on";
+  config.fused = config::Fused::on;
   CHECK(train::use_fused_adamw(config, torch::kCPU));  // LibTorch has a CPU kernel too
   CHECK_FALSE(train::use_fused_adamw(optimizer_config("sgd"), torch::kCPU));
 
   auto plain_config = config;
-  plain_config.fused = "off";
+  plain_config.fused = config::Fused::off;
   torch::manual_seed(3);
   Net fused_net;
   Net plain_net;
@@ -139,9 +139,9 @@ TEST_CASE("fused AdamW: auto means GPUs only; equals torch::optim::AdamW; same c
 
 TEST_CASE("a non-finite step is skipped: fused AdamW on the device without a host read, others after one", "[train]") {
   auto fused_config = optimizer_config("adamw");
-  fused_config.fused = "on";
+  fused_config.fused = config::Fused::on;
   auto plain_config = fused_config;
-  plain_config.fused = "off";
+  plain_config.fused = config::Fused::off;
   torch::manual_seed(4);
   Net fused_net;
   Net plain_net;
@@ -195,20 +195,21 @@ TEST_CASE("schedules: warm-up, then constant, cosine or linear to the floor", "[
   s.warmup_steps = 10;
   s.min_lr_ratio = 0.1;
   const double lr = 1.0;
-  for (const std::string name : {"constant", "cosine", "linear"}) {
+  for (const config::ScheduleName name :
+       {config::ScheduleName::constant, config::ScheduleName::cosine, config::ScheduleName::linear}) {
     s.name = name;
     CHECK(train::learning_rate(s, lr, 0, 110) == Approx(0.1));
     CHECK(train::learning_rate(s, lr, 4, 110) == Approx(0.5));
     CHECK(train::learning_rate(s, lr, 9, 110) == Approx(1.0));
     CHECK(train::learning_rate(s, lr, 10, 110) == Approx(1.0));
   }
-  s.name = "constant";
+  s.name = config::ScheduleName::constant;
   CHECK(train::learning_rate(s, lr, 100, 110) == Approx(1.0));
-  s.name = "cosine";  // halfway through the decay: the midpoint of lr and floor
+  s.name = config::ScheduleName::cosine;  // halfway through the decay: the midpoint of lr and floor
   CHECK(train::learning_rate(s, lr, 60, 110) == Approx(0.55));
   CHECK(train::learning_rate(s, lr, 110, 110) == Approx(0.1));
   CHECK(train::learning_rate(s, lr, 500, 110) == Approx(0.1));
-  s.name = "linear";
+  s.name = config::ScheduleName::linear;
   CHECK(train::learning_rate(s, lr, 35, 110) == Approx(1.0 - 0.9 * 0.25));
   CHECK(train::learning_rate(s, lr, 110, 110) == Approx(0.1));
 }

@@ -23,12 +23,12 @@ namespace {
 
 config::OptimizerConfig adamw() {
   config::OptimizerConfig c;
-  c.name = "adamw";
+  c.name = config::OptimizerName::adamw;
   c.lr = 0.01;
   c.betas = {0.9, 0.95};
   c.eps = 1e-8;
   c.weight_decay = 0.1;
-  c.fused = "off";
+  c.fused = config::Fused::off;
   return c;
 }
 

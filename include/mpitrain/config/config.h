@@ -11,8 +11,8 @@
 //   problem with the input (missing or unreadable file, malformed JSON, unknown key, wrong type,
 //   value out of range, inconsistent settings) is runtime::Error with ExitCode::bad_input whose
 //   message names the file or --set argument, the key path and the expected form.
-// - A validated Config holds every setting (defaults filled in). Choice settings hold one of
-//   their listed strings; consumers may switch on them without re-checking.
+// - A validated Config holds every setting (defaults filled in). Choice settings are enums
+//   (choices.h), converted once when the config is read; consumers switch on them.
 // - resolve(config, world_size) is the one step that depends on the world size: it derives
 //   batch.accumulation from batch.global (or batch.global from the others). Call it once per
 //   run, before the resolved config is saved or fingerprinted.
@@ -24,9 +24,12 @@
 #include <cstdint>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "mpitrain/config/choices.h"
 #include "mpitrain/config/schema.h"
 
 namespace mpitrain::config {
@@ -51,7 +54,7 @@ struct DataSplit {
   std::vector<std::string> files;  // globs or paths, as written
   std::string manifest;
   bool shuffle = false;
-  std::string remainder;  // "drop" | "wrap"
+  Remainder remainder = Remainder::drop;
 
   /// True when neither files nor a manifest are given (an eval split may be absent).
   bool empty() const { return files.empty() && manifest.empty(); }
@@ -65,7 +68,7 @@ struct RankWeights {
 };
 
 struct DataConfig {
-  std::string kind;  // "auto" | "classification" | "tokens"
+  DataKind kind = DataKind::automatic;
   std::int64_t seq_len = 0;
   std::int64_t prefetch = 0;
   bool file_locking = false;
@@ -85,7 +88,7 @@ struct BatchConfig {
 };
 
 struct OptimizerConfig {
-  std::string name;  // "sgd" | "adamw"
+  OptimizerName name = OptimizerName::adamw;
   double lr = 0;
   double momentum = 0;
   bool nesterov = false;
@@ -93,12 +96,12 @@ struct OptimizerConfig {
   double eps = 0;
   double weight_decay = 0;
   double grad_clip = 0;  // 0: off
-  std::string fused;     // "auto" | "on" | "off"
-  std::string decay;     // "matrices" (tensors of >= 2 dimensions) | "all"
+  Fused fused = Fused::automatic;
+  Decay decay = Decay::matrices;  // matrices: tensors of >= 2 dimensions
 };
 
 struct ScheduleConfig {
-  std::string name;  // "constant" | "cosine" | "linear"
+  ScheduleName name = ScheduleName::constant;
   std::int64_t warmup_steps = 0;
   double min_lr_ratio = 0;
 };
@@ -117,7 +120,7 @@ struct LossScaleConfig {
 };
 
 struct PrecisionConfig {
-  std::string mode;  // "auto" | "fp32" | "bf16" | "fp16"
+  PrecisionMode mode = PrecisionMode::automatic;
   bool tf32 = false;
   LossScaleConfig loss_scale;
 };
@@ -127,9 +130,9 @@ struct DdpConfig {
   double first_bucket_mb = 0;
   bool find_unused_parameters = false;
   bool broadcast_buffers = false;
-  std::string wire_dtype;  // "fp32" | "bf16" | "fp16"
+  WireDtype wire_dtype = WireDtype::fp32;
   std::int64_t zero_stage = 0;  // 0 | 1
-  std::string compression;      // "none" | "topk" | "powersgd"
+  Compression compression = Compression::none;
   double topk_ratio = 0;
   std::int64_t powersgd_rank = 0;
   std::int64_t powersgd_warmup_steps = 0;
@@ -137,10 +140,10 @@ struct DdpConfig {
 };
 
 struct DeviceConfig {
-  std::string kind;  // "auto" | "cpu" | "cuda" (runtime::parse_device_kind)
+  DeviceKind kind = DeviceKind::automatic;
   bool allow_shared_gpu = false;
   double memory_fraction = 0;
-  std::string backend;  // "auto" | "mpi" | "nccl" (comm::parse_backend)
+  Backend backend = Backend::automatic;
   double peak_tflops = 0;  // 0: from the GPU's name
 };
 
@@ -181,6 +184,20 @@ struct Config {
   LogConfig log;
   EvalConfig eval;
 };
+
+/// A choice enum as JSON: its word (choices.h), so a Config dumps as the file is written.
+template <typename E, typename = decltype(Words<E>::table)>
+void to_json(nlohmann::json& j, E value) {
+  j = word(value);
+}
+/// The enum of a word; the tree must be resolved (an unknown word is a programming error here:
+/// the schema refuses it with the key's path).
+template <typename E, typename = decltype(Words<E>::table)>
+void from_json(const nlohmann::json& j, E& value) {
+  const std::optional<E> parsed = parse_word<E>(j.get<std::string>());
+  if (!parsed) throw std::logic_error("config: \"" + j.get<std::string>() + "\" is not a word of its choice");
+  value = *parsed;
+}
 
 /// Option schemas of the models a config may name, by model name (models::option_schemas()).
 using ModelSchemas = std::map<std::string, Schema>;
