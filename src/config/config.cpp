@@ -161,8 +161,10 @@ Schema make_settings() {
   const Range unit = Range::half_open(0, 1);
   std::vector<Setting> s = {
       text("run.name", "run", "name of the run; its outputs go to the folder run.dir/run.name")
-          .with_rule("a file name without '/'", plain_name(false)),
-      text("run.dir", "runs", "folder holding the run directories"),
+          .with_rule("a file name without '/'", plain_name(false))
+          .on_resume(Resume::may_change),
+      text("run.dir", "runs", "folder holding the run directories")
+          .on_resume(Resume::may_change),
       integer("run.seed", 0, "seed of initialisation, shuffling and dropout", non_negative),
 
       text("model.name", "mlp",
@@ -170,15 +172,18 @@ Schema make_settings() {
           .with_rule("the name of a registered model", {}),
       text("model.init_from", "",
            "weights to start from: a safetensors file, or a file of torch.save(model.state_dict()) "
-           "(empty = the model's own initialisation; a resumed run takes the checkpoint's weights)"),
+           "(empty = the model's own initialisation; a resumed run takes the checkpoint's weights)")
+          .on_resume(Resume::may_change),
 
       choice("data.kind", DataKind::automatic,
              "what the shards hold: inputs and class targets, or token ids; auto = from the model"),
       integer("data.seq_len", 0,
               "tokens per sample for token data (0 = the model's context length)", non_negative),
-      integer("data.prefetch", 2, "micro-batches read ahead in the background", Range::closed(1, 1024)),
+      integer("data.prefetch", 2, "micro-batches read ahead in the background", Range::closed(1, 1024))
+          .on_resume(Resume::may_change),
       flag("data.file_locking", false,
-           "use HDF5 file locking when opening shards (network file systems often lack it)"),
+           "use HDF5 file locking when opening shards (network file systems often lack it)")
+          .on_resume(Resume::may_change),
       integer("data.partitions", 16,
               "canonical partitions of every global batch (docs/data.md): the order depends on it, "
               "not on the world size; a world size that divides it has each rank read only 1/N of "
@@ -191,17 +196,20 @@ Schema make_settings() {
       number("data.cache_mb", 0,
              "decompressed blocks each rank keeps, in MiB (0 = a shuffle window and the next for "
              "each partition the rank reads)",
-             Range::at_least(0)),
+             Range::at_least(0))
+          .on_resume(Resume::may_change),
       numbers("data.rank_weights", {},
               "each rank's share of every global batch: equal, proportional to a weight per rank, "
               "or auto (measured so that ranks finish backward together); docs/heterogeneous.md",
               Range::above(0))
           .items(1, std::numeric_limits<std::size_t>::max())
-          .or_one_of({"equal", "auto"}, "equal"),
+          .or_one_of({"equal", "auto"}, "equal")
+          .on_resume(Resume::may_change),
       integer("data.rebalance_every", 100,
               "with data.rank_weights auto: optimizer steps between re-measurements of the ranks' "
               "speeds (0 = measure once, after the first steps)",
-              non_negative),
+              non_negative)
+          .on_resume(Resume::may_change),
       texts("data.train.files", {}, "training shards: a glob or a list of HDF5 files and globs")
           .with_rule("a string or a list of strings, none empty", no_empty_entry),
       text("data.train.manifest", "",
@@ -224,10 +232,12 @@ Schema make_settings() {
               "samples per rank in one forward and backward pass; auto = the largest that fits in "
               "memory (with batch.global set; docs/heterogeneous.md)",
               Range::at_least(1))
-          .or_one_of({"auto"}),
+          .or_one_of({"auto"})
+          .on_resume(Resume::may_change),
       integer("batch.accumulation", 1,
               "micro-batches accumulated per optimizer step (derived when batch.global is set)",
-              Range::at_least(1)),
+              Range::at_least(1))
+          .on_resume(Resume::may_change),
       integer("batch.global", 0,
               "samples per optimizer step over all ranks (0 = micro_batch x accumulation x "
               "ranks)",
@@ -260,15 +270,18 @@ Schema make_settings() {
              Range::closed(0, 1)),
 
       integer("train.steps", 0, "optimizer steps to train (0 = as many as train.epochs take)",
-              non_negative),
+              non_negative)
+          .on_resume(Resume::may_change),
       integer("train.max_nonfinite_steps", 3,
               "bf16/fp32: steps in a row with a non-finite loss or gradient that are skipped before "
               "the run stops with a checkpoint (fp16 has its loss scaler)",
-              non_negative),
+              non_negative)
+          .on_resume(Resume::may_change),
       integer("train.epochs", 0,
               "passes over the training data (0 = no limit); with both set, the first reached "
               "ends the run",
-              non_negative),
+              non_negative)
+          .on_resume(Resume::may_change),
 
       choice("precision.mode", PrecisionMode::automatic,
              "compute precision; auto = bf16 on GPUs that have it, else fp16; fp32 on CPU"),
@@ -307,56 +320,75 @@ Schema make_settings() {
               "optimizer steps that ddp.compression powersgd all-reduces uncompressed first",
               Range::at_least(0)),
       number("ddp.comm_timeout_s", 600.0, "seconds a collective may take before the job is ended",
-             Range::open_closed(0, max_timeout_s)),
+             Range::open_closed(0, max_timeout_s))
+          .on_resume(Resume::may_change),
 
       choice("device.kind", DeviceKind::automatic,
-             "auto = the GPU of the rank's node-local index when one is usable, else the CPU"),
+             "auto = the GPU of the rank's node-local index when one is usable, else the CPU")
+          .on_resume(Resume::may_change),
       flag("device.allow_shared_gpu", false,
-           "let ranks of one node share GPUs (MPI backend or debugging only)"),
+           "let ranks of one node share GPUs (MPI backend or debugging only)")
+          .on_resume(Resume::may_change),
       number("device.memory_fraction", 1.0,
              "fraction of each GPU's memory the caching allocator may use",
-             Range::open_closed(0, 1)),
-      choice("device.backend", Backend::automatic, "collective backend; auto = nccl on GPUs, mpi on CPU"),
+             Range::open_closed(0, 1))
+          .on_resume(Resume::may_change),
+      choice("device.backend", Backend::automatic, "collective backend; auto = nccl on GPUs, mpi on CPU")
+          .on_resume(Resume::may_change),
       number("device.peak_tflops", 0.0,
              "the device's peak dense TFLOP/s at the training precision, for the mfu metric "
              "(0 = the datasheet value of known GPUs; no mfu on CPU)",
-             non_negative),
+             non_negative)
+          .on_resume(Resume::may_change),
 
       integer("checkpoint.every_steps", 1000,
               "save a checkpoint every N optimizer steps (0 = only at the end and on stop)",
-              non_negative),
-      integer("checkpoint.keep_last", 3, "newest checkpoints kept (0 = keep all)", non_negative),
+              non_negative)
+          .on_resume(Resume::may_change),
+      integer("checkpoint.keep_last", 3, "newest checkpoints kept (0 = keep all)", non_negative)
+          .on_resume(Resume::may_change),
       integer("checkpoint.keep_every", 0,
-              "also keep every checkpoint whose step is a multiple of N (0 = none)", non_negative),
+              "also keep every checkpoint whose step is a multiple of N (0 = none)", non_negative)
+          .on_resume(Resume::may_change),
       text("checkpoint.dir", "checkpoints", "checkpoint folder, relative to the run directory")
           .with_rule("a non-empty path",
                      [](const json& v) -> std::string {
                        return v.get<std::string>().empty() ? "it is empty" : "";
-                     }),
+                     })
+          .on_resume(Resume::may_change),
       number("checkpoint.save_timeout_s", 1800.0,
              "seconds the ranks wait for each other during a save (rank 0 writes and checksums "
              "the replicated state) before the job is ended",
-             Range::open_closed(0, max_timeout_s)),
+             Range::open_closed(0, max_timeout_s))
+          .on_resume(Resume::may_change),
       flag("checkpoint.save_on_stop", true,
-           "save a checkpoint when a signal (SIGTERM, SIGUSR1, SIGINT) stops the run"),
+           "save a checkpoint when a signal (SIGTERM, SIGUSR1, SIGINT) stops the run")
+          .on_resume(Resume::may_change),
 
-      integer("log.every_steps", 10, "log metrics every N optimizer steps", Range::at_least(1)),
-      flag("log.console", true, "print a progress line (rank 0)"),
+      integer("log.every_steps", 10, "log metrics every N optimizer steps", Range::at_least(1))
+          .on_resume(Resume::may_change),
+      flag("log.console", true, "print a progress line (rank 0)")
+          .on_resume(Resume::may_change),
       text("log.metrics_file", "metrics.jsonl",
            "JSON Lines metrics file in the run directory (empty = none)")
-          .with_rule("a file name without '/', or empty", plain_name(true)),
+          .with_rule("a file name without '/', or empty", plain_name(true))
+          .on_resume(Resume::may_change),
       integer("log.trace_steps", 0,
               "optimizer steps whose timeline is written to trace.json in the run directory "
               "(0 = none)",
-              non_negative),
+              non_negative)
+          .on_resume(Resume::may_change),
       integer("log.trace_start_step", 5, "first optimizer step of the trace (1 = the first step)",
-              Range::at_least(1)),
+              Range::at_least(1))
+          .on_resume(Resume::may_change),
 
       integer("eval.every_steps", 1000,
               "evaluate every N optimizer steps and at the end (0 = only at the end)",
-              non_negative),
+              non_negative)
+          .on_resume(Resume::may_change),
       integer("eval.max_batches", 0, "micro-batches per rank per evaluation (0 = all)",
-              non_negative),
+              non_negative)
+          .on_resume(Resume::may_change),
   };
   return Schema{std::move(s), check_run};
 }
@@ -616,6 +648,14 @@ json to_json(const Config& config) {
   json j;
   to_json(j, config);
   return j;
+}
+
+bool may_change_on_resume(const std::string& key) {
+  // Setting paths are leaves, so at most one holds `key`: itself, or the list it is an item of.
+  for (const Setting& s : settings().settings)
+    if (key == s.path || key.compare(0, s.path.size() + 1, s.path + ".") == 0)
+      return s.resume == Resume::may_change;
+  return false;
 }
 
 }  // namespace mpitrain::config

@@ -233,6 +233,11 @@ Setting Setting::or_one_of(std::vector<std::string> words, std::string default_w
   return std::move(*this);
 }
 
+Setting Setting::on_resume(Resume rule) && {
+  resume = rule;
+  return std::move(*this);
+}
+
 namespace {
 
 Setting make(std::string path, Type type, json default_value, std::string doc, Range range = {}) {

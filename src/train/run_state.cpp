@@ -54,16 +54,6 @@ void set_generator_state(at::Generator generator, const nlohmann::json& json) {
   generator.set_state(state);
 }
 
-// Keys that may change between a checkpoint and the run resuming from it: they do not change
-// what the run computes. Prefix match on the dotted path.
-bool safe_to_change(const std::string& path) {
-  for (const char* prefix : {"/model/init_from", "/train/", "/log/", "/eval/", "/checkpoint/", "/ddp/comm_timeout_s", "/data/prefetch",
-                             "/data/file_locking", "/data/cache_mb", "/device/", "/run/dir", "/run/name", "/batch/micro_batch",
-                             "/batch/accumulation", "/data/rank_weights", "/data/rebalance_every"})
-    if (path.rfind(prefix, 0) == 0) return true;
-  return false;
-}
-
 std::string write_run(const RunParts& run, const std::string& root) {
   const config::Config& config = run.config;
   const Progress& progress = run.progress;
@@ -109,12 +99,14 @@ std::string write_run(const RunParts& run, const std::string& root) {
 void check_config_change(const RunParts& run, const std::string& dir, const nlohmann::json& saved, bool allow) {
   const nlohmann::json now = config::to_json(run.config);
   std::string changed;
+  // The keys that may differ (they do not change what the run computes) are marked in the
+  // settings table (config::Setting::resume).
   for (const auto& op : nlohmann::json::diff(saved, now)) {
-    const std::string path = op.at("path").get<std::string>();
-    if (!safe_to_change(path)) changed += (changed.empty() ? "" : ", ") + path.substr(1);
+    std::string key = op.at("path").get<std::string>().substr(1);
+    std::replace(key.begin(), key.end(), '/', '.');
+    if (!config::may_change_on_resume(key)) changed += (changed.empty() ? "" : ", ") + key;
   }
   if (changed.empty()) return;
-  std::replace(changed.begin(), changed.end(), '/', '.');
   if (allow) {
     run.world.log().warn("resuming with changed settings: " + changed);
     return;

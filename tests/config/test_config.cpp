@@ -259,7 +259,8 @@ TEST_CASE("docs/config.md lists every setting with its form, default and doc", "
   std::map<std::string, std::vector<std::string>> expected;
   for (const config::Setting& s : settings) {
     const std::string value = config::normalize(s, s.default_value, "test", s.path).dump();
-    expected[s.path] = {config::describe(s), value, s.doc};
+    expected[s.path] = {config::describe(s), value, s.doc,
+                        s.resume == config::Resume::may_change ? "may change" : "must match"};
   }
 
   std::ifstream in(std::string(MPITRAIN_SOURCE_DIR) + "/docs/config.md");
@@ -279,15 +280,15 @@ TEST_CASE("docs/config.md lists every setting with its form, default and doc", "
     std::stringstream row(line.substr(1, line.size() - 2));
     for (std::string cell; std::getline(row, cell, '|');) cells.push_back(trim(cell));
     INFO("docs row: " << line);
-    REQUIRE(cells.size() == 4);
+    REQUIRE(cells.size() == 5);
     CHECK(documented.count(unquote(cells[0])) == 0);
-    documented[unquote(cells[0])] = {cells[1], unquote(cells[2]), cells[3]};
+    documented[unquote(cells[0])] = {cells[1], unquote(cells[2]), cells[3], cells[4]};
   }
 
   for (const auto& [key, row] : expected) {
     // On a mismatch this is the row to paste into docs/config.md.
     INFO("expected: | `" << key << "` | " << row[0] << " | `" << row[1] << "` | " << row[2]
-                         << " |");
+                         << " | " << row[3] << " |");
     CHECK(documented.count(key) == 1);
     if (documented.count(key) == 1) CHECK(documented.at(key) == row);
   }
@@ -495,4 +496,26 @@ TEST_CASE("choice settings become enums through one table of words each", "[conf
   const std::string path = (temp_dir() / "config.json").string();
   CHECK(error_of([&] { load(patched(json::parse(R"({"ddp": {"wire_dtype": "fp8"}})"))); }) ==
         "config file \"" + path + "\": \"ddp.wire_dtype\" must be one of \"fp32\", \"bf16\", \"fp16\", got \"fp8\"");
+}
+
+TEST_CASE("each setting says whether it may change on resume", "[config]") {
+  CHECK(config::may_change_on_resume("log.every_steps"));
+  CHECK(config::may_change_on_resume("batch.micro_batch"));
+  CHECK(config::may_change_on_resume("batch.accumulation"));
+  CHECK(config::may_change_on_resume("device.backend"));
+  CHECK(config::may_change_on_resume("model.init_from"));
+  CHECK(config::may_change_on_resume("data.rank_weights"));
+  CHECK(config::may_change_on_resume("data.rank_weights.1"));  // an item of a list setting
+  CHECK_FALSE(config::may_change_on_resume("optimizer.lr"));
+  CHECK_FALSE(config::may_change_on_resume("optimizer.betas.0"));
+  CHECK_FALSE(config::may_change_on_resume("batch.global"));
+  CHECK_FALSE(config::may_change_on_resume("ddp.wire_dtype"));
+  CHECK_FALSE(config::may_change_on_resume("data.train.files"));
+  CHECK_FALSE(config::may_change_on_resume("model.name"));
+  CHECK_FALSE(config::may_change_on_resume("model.gpt.n_layer"));  // model options must match
+  CHECK_FALSE(config::may_change_on_resume("log"));                // a section is no setting
+  CHECK_FALSE(config::may_change_on_resume("log.every_steps_old"));  // nor an unknown key
+  const config::Setting* lr = config::settings().find("optimizer.lr");
+  REQUIRE(lr != nullptr);
+  CHECK(lr->resume == config::Resume::must_match);
 }

@@ -16,6 +16,9 @@
 // - resolve(config, world_size) is the one step that depends on the world size: it derives
 //   batch.accumulation from batch.global (or batch.global from the others). Call it once per
 //   run, before the resolved config is saved or fingerprinted.
+// - Each setting says whether it may change on resume (Setting::resume); the trainer compares a
+//   checkpoint's config with the resumed run's through may_change_on_resume(), so that list is
+//   the table's, not kept by hand elsewhere.
 // - to_json() is canonical and round-trips: validate(to_json(c)) equals c, and a resolved
 //   config re-resolves to itself at the same world size, so ranks with equal configs (and equal
 //   model schemas) have equal dumps: the trainer compares their hash across ranks.
@@ -237,5 +240,11 @@ Config resolve(Config config, int world_size);
 
 /// The canonical tree (only the selected model's options under model); see the contract.
 nlohmann::json to_json(const Config& config);
+
+/// Whether the value at `key` (a dotted path into to_json()'s tree: a setting, or an item of a
+/// list setting such as "data.rank_weights.0") may differ between a checkpoint and the run that
+/// resumes from it: the Resume flag of the setting that holds it in settings(). Anything else
+/// (model options, keys this version does not know) must match.
+bool may_change_on_resume(const std::string& key);
 
 }  // namespace mpitrain::config

@@ -45,6 +45,11 @@ struct Range {
 
 class Section;
 
+/// Whether a setting may differ between a checkpoint and the run that resumes from it. Only
+/// settings that do not change what the run computes (where files go, cadences, timeouts, the
+/// device, how the global batch is cut into micro-batches) may change.
+enum class Resume { must_match, may_change };
+
 struct Setting {
   std::string path;
   Type type = Type::string;
@@ -60,6 +65,7 @@ struct Setting {
   /// the generated expected form, so messages and docs say what the rule wants.
   std::function<std::string(const nlohmann::json&)> rule;
   std::string form;
+  Resume resume = Resume::must_match;
 
   /// Fluent adjustments for the table: numbers("betas", ...).items(2, 2).
   Setting items(std::size_t min, std::size_t max) &&;
@@ -67,6 +73,7 @@ struct Setting {
   /// A numeric setting or list that also takes one of these words; the word is stored as given
   /// and the rule is not run on it. A non-empty `default_word` becomes the default.
   Setting or_one_of(std::vector<std::string> words, std::string default_word = "") &&;
+  Setting on_resume(Resume rule) &&;
 };
 
 // Table builders: path, default, one-line doc, then the constraint.
