@@ -142,14 +142,8 @@ std::string check_run(const Section& s) {
     return "optimizer.nesterov needs optimizer.momentum > 0";
   if (sgd && chosen<Fused>(s, "optimizer.fused") == Fused::on)
     return "optimizer.fused = \"on\" is for adamw; set it to \"auto\" or \"off\" with sgd";
-  const Compression compression = chosen<Compression>(s, "ddp.compression");
-  if (compression != Compression::none && s.integer("ddp.zero_stage") != 0)
-    return std::string("ddp.compression ") + word(compression) + " works with ddp.zero_stage 0 only (ZeRO "
-           "reduce-scatters full gradients); turn one of them off";
-  if (compression != Compression::none && chosen<WireDtype>(s, "ddp.wire_dtype") != WireDtype::fp32)
-    return std::string("ddp.compression ") + word(compression) +
-           " sends the gradients' own dtype; leave ddp.wire_dtype at fp32";
-  return "";
+  return ddp_settings_problem(chosen<Compression>(s, "ddp.compression"), s.integer("ddp.zero_stage"),
+                              chosen<WireDtype>(s, "ddp.wire_dtype") != WireDtype::fp32);
 }
 
 Schema make_settings() {
@@ -648,6 +642,17 @@ json to_json(const Config& config) {
   json j;
   to_json(j, config);
   return j;
+}
+
+std::string ddp_settings_problem(Compression compression, std::int64_t zero_stage, bool wire_cast) {
+  if (compression == Compression::none) return "";
+  if (zero_stage != 0)
+    return std::string("ddp.compression ") + word(compression) + " works with ddp.zero_stage 0 only (ZeRO "
+           "reduce-scatters full gradients); turn one of them off";
+  if (wire_cast)
+    return std::string("ddp.compression ") + word(compression) +
+           " sends the gradients' own dtype; leave ddp.wire_dtype at fp32";
+  return "";
 }
 
 bool may_change_on_resume(const std::string& key) {

@@ -62,6 +62,7 @@ std::string items_text(const Setting& s) {
 }
 
 bool in_range(double v, const Range& r) {
+  if (std::isnan(v)) return false;  // only reachable from code (ddp::validate()): JSON has no NaN
   if (r.min && (r.min_exclusive ? v <= *r.min : v < *r.min)) return false;
   if (r.max && (r.max_exclusive ? v >= *r.max : v > *r.max)) return false;
   return true;

@@ -10,6 +10,7 @@
 
 #include "combiners.h"
 #include "fingerprint.h"
+#include "mpitrain/config/config.h"
 #include "mpitrain/runtime/error.h"
 #include "reducer.h"
 
@@ -59,25 +60,31 @@ void broadcast_coalesced(comm::Communicator& comm, const std::vector<at::Tensor>
 
 }  // namespace
 
+// The rules are the config's (see the contract): each option is checked against the row of the
+// ddp.* setting of its name, and the combinations by the config's own cross-setting rule.
+void validate(const Options& options) {
+  const std::string source = "DDP options";
+  const auto check = [&](const std::string& key, const nlohmann::json& value) {
+    const config::Setting* setting = config::settings().find(key);
+    if (setting == nullptr) throw std::logic_error("ddp::validate(): no setting " + key);
+    config::normalize(*setting, value, source, key);
+  };
+  check("ddp.zero_stage", options.zero_stage);
+  if (options.compression != Options::Compression::none) {
+    check("ddp.topk_ratio", options.topk_ratio);
+    check("ddp.powersgd_rank", options.powersgd_rank);
+    check("ddp.powersgd_warmup_steps", options.powersgd_warmup_steps);
+  }
+  if (const std::string problem =
+          config::ddp_settings_problem(options.compression, options.zero_stage, options.wire_dtype.has_value());
+      !problem.empty())
+    throw runtime::Error(source + ": " + problem, runtime::ExitCode::bad_input);
+}
+
 DistributedDataParallel::DistributedDataParallel(std::shared_ptr<torch::nn::Module> module,
                                                  comm::Communicator& comm, Options options)
     : module_(std::move(module)), comm_(comm), options_(options) {
-  if (options_.zero_stage != 0 && options_.zero_stage != 1)
-    throw runtime::Error("DDP: zero_stage " + std::to_string(options_.zero_stage) + " is not supported; use 0 or 1",
-                         runtime::ExitCode::bad_input);
-  if (options_.compression != Options::Compression::none) {
-    if (options_.zero_stage != 0 || options_.wire_dtype)
-      throw runtime::Error("DDP: gradient compression needs zero_stage 0 and no wire dtype (it sends the gradients' "
-                           "own dtype); turn one of them off",
-                           runtime::ExitCode::bad_input);
-    if (!(options_.topk_ratio > 0 && options_.topk_ratio <= 1))
-      throw runtime::Error("DDP: topk_ratio " + std::to_string(options_.topk_ratio) + " must be in (0, 1]",
-                           runtime::ExitCode::bad_input);
-    if (options_.powersgd_rank < 1 || options_.powersgd_warmup_steps < 0)
-      throw runtime::Error("DDP: powersgd_rank " + std::to_string(options_.powersgd_rank) + " must be >= 1 and "
-                           "powersgd_warmup_steps " + std::to_string(options_.powersgd_warmup_steps) + " >= 0",
-                           runtime::ExitCode::bad_input);
-  }
+  validate(options_);
   std::vector<std::string> entries;
   std::vector<std::pair<std::string, at::Tensor>> trainable;
   std::vector<at::Tensor> state;  // everything rank 0 broadcasts

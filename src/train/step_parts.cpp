@@ -20,15 +20,6 @@ std::optional<c10::ScalarType> wire_dtype(config::WireDtype wire) {
   unmapped("ddp.wire_dtype");
 }
 
-ddp::Options::Compression compression(config::Compression compression) {
-  switch (compression) {
-    case config::Compression::none: return ddp::Options::Compression::none;
-    case config::Compression::topk: return ddp::Options::Compression::topk;
-    case config::Compression::powersgd: return ddp::Options::Compression::powersgd;
-  }
-  unmapped("ddp.compression");
-}
-
 }  // namespace
 
 ddp::Options ddp_options(const config::DdpConfig& config) {
@@ -39,7 +30,7 @@ ddp::Options ddp_options(const config::DdpConfig& config) {
   options.broadcast_buffers = config.broadcast_buffers;
   options.wire_dtype = wire_dtype(config.wire_dtype);
   options.zero_stage = static_cast<int>(config.zero_stage);
-  options.compression = compression(config.compression);
+  options.compression = config.compression;  // ddp uses the config's enum
   options.topk_ratio = config.topk_ratio;
   options.powersgd_rank = config.powersgd_rank;
   options.powersgd_warmup_steps = config.powersgd_warmup_steps;

@@ -9,6 +9,7 @@
 // After torch: c10 defines a CHECK macro of its own that Catch must override.
 #include <catch2/catch.hpp>
 
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -375,6 +376,14 @@ TEST_CASE("settings that do not go together are refused before anything is sent"
   options.zero_stage = 0;
   options.topk_ratio = 0;
   CHECK_THROWS_AS(ddp::DistributedDataParallel(model, communicator(), options), runtime::Error);
+  // The rules are the ddp.* settings' (config::settings()), named by their keys.
+  CHECK_THROWS_WITH(ddp::validate(options), Catch::Contains("\"ddp.topk_ratio\" must be a number in (0, 1], got 0.0"));
+  options.topk_ratio = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_AS(ddp::validate(options), runtime::Error);
+  options.topk_ratio = 0.5;
+  options.zero_stage = 1;
+  CHECK_THROWS_WITH(ddp::validate(options), Catch::Contains("ddp.compression topk works with ddp.zero_stage 0 only"));
+  options.zero_stage = 0;
   CHECK_THROWS_AS(ddp::DistributedDataParallel(model, communicator(), powersgd(0, 0)), runtime::Error);
   ddp::Options narrow = powersgd(1, 0);
   narrow.wire_dtype = at::kBFloat16;

@@ -9,10 +9,11 @@
 //   happen for a validated Config (the schema refuses unknown words with a bad_input error
 //   naming the key), so word() treats it as a programming error (std::logic_error) and
 //   parse_word() returns nullopt.
-// - These enums are the config's: the layers that act on a choice (data, comm, runtime, amp,
-//   ddp) keep their own types, and the train layer maps between them (src/train/step_parts.h),
-//   because config sits below those layers and knows nothing of them. No header here needs
-//   LibTorch.
+// - These enums are the config's, and config knows nothing of the layers that act on a choice.
+//   Those layers may read config: ddp::Options::Compression is Compression itself. The others
+//   (data, comm, runtime, amp) keep their own types, which their own callers use without a
+//   config, and the train layer maps the config's to them in one place (src/train/step_parts.h).
+//   Nothing here needs LibTorch or JSON.
 
 #include <array>
 #include <cstddef>

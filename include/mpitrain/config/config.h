@@ -241,6 +241,11 @@ Config resolve(Config config, int world_size);
 /// The canonical tree (only the selected model's options under model); see the contract.
 nlohmann::json to_json(const Config& config);
 
+/// The rule across the ddp settings: compression (other than none) needs ddp.zero_stage 0 and
+/// no wire cast (ddp.wire_dtype fp32). "" or what is wrong, naming the keys. The config's check
+/// and ddp::validate() (for engines built without a config) both apply it.
+std::string ddp_settings_problem(Compression compression, std::int64_t zero_stage, bool wire_cast);
+
 /// Whether the value at `key` (a dotted path into to_json()'s tree: a setting, or an item of a
 /// list setting such as "data.rank_weights.0") may differ between a checkpoint and the run that
 /// resumes from it: the Resume flag of the setting that holds it in settings(). Anything else

@@ -42,6 +42,10 @@
 // - Compression state (residuals; PowerSGD's Q and step count) goes through checkpoints with
 //   state() and load_state().
 // - The module must outlive this object; parameters must not be added or replaced meanwhile.
+// - validate() (run by the constructor first) refuses Options the engine cannot honour, with
+//   runtime::Error(bad_input). Its rules are the config's ddp.* settings' (their ranges in the
+//   settings table and config::ddp_settings_problem()), applied to the Options as to the keys
+//   of the same names, so a rule is written once for both ways in.
 
 #include <torch/nn/module.h>
 
@@ -53,6 +57,7 @@
 #include <vector>
 
 #include "mpitrain/comm/communicator.h"
+#include "mpitrain/config/choices.h"
 
 namespace mpitrain::ddp {
 
@@ -68,7 +73,7 @@ struct Options {
   std::optional<c10::ScalarType> wire_dtype;
   /// 0: every rank holds every averaged gradient; 1: ZeRO stage 1 (see the contract).
   int zero_stage = 0;
-  enum class Compression { none, topk, powersgd };
+  using Compression = config::Compression;  // none, topk, powersgd (ddp.compression)
   /// Compression needs zero_stage 0 and no wire_dtype (it sends the gradients' own dtype).
   Compression compression = Compression::none;
   /// Fraction of each bucket's elements top-k sends, in (0, 1].
@@ -105,6 +110,11 @@ struct Stats {
   /// block, so this is near zero there and the wait shows in the step time instead).
   double comm_wait_seconds = 0;
 };
+
+/// Throws runtime::Error(bad_input) naming what is wrong when `options` break a rule of the
+/// ddp.* settings: zero_stage 0 or 1; with compression, zero_stage 0, no wire_dtype, topk_ratio
+/// in (0, 1], powersgd_rank >= 1 and powersgd_warmup_steps >= 0.
+void validate(const Options& options);
 
 class Reducer;
 
