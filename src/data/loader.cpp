@@ -167,13 +167,9 @@ struct Loader::Impl {
   void size_cache() {
     if (options.cache_bytes > 0) return dataset->set_cache_bytes(options.cache_bytes);
     if (options.shuffle_window == 0) return dataset->set_cache_bytes(std::numeric_limits<std::int64_t>::max());
-    const std::int64_t first = slice_begin(0), last = slice_begin(options.accumulation - 1) + options.batch_size;
-    std::int64_t touched = 0;
-    for (std::int64_t p = 0, begin = 0; p < sampler->partitions(); ++p) {
-      const std::int64_t end = begin + sampler->partition_share(p);
-      if (begin < last && first < end) ++touched;
-      begin = end;
-    }
+    const auto [first, last] =
+        sampler->partitions_of(slice_begin(0), slice_begin(options.accumulation - 1) + options.batch_size);
+    const std::int64_t touched = last - first + 1;
     const std::int64_t blocks = std::min<std::int64_t>(touched * (2 * options.shuffle_window + 2),
                                                        static_cast<std::int64_t>(dataset->blocks().size()));
     dataset->set_cache_bytes(blocks * dataset->block_bytes());

@@ -117,6 +117,16 @@ std::int64_t Sampler::partition_share(std::int64_t p) const {
   return g / partitions_ + (p < g % partitions_ ? 1 : 0);
 }
 
+std::pair<std::int64_t, std::int64_t> Sampler::partitions_of(std::int64_t begin, std::int64_t end) const {
+  std::int64_t first = -1, last = -1;
+  for (std::int64_t p = 0, offset = 0; p < partitions_ && offset < end; offset += partition_share(p), ++p) {
+    if (offset + partition_share(p) <= begin) continue;
+    if (first < 0) first = p;
+    last = p;
+  }
+  return {first, last};
+}
+
 // The epoch's block sequence (every sample once, blocks kept together, blocks permuted) without
 // writing it out: which block is where, and where each begins. O(blocks).
 struct Sampler::Sequence {

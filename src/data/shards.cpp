@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <memory>
 #include <numeric>
+#include <tuple>
 
 #include "hdf5.h"
 #include "mpitrain/data/dataset.h"
@@ -284,16 +285,7 @@ ReadPlan plan_reads(const DatasetSpec& spec, const SamplerOptions& options, int 
   for (int r = 0; r < ranks; ++r) {
     RankReads reads;
     reads.samples_per_batch = share;
-    std::int64_t begin = 0;
-    reads.first_partition = -1;
-    for (std::int64_t p = 0; p < sampler.partitions(); ++p) {
-      const std::int64_t end = begin + sampler.partition_share(p);
-      if (begin < (r + 1) * share && r * share < end) {
-        if (reads.first_partition < 0) reads.first_partition = p;
-        reads.last_partition = p;
-      }
-      begin = end;
-    }
+    std::tie(reads.first_partition, reads.last_partition) = sampler.partitions_of(r * share, (r + 1) * share);
     std::vector<std::int64_t> samples;
     for (std::int64_t s = 0; s < plan.steps_per_epoch; ++s) {
       const auto first = order.begin() + s * options.global_batch + r * share;

@@ -248,6 +248,9 @@ TEST_CASE("partitions: each gives its share of every global batch from its own s
   const data::Sampler uneven({4, 4, 3}, o);
   CHECK(uneven.partitions() == 2);
   CHECK((uneven.partition_share(0) == 3 && uneven.partition_share(1) == 2));
+  CHECK(uneven.partitions_of(0, 3) == std::pair<std::int64_t, std::int64_t>{0, 0});
+  CHECK(uneven.partitions_of(2, 4) == std::pair<std::int64_t, std::int64_t>{0, 1});
+  CHECK(uneven.partitions_of(3, 5) == std::pair<std::int64_t, std::int64_t>{1, 1});
   CHECK(uneven.order(0) == std::vector<std::int64_t>{0, 1, 2, 6, 7, 3, 4, 5, 8, 9});
   // More partitions than samples per batch: one sample from each of G partitions.
   o.global_batch = 3;

@@ -23,6 +23,12 @@ grep -q "2 file(s), 10000 rows" "$work/verify.txt" || fail "verify counts"
 "$BIN/h5shard" inspect "$work/fm/train.json" | tee "$work/inspect.txt" || fail "inspect"
 grep -q "inputs     uint8 \[5000,28,28\]" "$work/inspect.txt" || fail "inspect shape"
 grep -q "gzip(4)" "$work/inspect.txt" || fail "inspect filters"
+# plan: 10000 samples in 8 blocks; 2 ranks over 16 partitions take 8 whole partitions each.
+"$BIN/h5shard" plan "$work/fm/train.json" --ranks 2 --batch 64 | tee "$work/plan.txt" || fail "plan"
+grep -q "10000 samples in 8 blocks" "$work/plan.txt" || fail "plan: dataset"
+grep -q "global batch 64 = 16 partitions x 4 samples; 156 steps per epoch (16 samples unused, drop)" "$work/plan.txt" ||
+  fail "plan: partitions"
+grep -qE "^  0 +0-7 +32 " "$work/plan.txt" && grep -qE "^  1 +8-15 +32 " "$work/plan.txt" || fail "plan: ranks"
 "$python" - "$fm" "$work/fm" <<'PY' || fail "Fashion-MNIST values differ"
 import gzip, sys, h5py, numpy as np
 src, out = sys.argv[1:]
@@ -81,6 +87,7 @@ check_error "filter 'lzf'" "$BIN/h5shard" verify "$fixtures/lzf.h5"
 check_error "unsupported dtype string" "$BIN/h5shard" verify "$fixtures/string_dtype.h5"
 check_error "first dimensions must agree" "$BIN/h5shard" verify "$fixtures/rows_disagree.h5"
 check_error "no file matches" "$BIN/h5shard" inspect "$fixtures/none-*.h5"
+check_error "choose a divisor of it" "$BIN/h5shard" plan "$work/fm/train.json" --ranks 3 --batch 64
 
 # A failure after some shards are written (the second one cannot be moved into place) removes
 # everything it wrote.

@@ -31,6 +31,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -83,6 +84,8 @@ class Sampler {
   std::int64_t partitions() const { return partitions_; }
   /// Samples partition p gives each global batch.
   std::int64_t partition_share(std::int64_t p) const;
+  /// The first and last partition that positions [begin, end) of a global batch come from.
+  std::pair<std::int64_t, std::int64_t> partitions_of(std::int64_t begin, std::int64_t end) const;
 
   /// The epoch's global batches, one after the other (steps_per_epoch() * global batch entries).
   std::vector<std::int64_t> order(std::int64_t epoch) const;
