@@ -18,7 +18,7 @@ train 2 --set run.name=resumed --resume auto
 [ "$(losses "$work/runs/straight/metrics.jsonl")" = "$(losses "$work/runs/resumed/metrics.jsonl")" ] || {
   echo "FAIL: losses differ"; losses "$work/runs/straight/metrics.jsonl"; losses "$work/runs/resumed/metrics.jsonl"; exit 1; }
 cmp "$work/runs/straight/checkpoints/step-00000040/model.safetensors" "$work/runs/resumed/checkpoints/step-00000040/model.safetensors"
-ls "$work/runs/straight/checkpoints" | tr '\n' ' ' | grep -qx "step-00000030 step-00000040 " || {
+ls "$work/runs/straight/checkpoints" | tr '\n' ' ' | grep -x "step-00000030 step-00000040 " > /dev/null || {
   echo "FAIL: keep_last 2 should leave steps 30 and 40"; ls "$work/runs/straight/checkpoints"; exit 1; }
 
 echo "--- 2. SIGTERM"

@@ -104,7 +104,7 @@ JSON
 train "$work/gpt.json" "$work/gpt.log"
 cat "$work/gpt.log"
 metrics=$work/runs/gpt/metrics.jsonl
-first=$(grep -o '"loss":[^,}]*' "$metrics" | head -1 | cut -d: -f2)
+first=$(grep -m1 -o '"loss":[^,}]*' "$metrics" | cut -d: -f2)
 last=$(grep -o '"loss":[^,}]*' "$metrics" | tail -1 | cut -d: -f2)
 awk -v a="$first" -v b="$last" 'BEGIN { exit !(b < a - 0.5) }' || fail "the loss did not fall: $first -> $last"
 tokens=$(field "$metrics" tokens_per_s)

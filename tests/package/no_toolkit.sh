@@ -106,7 +106,7 @@ esac
 echo "[${SECONDS} s] --- 4. the main build's train, where it is a CUDA build, starts without the toolkit"
 train=${BIN:?BIN is set by CTest}/train
 [ -x "$train" ] || { echo "FAIL: $train is not built"; exit 1; }
-if readelf -d "$train" | grep -q 'NEEDED.*libcudart'; then
+if readelf -d "$train" | grep 'NEEDED.*libcudart' > /dev/null; then
   ldd "$train" > "$work/ldd-train.log"
   if grep -q "not found" "$work/ldd-train.log"; then
     cat "$work/ldd-train.log"; echo "FAIL: train (CUDA build) has unresolved libraries without the toolkit"; exit 1

@@ -112,7 +112,7 @@ echo "--- kill -9 of a random rank at a random moment while checkpoints are writ
 for i in $(seq "$repeats"); do
   name=random-$i
   start "$name" --set checkpoint.every_steps=1 --set checkpoint.keep_last=2
-  for _ in $(seq 300); do ls "$work/runs/$name/checkpoints" 2>/dev/null | grep -q '^step-' && break; sleep 0.1; done
+  for _ in $(seq 300); do ls "$work/runs/$name/checkpoints" 2>/dev/null | grep '^step-' > /dev/null && break; sleep 0.1; done
   sleep "$(awk -v s="$RANDOM" 'BEGIN { srand(s); printf "%.2f", rand() * 2 }')"
   kill -9 "$(ranks_of "$name" | shuf -n 1)"
   ended "$name" 60 "exited on signal 9"
