@@ -198,6 +198,24 @@ WorkPtr Communicator::reduce_scatter_async(at::Tensor& output, const at::Tensor&
   return do_reduce_scatter(output, input, op);
 }
 
+void Communicator::check_peer(const char* operation, int peer) const {
+  if (peer < 0 || peer >= size_ || peer == rank_)
+    throw Error(std::string(operation) + " on " + runtime::where() + ": peer " + std::to_string(peer) +
+                " is not another rank of this communicator of " + std::to_string(size_));
+}
+
+WorkPtr Communicator::send_async(const at::Tensor& tensor, int peer) {
+  check_tensor("send", tensor);
+  check_peer("send", peer);
+  return do_send(tensor, peer);
+}
+
+WorkPtr Communicator::recv_async(at::Tensor& tensor, int peer) {
+  check_tensor("recv", tensor);
+  check_peer("recv", peer);
+  return do_recv(tensor, peer);
+}
+
 WorkPtr Communicator::barrier_async() {
   if (options_.verify_collectives) verify_across_ranks("barrier", nullptr, 0);
   return do_barrier();

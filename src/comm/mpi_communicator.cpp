@@ -86,11 +86,12 @@ void* data(const at::Tensor& tensor) {
 class MpiWork final : public Work {
  public:
   MpiWork(std::string what, std::function<void(MPI_Request*)> start, std::function<void()> finish,
-          std::vector<at::Tensor> tensors)
+          std::vector<at::Tensor> tensors, bool ordered = true)
       : what_(std::move(what)),
         start_(std::move(start)),
         finish_(std::move(finish)),
-        tensors_(std::move(tensors)) {}
+        tensors_(std::move(tensors)),
+        ordered_(ordered) {}
 
   bool is_completed() override { return done_.load(std::memory_order_acquire); }
 
@@ -130,12 +131,15 @@ class MpiWork final : public Work {
   }
   std::chrono::steady_clock::duration age() const { return std::chrono::steady_clock::now() - started_; }
   const std::string& what() const { return what_; }
+  // Collectives complete in call order; point-to-point work as soon as its transfer has.
+  bool ordered() const { return ordered_; }
 
  private:
   std::string what_;
   std::function<void(MPI_Request*)> start_;
   std::function<void()> finish_;
   std::vector<at::Tensor> tensors_;  // kept alive while MPI reads or writes them
+  bool ordered_;
   MPI_Request request_ = MPI_REQUEST_NULL;
   bool timed_ = false;
   // Written by the progress thread before done_ is released.
@@ -150,8 +154,8 @@ class MpiWork final : public Work {
 
 // The progress thread. Protocol: submit() appends to `queued_`; the thread moves queued work to
 // `active_` starting each MPI operation in submission order (so every rank starts them in the
-// same order), then tests only the oldest active operation and completes operations strictly in
-// order. While anything is active it polls, paced by runtime::Backoff (yielding at first, then
+// same order), then tests only the oldest active collective and completes collectives strictly
+// in order; point-to-point operations are tested each pass and complete when done. While anything is active it polls, paced by runtime::Backoff (yielding at first, then
 // sleeping up to a millisecond, so a collective a peer withholds costs almost no CPU); otherwise
 // it sleeps on the condition variable. It never touches CUDA (this backend is for CPU tensors).
 // An exception on it (an operation's finishing step failing) ends the job through fatal().
@@ -209,20 +213,26 @@ class MpiCommunicator::Engine {
           active.back()->start();
         }
       }
-      while (!active.empty() && active.front()->test()) {
-        active.front()->complete();
-        active.pop_front();
-        backoff.reset();
+      bool oldest_collective = true;
+      for (auto it = active.begin(); it != active.end();) {
+        const bool ordered = (*it)->ordered();
+        if ((!ordered || oldest_collective) && (*it)->test()) {
+          (*it)->complete();
+          it = active.erase(it);
+          backoff.reset();
+          continue;
+        }
+        if ((*it)->age() > timeout_) {
+          runtime::fatal("MPI " + (*it)->what() + " did not complete within " + std::to_string(timeout_.count()) +
+                             " ms on " + runtime::where() +
+                             ": a peer rank is stalled or dead, or the ranks called collectives (or sends and "
+                             "receives) in different orders",
+                         runtime::ExitCode::comm_timeout);
+        }
+        if (ordered) oldest_collective = false;
+        ++it;
       }
-      if (active.empty()) continue;
-      if (active.front()->age() > timeout_) {
-        runtime::fatal("MPI " + active.front()->what() + " did not complete within " +
-                           std::to_string(timeout_.count()) + " ms on " + runtime::where() +
-                           ": a peer rank is stalled or dead, or the ranks called collectives "
-                           "in different orders",
-                       runtime::ExitCode::comm_timeout);
-      }
-      backoff.pause();
+      if (!active.empty()) backoff.pause();
     }
   }
 
@@ -344,6 +354,33 @@ WorkPtr MpiCommunicator::do_barrier() {
   return engine_->submit(std::make_shared<MpiWork>(
       "barrier", [=](MPI_Request* request) { MPITRAIN_CHECK_MPI(MPI_Ibarrier(comm, request)); },
       nullptr, std::vector<at::Tensor>{}),
+      timing());
+}
+
+// One tag: messages between two ranks of this communicator match in the order they were posted.
+constexpr int kP2pTag = 0;
+
+WorkPtr MpiCommunicator::do_send(const at::Tensor& tensor, int peer) {
+  const int count = mpi_count("send", tensor);
+  const MPI_Datatype type = mpi_type(tensor.scalar_type());
+  MPI_Comm comm = engine_->comm();
+  void* buffer = data(tensor);
+  return engine_->submit(std::make_shared<MpiWork>(
+      describe("send", tensor, ("to rank " + std::to_string(peer)).c_str()),
+      [=](MPI_Request* request) { MPITRAIN_CHECK_MPI(MPI_Isend(buffer, count, type, peer, kP2pTag, comm, request)); },
+      nullptr, std::vector<at::Tensor>{tensor}, /*ordered=*/false),
+      timing());
+}
+
+WorkPtr MpiCommunicator::do_recv(at::Tensor& tensor, int peer) {
+  const int count = mpi_count("recv", tensor);
+  const MPI_Datatype type = mpi_type(tensor.scalar_type());
+  MPI_Comm comm = engine_->comm();
+  void* buffer = data(tensor);
+  return engine_->submit(std::make_shared<MpiWork>(
+      describe("recv", tensor, ("from rank " + std::to_string(peer)).c_str()),
+      [=](MPI_Request* request) { MPITRAIN_CHECK_MPI(MPI_Irecv(buffer, count, type, peer, kP2pTag, comm, request)); },
+      nullptr, std::vector<at::Tensor>{tensor}, /*ordered=*/false),
       timing());
 }
 

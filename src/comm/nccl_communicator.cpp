@@ -453,4 +453,22 @@ WorkPtr NcclCommunicator::do_barrier() {
   });
 }
 
+WorkPtr NcclCommunicator::do_send(const at::Tensor& tensor, int peer) {
+  const auto type = nccl_type(tensor.scalar_type());
+  const auto count = static_cast<std::size_t>(tensor.numel());
+  void* buffer = data(tensor);
+  ncclComm_t comm = state_->comm();
+  return state_->launch(describe("send", tensor, ("to rank " + std::to_string(peer)).c_str()), {tensor}, false,
+                        timing(), [&](cudaStream_t stream) { return ncclSend(buffer, count, type, peer, comm, stream); });
+}
+
+WorkPtr NcclCommunicator::do_recv(at::Tensor& tensor, int peer) {
+  const auto type = nccl_type(tensor.scalar_type());
+  const auto count = static_cast<std::size_t>(tensor.numel());
+  void* buffer = data(tensor);
+  ncclComm_t comm = state_->comm();
+  return state_->launch(describe("recv", tensor, ("from rank " + std::to_string(peer)).c_str()), {tensor}, false,
+                        timing(), [&](cudaStream_t stream) { return ncclRecv(buffer, count, type, peer, comm, stream); });
+}
+
 }  // namespace mpitrain::comm

@@ -44,9 +44,9 @@ World::World(int* argc, char*** argv) {
   }
   // Errors come back as return codes, which the check macros report with rank and host.
   MPITRAIN_CHECK_MPI(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
-  MPITRAIN_CHECK_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &comm_));
-  MPITRAIN_CHECK_MPI(MPI_Comm_rank(comm_, &rank_));
-  MPITRAIN_CHECK_MPI(MPI_Comm_size(comm_, &size_));
+  MPI_Comm world = MPI_COMM_NULL;
+  MPITRAIN_CHECK_MPI(MPI_Comm_dup(MPI_COMM_WORLD, &world));
+  MPITRAIN_CHECK_MPI(MPI_Comm_rank(world, &rank_));
 
   char name[MPI_MAX_PROCESSOR_NAME] = {};
   int length = 0;
@@ -63,10 +63,7 @@ World::World(int* argc, char*** argv) {
           ExitCode::failure);
   }
 
-  MPITRAIN_CHECK_MPI(
-      MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node_comm_));
-  MPITRAIN_CHECK_MPI(MPI_Comm_rank(node_comm_, &local_rank_));
-  MPITRAIN_CHECK_MPI(MPI_Comm_size(node_comm_, &local_size_));
+  join(world);
 
   const int from_launcher = launcher_local_rank();
   if (from_launcher >= 0 && from_launcher != local_rank_) {
@@ -77,12 +74,33 @@ World::World(int* argc, char*** argv) {
   }
 }
 
+void World::join(MPI_Comm comm) {
+  comm_ = comm;
+  MPITRAIN_CHECK_MPI(MPI_Comm_rank(comm_, &rank_));
+  MPITRAIN_CHECK_MPI(MPI_Comm_size(comm_, &size_));
+  MPITRAIN_CHECK_MPI(
+      MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node_comm_));
+  MPITRAIN_CHECK_MPI(MPI_Comm_rank(node_comm_, &local_rank_));
+  MPITRAIN_CHECK_MPI(MPI_Comm_size(node_comm_, &local_size_));
+}
+
+std::unique_ptr<World> World::split(int color, int key) const {
+  MPI_Comm group = MPI_COMM_NULL;
+  MPITRAIN_CHECK_MPI(MPI_Comm_split(comm_, color, key, &group));
+  std::unique_ptr<World> sub(new World());
+  sub->host_ = host_;
+  sub->log_ = log_;
+  sub->join(group);
+  return sub;
+}
+
 World::~World() {
-  if (node_comm_ != MPI_COMM_NULL) MPI_Comm_free(&node_comm_);
-  if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
   int finalized = 0;
   MPI_Finalized(&finalized);
-  if (owns_mpi_ && !finalized) MPI_Finalize();
+  if (finalized) return;
+  if (node_comm_ != MPI_COMM_NULL) MPI_Comm_free(&node_comm_);
+  if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
+  if (owns_mpi_) MPI_Finalize();
 }
 
 void World::barrier() const { MPITRAIN_CHECK_MPI(MPI_Barrier(comm_)); }

@@ -71,7 +71,7 @@ bool waits_quietly(const runtime::World& world, const char* what, double late, W
 int main(int argc, char** argv) {
   runtime::World world(&argc, &argv);
   if (argc < 3) {
-    std::fprintf(stderr, "usage: comm_probe withhold|mismatch TIMEOUT_S [cpu|cuda]\n");
+    std::fprintf(stderr, "usage: comm_probe withhold|withhold_send|mismatch TIMEOUT_S [cpu|cuda]\n");
     return 2;
   }
   const std::string scenario = argv[1];
@@ -107,6 +107,17 @@ int main(int argc, char** argv) {
       comm->all_reduce(tensor);
       comm->barrier();
       std::printf("rank %d: the collective completed; it should have timed out\n", world.rank());
+      return 0;
+    }
+    if (scenario == "withhold_send") {
+      // Rank 0 waits for a message its peer never sends: the receive times out like a collective.
+      if (world.size() > 1 && world.rank() == 1) {
+        std::this_thread::sleep_for(options.timeout * 4);
+        return 0;
+      }
+      if (world.rank() == 0 && world.size() > 1) comm->recv_async(tensor, 1)->wait();
+      world.barrier();
+      std::printf("rank %d: the receive completed; it should have timed out\n", world.rank());
       return 0;
     }
     if (scenario == "mismatch") {

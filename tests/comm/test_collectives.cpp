@@ -226,6 +226,51 @@ TEST_CASE("with timing on, completed work reports when it ran; with timing off, 
   comm.barrier();
 }
 
+TEST_CASE("send and recv around a ring: exact values, in order, overlapping both ways", "[comm][p2p]") {
+  auto& comm = communicator();
+  const int n = comm.size(), r = comm.rank();
+  if (n == 1) return;
+  const int next = (r + 1) % n, previous = (r + n - 1) % n;
+  for (const auto type : kTypes) {
+    for (const std::int64_t numel : {std::int64_t{0}, std::int64_t{1}, std::int64_t{1000003}}) {
+      // Two messages each way: the second must not overtake the first.
+      const at::Tensor first = on_device(pattern(numel, 11, type) + r, type);
+      const at::Tensor second = on_device(pattern(numel, 11, type) + 2 * r + 1, type);
+      at::Tensor got_first = at::empty_like(first), got_second = at::empty_like(second);
+      // Receives posted before the sends: p2p work completes on its own, not behind later work.
+      auto recv_first = comm.recv_async(got_first, previous);
+      auto recv_second = comm.recv_async(got_second, previous);
+      auto send_first = comm.send_async(first, next);
+      auto send_second = comm.send_async(second, next);
+      recv_first->wait();
+      recv_second->wait();
+      send_first->wait();
+      send_second->wait();
+      require_equal(got_first, pattern(numel, 11, type) + previous);
+      require_equal(got_second, pattern(numel, 11, type) + 2 * previous + 1);
+    }
+  }
+  comm.barrier();
+}
+
+TEST_CASE("a split world gives each group its own communicator", "[comm][p2p]") {
+  // Two groups by parity (a pipeline's stage groups): sums stay inside each group.
+  const int r = world().rank();
+  auto group = world().split(r % 2, r);
+  REQUIRE(group->size() == (world().size() + 1 - r % 2) / 2);
+  REQUIRE(group->rank() == r / 2);
+  comm::CommOptions options;
+  options.timeout = std::chrono::seconds(120);
+  auto sub = comm::make_communicator(*group, communicator().device(), options);
+  at::Tensor x = on_device(at::full({5}, r + 1, at::kDouble), c10::kDouble);
+  sub->all_reduce(x);
+  double expected = 0;
+  for (int k = r % 2; k < world().size(); k += 2) expected += k + 1;
+  require_equal(x, at::full({5}, expected, at::kDouble));
+  CHECK_THROWS_WITH(sub->send_async(x, group->rank()), Catch::Contains("is not another rank"));
+  CHECK_THROWS_WITH(sub->recv_async(x, group->size()), Catch::Contains("is not another rank"));
+}
+
 TEST_CASE("bad arguments are clear errors, never a silent wrong answer", "[comm]") {
   auto& comm = communicator();
   const auto options = at::TensorOptions().device(comm.device());

@@ -61,6 +61,14 @@ class RecordingCommunicator final : public comm::Communicator {
     record("barrier 0");
     return inner_.barrier_async();
   }
+  comm::WorkPtr do_send(const at::Tensor& tensor, int peer) override {
+    record("send " + std::to_string(tensor.numel()));
+    return inner_.send_async(tensor, peer);
+  }
+  comm::WorkPtr do_recv(at::Tensor& tensor, int peer) override {
+    record("recv " + std::to_string(tensor.numel()));
+    return inner_.recv_async(tensor, peer);
+  }
 
  private:
   void record(const std::string& event, int64_t all_reduce_numel = -1) {

@@ -18,6 +18,14 @@
 // - With verify_collectives, each call first compares (operation, dtype, size, root) across
 //   ranks and a mismatch is an error on every rank; it costs one small collective per call, so
 //   it is meant for debugging and tests.
+// - Point-to-point (send_async/recv_async, for pipeline activations and their gradients): a
+//   send to rank `peer` matches that peer's recv from this rank, in the order each side posts
+//   them; the receiving tensor has the sent dtype and element count (a mismatch is an error or
+//   a timeout, never silent). Unlike collectives, p2p work completes as soon as its own
+//   transfer has, not in call order. The timeout and abort rules are those of collectives. On
+//   NCCL sends and receives run on the communicator's one stream in call order, so the two
+//   sides must post them in matching order (the pipeline gives each direction its own
+//   communicator for that).
 // - While timing is on (set_timing), each operation launched records when it ran, on this
 //   host's steady clock, for the trainer's step timeline: Work::timing() gives it once the work
 //   has completed. Off by default, because on CUDA it costs two host callbacks per operation.
@@ -92,6 +100,10 @@ class Communicator {
   /// input.numel() == size() * output.numel(); rank r gets the reduction of every input's r-th slice.
   WorkPtr reduce_scatter_async(at::Tensor& output, const at::Tensor& input, ReduceOp op);
   WorkPtr barrier_async();
+  /// To rank `peer` of this communicator (not this rank).
+  WorkPtr send_async(const at::Tensor& tensor, int peer);
+  /// From rank `peer`, into tensor (same dtype and element count as the send).
+  WorkPtr recv_async(at::Tensor& tensor, int peer);
 
   void all_reduce(at::Tensor& tensor, ReduceOp op = ReduceOp::sum) { all_reduce_async(tensor, op)->wait(); }
   void broadcast(at::Tensor& tensor, int root) { broadcast_async(tensor, root)->wait(); }
@@ -119,9 +131,12 @@ class Communicator {
   virtual WorkPtr do_all_gather(at::Tensor& output, const at::Tensor& input) = 0;
   virtual WorkPtr do_reduce_scatter(at::Tensor& output, const at::Tensor& input, ReduceOp op) = 0;
   virtual WorkPtr do_barrier() = 0;
+  virtual WorkPtr do_send(const at::Tensor& tensor, int peer) = 0;
+  virtual WorkPtr do_recv(at::Tensor& tensor, int peer) = 0;
 
  private:
   void check_tensor(const char* operation, const at::Tensor& tensor) const;
+  void check_peer(const char* operation, int peer) const;
   void verify_across_ranks(const char* operation, const at::Tensor* tensor, std::int64_t extra);
 
   struct Control;  // the MPI communicator verify_collectives uses

@@ -39,6 +39,8 @@ class NcclCommunicator final : public Communicator {
   WorkPtr do_all_gather(at::Tensor& output, const at::Tensor& input) override;
   WorkPtr do_reduce_scatter(at::Tensor& output, const at::Tensor& input, ReduceOp op) override;
   WorkPtr do_barrier() override;
+  WorkPtr do_send(const at::Tensor& tensor, int peer) override;
+  WorkPtr do_recv(at::Tensor& tensor, int peer) override;
 
  private:
   class State;  // keeps nccl.h and the CUDA headers out of users' translation units

@@ -12,10 +12,14 @@
 //   ranks that share this node. Launcher variables (OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID,
 //   ...) are only compared with it, and a disagreement is a warning.
 // - Started without mpirun it is a world of one.
+// - split() makes a group of ranks (a pipeline stage's replicas, one replica's stages) that is
+//   a World of its own: rank(), size(), comm() and the node layout are the group's; log()
+//   stays the process's, so messages keep naming the global rank. A group never owns MPI.
 
 #include <mpi.h>
 
 #include <chrono>
+#include <memory>
 #include <string>
 
 #include "mpitrain/runtime/log.h"
@@ -39,6 +43,9 @@ class World {
   MPI_Comm node_comm() const { return node_comm_; }
   const Logger& log() const { return log_; }
 
+  /// The ranks with the same color, ordered by key then by rank here. Collective over this world.
+  std::unique_ptr<World> split(int color, int key) const;
+
   /// Blocks until every rank arrives. Plain MPI on the world communicator.
   void barrier() const;
   /// The same, but a rank still waiting after `timeout` ends the job (ExitCode::comm_timeout)
@@ -46,6 +53,9 @@ class World {
   void barrier(std::chrono::milliseconds timeout, const std::string& what) const;
 
  private:
+  World() = default;
+  void join(MPI_Comm comm);  // takes comm; sets rank, size and the node layout
+
   bool owns_mpi_ = false;
   MPI_Comm comm_ = MPI_COMM_NULL;
   MPI_Comm node_comm_ = MPI_COMM_NULL;
