@@ -59,6 +59,7 @@ NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(PrecisionConfig, mode, tf32, loss_scale)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DdpConfig, bucket_mb, first_bucket_mb, find_unused_parameters,
                                    broadcast_buffers, wire_dtype, zero_stage, compression, topk_ratio,
                                    powersgd_rank, powersgd_warmup_steps, comm_timeout_s)
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(ParallelConfig, pipeline_stages, schedule, stage_pieces)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DeviceConfig, kind, allow_shared_gpu, memory_fraction, backend,
                                    peak_tflops)
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(CheckpointConfig, every_steps, keep_last, keep_every, dir,
@@ -79,7 +80,7 @@ void from_json(const json& j, ModelConfig& m) {
 }
 
 NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(Config, run, model, data, batch, optimizer, schedule, train,
-                                   precision, ddp, device, checkpoint, log, eval)
+                                   precision, ddp, parallel, device, checkpoint, log, eval)
 
 namespace {
 
@@ -316,6 +317,19 @@ Schema make_settings() {
       number("ddp.comm_timeout_s", 600.0, "seconds a collective may take before the job is ended",
              Range::open_closed(0, max_timeout_s))
           .on_resume(Resume::may_change),
+
+      integer("parallel.pipeline_stages", 1,
+              "P: the model is cut into P pipeline stages on P ranks; the world is P x D ranks, D "
+              "data-parallel replicas of the pipeline (docs/pipeline.md)",
+              Range::at_least(1)),
+      choice("parallel.schedule", PipelineSchedule::one_f_one_b,
+             "the pipeline's order of micro-batches: 1f1b keeps at most P in flight per stage, "
+             "gpipe runs all forwards, then all backwards")
+          .on_resume(Resume::may_change),
+      integers("parallel.stage_pieces", {},
+               "pieces of the model (blocks, layers, stages) per pipeline stage, first to last "
+               "(empty = balanced by parameters)",
+               Range::at_least(1)),
 
       choice("device.kind", DeviceKind::automatic,
              "auto = the GPU of the rank's node-local index when one is usable, else the CPU")
@@ -604,9 +618,20 @@ Config load(const std::string& path, const std::vector<std::string>& overrides,
 
 Config resolve(Config config, int world_size) {
   if (world_size < 1) throw std::invalid_argument("resolve(): world_size must be >= 1");
+  const std::int64_t stages = config.parallel.pipeline_stages;
+  if (world_size % stages != 0)
+    fail("parallel settings for " + std::to_string(world_size) + " rank(s)",
+         "parallel.pipeline_stages (" + std::to_string(stages) + ") must divide the number of ranks (" +
+             std::to_string(world_size) + "): start a multiple of " + std::to_string(stages) +
+             " ranks, or change parallel.pipeline_stages");
+  const std::size_t listed = config.parallel.stage_pieces.size();
+  if (listed != 0 && listed != static_cast<std::size_t>(stages))
+    fail("parallel settings", "parallel.stage_pieces lists " + std::to_string(listed) + " stage(s) but "
+         "parallel.pipeline_stages is " + std::to_string(stages) + "; give one count per stage, or [] to balance");
   BatchConfig& b = config.batch;
-  const std::int64_t ranks = world_size;
-  const std::string source = "batch settings for " + std::to_string(ranks) + " rank(s)";
+  const std::int64_t ranks = world_size / stages;  // data-parallel replicas
+  const std::string source = "batch settings for " + std::to_string(ranks) +
+                             (stages > 1 ? " data-parallel replica(s)" : " rank(s)");
   const RankWeights& weights = config.data.rank_weights;
   if (weights.mode == RankWeights::Mode::list && weights.weights.size() != static_cast<std::size_t>(ranks))
     fail(source, "data.rank_weights has " + std::to_string(weights.weights.size()) + " weight(s), one per rank is " +

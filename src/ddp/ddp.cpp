@@ -125,15 +125,25 @@ std::vector<at::Tensor> DistributedDataParallel::gradients() const {
   return grads;
 }
 
-at::Tensor DistributedDataParallel::clip_grad_norm(double max_norm) {
+at::Tensor DistributedDataParallel::clip_grad_norm(double max_norm, comm::Communicator* across,
+                                                  const std::vector<at::Tensor>& left_out) {
   at::NoGradGuard no_grad;
   const std::vector<at::Tensor> grads = gradients();
+  if (!left_out.empty() && reducer_->zero_stage() == 1)
+    throw std::logic_error("clip_grad_norm: left_out needs ddp.zero_stage 0");
+  const auto counted = [&](const at::Tensor& grad) {
+    for (const at::Tensor& parameter : left_out)
+      if (parameter.grad().defined() && parameter.grad().is_same(grad)) return false;
+    return true;
+  };
   // Per-tensor norms in float64, squared and summed (across ranks at stage 1, where each holds
   // a shard): the norm then does not depend on how the gradient is cut, so both stages clip
   // by the same factor, as torch::nn::utils::clip_grad_norm_ would up to its float32 rounding.
   at::Tensor squares = at::zeros({1}, at::TensorOptions().device(comm_.device()).dtype(at::kDouble));
-  for (const at::Tensor& grad : grads) squares += at::linalg_vector_norm(grad, 2, {}, false, at::kDouble).square();
+  for (const at::Tensor& grad : grads)
+    if (counted(grad)) squares += at::linalg_vector_norm(grad, 2, {}, false, at::kDouble).square();
   if (reducer_->zero_stage() == 1) comm_.all_reduce(squares, comm::ReduceOp::sum);
+  if (across != nullptr) across->all_reduce(squares, comm::ReduceOp::sum);
   const at::Tensor norm = squares.sqrt();
   const at::Tensor factor = (max_norm / (norm + 1e-6)).clamp_max(1.0);
   for (const at::Tensor& grad : grads) grad.mul_(factor.to(grad.scalar_type()));

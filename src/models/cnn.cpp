@@ -33,7 +33,35 @@ class Cnn : public Model {
   }
 
   at::Tensor forward(const at::Tensor& inputs) override {
-    // [N, C, S, S], or the same values flattened per sample as [N, C*S*S].
+    return head_->forward(features_->forward(images(inputs)).flatten(1));
+  }
+
+  // One piece per stage (convolution, ReLU, pool); the last one ends with the head.
+  std::vector<Piece> pieces() override {
+    std::vector<Piece> result;
+    const auto stages = static_cast<std::int64_t>(features_->size()) / 3;
+    for (std::int64_t k = 0; k < stages; ++k) {
+      const bool first = k == 0, last = k + 1 == stages;
+      Piece piece;
+      piece.name = "features." + std::to_string(3 * k) + (last ? " (with head)" : "");
+      piece.owns.push_back(features_->ptr(3 * k));
+      if (last) piece.owns.push_back(head_.ptr());
+      piece.forward = [this, k, first, last](const at::Tensor& x) {
+        at::Tensor y = first ? images(x) : x;
+        for (std::int64_t i = 3 * k; i < 3 * k + 3; ++i) y = (features_->begin() + i)->forward(y);
+        return last ? head_->forward(y.flatten(1)) : y;
+      };
+      result.push_back(std::move(piece));
+    }
+    return result;
+  }
+
+  Task task() const override { return Task::classification; }
+  std::int64_t output_classes() const override { return num_classes_; }
+
+ private:
+  // [N, C, S, S], or the same values flattened per sample as [N, C*S*S].
+  at::Tensor images(const at::Tensor& inputs) const {
     const std::int64_t per_sample = in_channels_ * image_size_ * image_size_;
     if (inputs.dim() < 2 || inputs.numel() != inputs.size(0) * per_sample)
       throw runtime::Error("cnn: inputs of shape " + c10::str(inputs.sizes()) + " are not [N, " +
@@ -41,15 +69,9 @@ class Cnn : public Model {
                                ", " + std::to_string(image_size_) +
                                "] (model.cnn.in_channels, model.cnn.image_size)",
                            runtime::ExitCode::bad_input);
-    const at::Tensor images =
-        inputs.reshape({inputs.size(0), in_channels_, image_size_, image_size_});
-    return head_->forward(features_->forward(images).flatten(1));
+    return inputs.reshape({inputs.size(0), in_channels_, image_size_, image_size_});
   }
 
-  Task task() const override { return Task::classification; }
-  std::int64_t output_classes() const override { return num_classes_; }
-
- private:
   std::int64_t in_channels_;
   std::int64_t image_size_;
   std::int64_t num_classes_;

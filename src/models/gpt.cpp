@@ -193,12 +193,31 @@ class Gpt : public Model, public Decoder {
   }
 
   at::Tensor forward(const at::Tensor& tokens) override {
-    check_tokens(tokens, 0);
-    const at::Tensor positions = at::arange(tokens.size(1), tokens.options().dtype(at::kLong));
-    at::Tensor x =
-        at::dropout(wte_->forward(tokens) + wpe_->forward(positions), dropout_, is_training());
+    at::Tensor x = embed(tokens);
     for (const auto& block : blocks_) x = block->forward(x);
-    return at::linear(ln_f_->forward(x), wte_->weight);
+    return head(x);
+  }
+
+  // One piece per block: the embeddings with the first, the final norm and the tied head with
+  // the last (which borrows wte from the first when they are different pieces).
+  std::vector<Piece> pieces() override {
+    std::vector<Piece> result;
+    const auto layers = static_cast<std::int64_t>(blocks_.size());
+    for (std::int64_t i = 0; i < layers; ++i) {
+      const bool first = i == 0, last = i + 1 == layers;
+      Piece piece;
+      piece.name = "h." + std::to_string(i) + (first ? " (with wte, wpe)" : "") + (last ? " (with ln_f, head)" : "");
+      if (first) piece.owns = {wte_.ptr(), wpe_.ptr()};
+      piece.owns.push_back(blocks_[static_cast<std::size_t>(i)]);
+      if (last) piece.owns.push_back(ln_f_);
+      if (last && !first) piece.borrows.push_back(wte_.ptr());
+      piece.forward = [this, i, first, last](const at::Tensor& input) {
+        at::Tensor x = blocks_[static_cast<std::size_t>(i)]->forward(first ? embed(input) : input);
+        return last ? head(x) : x;
+      };
+      result.push_back(std::move(piece));
+    }
+    return result;
   }
 
   KvCache new_cache(std::int64_t batch) const override {
@@ -240,6 +259,14 @@ class Gpt : public Model, public Decoder {
   }
 
  private:
+  at::Tensor embed(const at::Tensor& tokens) {
+    check_tokens(tokens, 0);
+    const at::Tensor positions = at::arange(tokens.size(1), tokens.options().dtype(at::kLong));
+    return at::dropout(wte_->forward(tokens) + wpe_->forward(positions), dropout_, is_training());
+  }
+
+  at::Tensor head(const at::Tensor& x) { return at::linear(ln_f_->forward(x), wte_->weight); }
+
   // Token ids [N, T] after `before` positions already seen, within the context length.
   void check_tokens(const at::Tensor& tokens, std::int64_t before) const {
     if (tokens.dim() != 2 ||

@@ -29,19 +29,43 @@ class Mlp : public Model {
     register_module("net", net_);
   }
 
-  at::Tensor forward(const at::Tensor& inputs) override {
-    if (inputs.dim() < 2 || inputs.numel() != inputs.size(0) * input_dim_)
-      throw runtime::Error("mlp: inputs of shape " + c10::str(inputs.sizes()) + " do not have " +
-                               std::to_string(input_dim_) +
-                               " features per sample (model.mlp.input_dim)",
-                           runtime::ExitCode::bad_input);
-    return net_->forward(inputs.reshape({inputs.size(0), input_dim_}));
+  at::Tensor forward(const at::Tensor& inputs) override { return net_->forward(flat(inputs)); }
+
+  // One piece per Linear layer, with the activation and dropout that follow it.
+  std::vector<Piece> pieces() override {
+    std::vector<Piece> result;
+    const auto layers = static_cast<std::int64_t>(net_->size());
+    for (std::int64_t begin = 0; begin < layers;) {
+      std::int64_t end = begin + 1;
+      while (end < layers && !net_->ptr(end)->as<torch::nn::Linear>()) ++end;
+      const bool first = begin == 0;
+      Piece piece;
+      piece.name = "net." + std::to_string(begin);
+      piece.owns.push_back(net_->ptr(begin));
+      piece.forward = [this, begin, end, first](const at::Tensor& x) {
+        at::Tensor y = first ? flat(x) : x;
+        for (std::int64_t i = begin; i < end; ++i) y = (net_->begin() + i)->forward(y);
+        return y;
+      };
+      result.push_back(std::move(piece));
+      begin = end;
+    }
+    return result;
   }
 
   Task task() const override { return Task::classification; }
   std::int64_t output_classes() const override { return num_classes_; }
 
  private:
+  at::Tensor flat(const at::Tensor& inputs) const {
+    if (inputs.dim() < 2 || inputs.numel() != inputs.size(0) * input_dim_)
+      throw runtime::Error("mlp: inputs of shape " + c10::str(inputs.sizes()) + " do not have " +
+                               std::to_string(input_dim_) +
+                               " features per sample (model.mlp.input_dim)",
+                           runtime::ExitCode::bad_input);
+    return inputs.reshape({inputs.size(0), input_dim_});
+  }
+
   std::int64_t input_dim_;
   std::int64_t num_classes_;
   torch::nn::Sequential net_;

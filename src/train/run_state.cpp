@@ -18,6 +18,7 @@
 #include "mpitrain/checkpoint/checkpoint.h"
 #include "mpitrain/checkpoint/safetensors.h"
 #include "mpitrain/checkpoint/weights.h"
+#include "mpitrain/comm/agreement.h"
 #include "mpitrain/data/loader.h"
 #include "mpitrain/ddp/ddp.h"
 #include "mpitrain/models/model.h"
@@ -40,6 +41,14 @@ std::string rank_file(int rank, const char* prefix = "", const char* extension =
 }
 constexpr const char* kShardFile = "optimizer-";  // ZeRO stage 1: each rank's optimizer state
 constexpr const char* kDdpFile = "ddp-";          // the DDP engine's state (compression residuals)
+
+// ZeRO stage 0's optimizer: rank 0's for the whole model, or each pipeline stage's.
+std::string optimizer_file(const StagePlace& place) {
+  if (place.stages == 1) return "optimizer.pt";
+  char name[64];
+  std::snprintf(name, sizeof name, "optimizer-stage-%05d.pt", place.stage);
+  return name;
+}
 
 nlohmann::json generator_state(at::Generator generator) {
   const at::Tensor state = generator.get_state();
@@ -66,18 +75,21 @@ std::string write_run(const RunParts& run, const std::string& root) {
     checkpoint::fsync_path((dir / name).string());
   };
   sync_optimizer_state(run.optimizer);
+  const StagePlace& place = run.place;
+  if (place.gather_model) place.gather_model();
+  if (config.ddp.zero_stage == 0 && place.replica == 0) {
+    // Serialised in memory: LibTorch's file writer aborts the process (an exception from a
+    // destructor) when the disk fills, where write_file reports it.
+    std::ostringstream optimizer_bytes;
+    torch::save(run.optimizer, optimizer_bytes);
+    checkpoint::write_file((dir / optimizer_file(place)).string(), optimizer_bytes.str());
+  }
   if (run.world.is_root()) {
     write_tensors("model.safetensors", checkpoint::state_dict_of(run.model));
-    if (config.ddp.zero_stage == 0) {
-      // Serialised in memory: LibTorch's file writer aborts the process (an exception from a
-      // destructor) when the disk fills, where write_file reports it.
-      std::ostringstream optimizer_bytes;
-      torch::save(run.optimizer, optimizer_bytes);
-      checkpoint::write_file((dir / "optimizer.pt").string(), optimizer_bytes.str());
-    }
-    const nlohmann::json state = {{"step", progress.steps_done},     {"epoch", progress.epoch},
-                                  {"world_size", run.world.size()}, {"zero_stage", config.ddp.zero_stage},
-                                  {"scaler", run.scaler.state()},   {"config", config::to_json(config)}};
+    nlohmann::json state = {{"step", progress.steps_done},     {"epoch", progress.epoch},
+                            {"world_size", run.world.size()}, {"zero_stage", config.ddp.zero_stage},
+                            {"scaler", run.scaler.state()},   {"config", config::to_json(config)}};
+    if (place.stages > 1) state["pipeline"] = {{"stages", place.stages}, {"bounds", place.bounds}};
     checkpoint::write_file((dir / "trainer.json").string(), state.dump(2));
   }
   if (config.ddp.zero_stage == 1)
@@ -173,9 +185,23 @@ void restore_run(const RunParts& run, const std::string& dir, bool allow_config_
   };
 
   std::int64_t step = 0, saved_epoch = 0, saved_world = 0, saved_zero = 0;
+  const StagePlace& place = run.place;
   reading("trainer.json", [&](const std::string& path) {
     const nlohmann::json state = read_json(path);
     if (!state.at("config").is_object()) throw std::invalid_argument("\"config\" is not an object");
+    const std::int64_t saved_stages = state.contains("pipeline") ? count(state.at("pipeline"), "stages", 1) : 1;
+    const std::vector<std::int64_t> saved_bounds =
+        state.contains("pipeline") ? state.at("pipeline").at("bounds").get<std::vector<std::int64_t>>() : std::vector<std::int64_t>{};
+    if (saved_stages != place.stages || saved_bounds != place.bounds)
+      throw runtime::Error("checkpoint " + dir + " was written by a run of " + std::to_string(saved_stages) +
+                               " pipeline stage(s)" + (saved_bounds.empty() ? "" : " with pieces split at " + comm::list_text(saved_bounds)) +
+                               "; this run has " + std::to_string(place.stages) +
+                               (place.bounds.empty() ? "" : " split at " + comm::list_text(place.bounds)) +
+                               ", and its optimizer state is per stage. Resume with the same parallel.pipeline_stages and "
+                               "parallel.stage_pieces (any number of replicas), or start a new run from its weights: --set "
+                               "model.init_from=" + (fs::path(dir) / "model.safetensors").string() +
+                               " (the optimizer state starts afresh)",
+                           runtime::ExitCode::bad_input);
     check_config_change(run, dir, state.at("config"), allow_config_change);
     step = count(state, "step", 0);
     saved_epoch = count(state, "epoch", 0);
@@ -194,19 +220,22 @@ void restore_run(const RunParts& run, const std::string& dir, bool allow_config_
     return 0;
   });
   if (config.ddp.zero_stage == 1) {
-    // This rank's own file first: at the same world size it holds exactly this shard.
+    // The shards of this stage's saved replicas (all ranks without stages), this rank's own
+    // file first: at the same world size it holds exactly this shard.
+    const std::int64_t saved_replicas = saved_world / place.stages;
+    const std::int64_t first = static_cast<std::int64_t>(place.stage) * saved_replicas;
     std::vector<std::string> files;
-    for (std::int64_t k = 0; k < saved_world; ++k)
-      files.push_back(
-          (fs::path(dir) / rank_file(static_cast<int>((world.rank() + k) % saved_world), kShardFile, ".safetensors"))
-              .string());
-    reading(rank_file(world.rank() % static_cast<int>(saved_world), kShardFile, ".safetensors"), [&](const std::string&) {
+    for (std::int64_t k = 0; k < saved_replicas; ++k)
+      files.push_back((fs::path(dir) / rank_file(static_cast<int>(first + (place.replica + k) % saved_replicas), kShardFile,
+                                                 ".safetensors"))
+                          .string());
+    reading(fs::path(files.front()).filename().string(), [&](const std::string&) {
       load_shard_state(run.optimizer, run.ddp.shard(), files);
       return 0;
     });
   } else {
-    // Onto this rank's device: the file holds rank 0's (cuda:0 on a GPU machine).
-    reading("optimizer.pt", [&](const std::string& path) {
+    // Onto this rank's device: the file holds replica 0's (cuda:0 on a GPU machine).
+    reading(optimizer_file(place), [&](const std::string& path) {
       torch::load(run.optimizer, path, device);
       return 0;
     });

@@ -31,16 +31,18 @@ const char* trace_name(Phase phase) {
     case Phase::step: return "step";
     case Phase::eval: return "eval";
     case Phase::checkpoint: return "checkpoint";
+    case Phase::transfer: return "recv wait";
   }
   return "?";
 }
 
 bool metered(Phase phase) {
   return phase == Phase::data || phase == Phase::forward || phase == Phase::backward || phase == Phase::comm ||
-         phase == Phase::optimizer;
+         phase == Phase::optimizer || phase == Phase::transfer;
 }
 
-bool device_timed(Phase phase) { return metered(phase) && phase != Phase::data; }
+// Waits the host spends blocked (data, a pipeline neighbour) are host-timed.
+bool device_timed(Phase phase) { return metered(phase) && phase != Phase::data && phase != Phase::transfer; }
 
 }  // namespace
 
@@ -108,6 +110,7 @@ void Timeline::add(Phase phase, double seconds) {
     case Phase::backward: window_.compute += seconds; break;
     case Phase::comm: window_.comm += seconds; break;
     case Phase::optimizer: window_.optimizer += seconds; break;
+    case Phase::transfer: window_.transfer += seconds; break;
     default: break;
   }
 }
@@ -130,6 +133,7 @@ StepTimes Timeline::take(std::int64_t steps) {
   per_step.compute /= n;
   per_step.comm /= n;
   per_step.optimizer /= n;
+  per_step.transfer /= n;
   window_ = {};
   return per_step;
 }

@@ -41,13 +41,14 @@ namespace mpitrain::train {
 
 class MetricsLog;
 
-enum class Phase { data, forward, backward, comm, optimizer, step, eval, checkpoint };
+enum class Phase { data, forward, backward, comm, optimizer, step, eval, checkpoint, transfer };
 
 struct StepTimes {
   double data = 0;       // waiting for batches
   double compute = 0;    // forward and backward
   double comm = 0;       // waiting for DDP's reductions after backward
   double optimizer = 0;  // unscale, clip, step
+  double transfer = 0;   // pipeline stages: waiting for a neighbour's activations or gradients
 };
 
 /// Waits until the device has run the work queued on this thread's current stream (the CPU: at once).

@@ -35,6 +35,7 @@
 #include "metrics.h"
 #include "micro_batch.h"
 #include "mpitrain/train/optim.h"
+#include "pipeline_step.h"
 #include "shares.h"
 #include "run_state.h"
 #include "step_parts.h"
@@ -160,6 +161,7 @@ struct Trainer::Impl {
   std::shared_ptr<models::Model> model;
   std::int64_t parameters = 0;
   std::unique_ptr<ddp::DistributedDataParallel> ddp;
+  std::unique_ptr<PipelineStep> pipeline;  // parallel.pipeline_stages > 1: this rank's stage
   std::unique_ptr<RankShares> shares;  // of each micro-batch (data.rank_weights)
   std::int64_t cpu_budget = 0;         // MPITRAIN_CPU_MEMORY_BUDGET, bytes (0 = none)
   std::unique_ptr<data::Loader> train_loader;
@@ -223,14 +225,15 @@ struct Trainer::Impl {
     result.lr = learning_rate(config.schedule, config.optimizer.lr, progress.steps_done, total_steps);
     set_learning_rate(*optimizer, result.lr);
 
-    at::Tensor loss_sum = at::zeros({}, at::TensorOptions().device(device));
-    for (std::int64_t micro = 0; micro < config.batch.accumulation; ++micro) {
+    at::Tensor loss_sum = pipeline ? pipeline_forward_backward(number) : at::zeros({}, at::TensorOptions().device(device));
+    for (std::int64_t micro = 0; !pipeline && micro < config.batch.accumulation; ++micro) {
       const data::Batch batch = next_batch(number, micro);
       loss_sum += forward_backward(batch, number, micro);
     }
     {
       const auto phase = timeline->phase(Phase::comm, number);
       ddp->finish_backward();
+      if (pipeline) pipeline->finish_backward();
     }
     {
       const auto phase = timeline->phase(Phase::optimizer, number);
@@ -248,6 +251,15 @@ struct Trainer::Impl {
     data::Batch batch = train_loader->next();
     progress.epoch = batch.epoch;
     return batch;
+  }
+
+  // A pipeline stage: the step's micro-batches through the stages (train/pipeline_step.h).
+  at::Tensor pipeline_forward_backward(std::int64_t step) {
+    std::vector<data::Batch> batches;
+    for (std::int64_t micro = 0; micro < config.batch.accumulation; ++micro) batches.push_back(next_batch(step, micro));
+    const auto task = model->task();
+    return pipeline->forward_backward(batches, step, loss_divisor(), *ddp, *scaler, precision, *timeline,
+                                      [task](const at::Tensor& inputs) { return model_inputs(inputs, task); });
   }
 
   // Forward under autocast (DDP's buffer broadcast before the last micro-batch), backward of the
@@ -278,7 +290,9 @@ struct Trainer::Impl {
   // decided on the device: nothing here waits for it (with fused AdamW; optim.h).
   void update(StepResult& result) {
     const at::Tensor found_inf = scaler->unscale_and_check(ddp->gradients(), *comm);
-    if (config.optimizer.grad_clip > 0) result.grad_norm = ddp->clip_grad_norm(config.optimizer.grad_clip);
+    if (config.optimizer.grad_clip > 0)
+      result.grad_norm = pipeline ? pipeline->clip_grad_norm(*ddp, config.optimizer.grad_clip)
+                                  : ddp->clip_grad_norm(config.optimizer.grad_clip);
     step_unless_nonfinite(*optimizer, found_inf);
     ddp->finish_step();
     scaler->update(found_inf);
@@ -323,7 +337,8 @@ struct Trainer::Impl {
   // logging cadence only.
   nlohmann::json log_record(const StepResult& last) {
     const auto steps = static_cast<double>(std::max<std::int64_t>(progress.window_steps, 1));
-    at::Tensor loss = progress.window_loss.reshape({1}).to(at::kDouble) / steps;
+    // The world's average; in a pipeline only the last stage's ranks (1 in P) have the loss.
+    at::Tensor loss = progress.window_loss.reshape({1}).to(at::kDouble) * (static_cast<double>(stages()) / steps);
     comm->all_reduce(loss, comm::ReduceOp::avg);
     const at::Tensor norm = last.grad_norm.defined() ? last.grad_norm.reshape({1}).to(at::kDouble) : at::zeros_like(loss);
     const at::Tensor figures = runtime::read_tensor(at::cat({loss, norm, progress.window_skipped.to(at::kDouble),
@@ -361,6 +376,7 @@ struct Trainer::Impl {
     }
     add_read_figures(record, value + 4);
     add_gpu_figures(record);
+    if (pipeline) add_pipeline_figures(record, times, elapsed / steps);
     progress.window_loss.zero_();
     progress.window_skipped.zero_();
     progress.window_steps = 0;
@@ -391,6 +407,38 @@ struct Trainer::Impl {
     record["data_chunks_read"] = chunks;
     record["data_cache_hits"] = hits;
   }
+
+  // Per stage (replica 0's): compute and receive-wait seconds per step, the measured bubble (the
+  // share of the step this stage did not compute) against the theory, and the peak memory the
+  // step's activations in flight took. One all-gather.
+  void add_pipeline_figures(nlohmann::json& record, const StepTimes& times, double step_seconds) {
+    const PipelineFigures mine = pipeline->take_figures();
+    const double steps = static_cast<double>(std::max<std::int64_t>(progress.window_steps, 1));
+    const at::Tensor figures = at::tensor({mine.compute_s / steps, mine.wait_s / steps, static_cast<double>(mine.peak_bytes)},
+                                          at::kDouble).to(device);
+    at::Tensor all = at::empty({3 * world.size()}, figures.options());
+    comm->all_gather(all, figures);
+    const at::Tensor host = runtime::read_tensor(all);
+    const auto* value = host.data_ptr<double>();
+    std::vector<double> compute, wait, bubble;
+    std::vector<std::int64_t> peak;
+    for (int s = 0; s < pipeline->grid().stages(); ++s) {
+      const double* v = value + 3 * pipeline->grid().world_rank(s, 0);
+      compute.push_back(v[0]);
+      wait.push_back(v[1]);
+      bubble.push_back(step_seconds > 0 ? std::max(0.0, 1.0 - v[0] / step_seconds) : 0.0);
+      peak.push_back(static_cast<std::int64_t>(v[2]));
+    }
+    record["time_transfer_s"] = times.transfer;
+    record["pipeline_compute_s"] = compute;
+    record["pipeline_recv_wait_s"] = wait;
+    record["pipeline_bubble"] = bubble;
+    record["pipeline_bubble_theory"] =
+        pipeline::bubble_fraction(pipeline->grid().stages(), static_cast<int>(config.batch.accumulation));
+    record["pipeline_peak_activation_bytes"] = peak;
+  }
+
+  int stages() const { return pipeline ? pipeline->grid().stages() : 1; }
 
   // rank 0's GPU: NVML's utilisation and temperature, the caching allocator's memory.
   void add_gpu_figures(nlohmann::json& record) const {
@@ -433,6 +481,10 @@ struct Trainer::Impl {
       at::NoGradGuard no_grad;
       for (std::int64_t b = 0; b < batches; ++b) {
         const data::Batch batch = eval_loader->next();
+        if (pipeline) {
+          totals += pipeline->evaluate(batch, precision, [task](const at::Tensor& x) { return model_inputs(x, task); });
+          continue;
+        }
         amp::AutocastScope autocast(device, precision);
         const at::Tensor logits = model->forward(model_inputs(batch.inputs, task));
         const at::Tensor loss = loss_of(logits, batch.targets, task);
@@ -471,7 +523,15 @@ struct Trainer::Impl {
 
   // ---- Checkpoints (train/run_state.h) -----------------------------------------------------
 
-  RunParts parts() { return {world, config, device, *model, *optimizer, *scaler, *ddp, *train_loader, progress}; }
+  RunParts parts() {
+    RunParts run{world, config, device, *model, *optimizer, *scaler, *ddp, *train_loader, progress, {}};
+    if (pipeline) {
+      const pipeline::Grid& grid = pipeline->grid();
+      run.place = {grid.stages(), grid.stage(), grid.replica(), grid.replicas(), pipeline->bounds(),
+                   [this] { pipeline->gather_model(*model); }};
+    }
+    return run;
+  }
 
   std::string checkpoint_root() const { return (std::filesystem::path(run_dir) / config.checkpoint.dir).string(); }
 
@@ -502,9 +562,19 @@ struct Trainer::Impl {
     if (!config.model.init_from.empty())
       checkpoint::load_weights(*model, checkpoint::read_weights(config.model.init_from),
                                "model.init_from '" + config.model.init_from + "'");
-    model->to(device);
+    std::shared_ptr<torch::nn::Module> trained = model;  // what DDP wraps: the model, or this rank's stage
+    comm::Communicator* data_comm = comm.get();     // DDP's group: the world, or this stage's replicas
+    if (config.parallel.pipeline_stages > 1) {
+      check_pipeline_settings();
+      pipeline = std::make_unique<PipelineStep>(world, config, *model, device, comm_options, backend(config.device.backend));
+      trained = pipeline->stage();
+      data_comm = &pipeline->stage_comm();
+      explain_stages();
+    } else {
+      model->to(device);
+    }
 
-    ddp = std::make_unique<ddp::DistributedDataParallel>(model, *comm, ddp_options(config.ddp));
+    ddp = std::make_unique<ddp::DistributedDataParallel>(trained, *data_comm, ddp_options(config.ddp));
     timeline = std::make_unique<Timeline>(world, *comm, *ddp, config.log.trace_start_step, config.log.trace_steps, run_dir);
 
     const auto task = model->task();
@@ -520,7 +590,7 @@ struct Trainer::Impl {
                        gpu->name() + "; set device.peak_tflops (dense TFLOP/s) to log it");
     std::vector<std::int64_t> caps;
     if (config.batch.micro_batch == 0) caps = choose_micro_batch(train_spec);
-    shares = std::make_unique<RankShares>(config, world.rank(), world.size(), caps);
+    shares = std::make_unique<RankShares>(config, data_rank(), data_ranks(), caps);
     data::LoaderOptions train_options = loader_options(config.data.train, true);
     train_options.shares = shares->shares();
     train_options.accumulation = config.batch.accumulation;
@@ -600,7 +670,8 @@ struct Trainer::Impl {
   // refusal that depends on it says which options to look at.
   std::unique_ptr<data::Loader> open_loader(const data::DatasetSpec& spec, const data::LoaderOptions& options) {
     try {
-      return std::make_unique<data::Loader>(spec, options, world.rank(), world.size(), *comm);
+      return std::make_unique<data::Loader>(spec, options, data_rank(), data_ranks(),
+                                            pipeline ? pipeline->stage_comm() : *comm);
     } catch (const runtime::Error& e) {
       if (spec.kind != data::Kind::tokens || config.data.seq_len > 0) throw;
       throw runtime::Error(std::string(e.what()) + " (data.seq_len is 0, so a sample is the model's context length, " +
@@ -613,15 +684,45 @@ struct Trainer::Impl {
   // reads every partition its slice touches: say so once, with the sizes that would not.
   void explain_partitions() const {
     const std::int64_t partitions = train_loader->sampler().partitions();
-    if (partitions % world.size() == 0 || !world.is_root()) return;
+    if (partitions % data_ranks() == 0 || !world.is_root()) return;
     std::vector<std::int64_t> fitting;
     for (std::int64_t n = 1; n <= partitions; ++n)
       if (partitions % n == 0) fitting.push_back(n);
-    world.log().info("data: " + std::to_string(world.size()) + " ranks do not divide the " + std::to_string(partitions) +
+    world.log().info("data: " + std::to_string(data_ranks()) + " ranks do not divide the " + std::to_string(partitions) +
                      " partitions of each global batch, so ranks share partitions and each reads more than 1/" +
-                     std::to_string(world.size()) + " of the data (the batches are the same). World sizes that read "
+                     std::to_string(data_ranks()) + " of the data (the batches are the same). World sizes that read "
                      "1/N: " + comm::list_text(fitting) + "; or set data.partitions to a multiple of " +
-                     std::to_string(world.size()) + " (it changes the order: a new run, not a resume)");
+                     std::to_string(data_ranks()) + " (it changes the order: a new run, not a resume)");
+  }
+
+  // The data-parallel ranks: every rank, or in a pipeline the replicas (each of a replica's
+  // stages reads the same batches: the first needs the inputs, the last the targets).
+  int data_rank() const { return pipeline ? pipeline->grid().replica() : world.rank(); }
+  int data_ranks() const { return pipeline ? pipeline->grid().replicas() : world.size(); }
+
+  // What a pipeline does not combine with, refused before anything is built.
+  void check_pipeline_settings() const {
+    const std::string stages = "parallel.pipeline_stages " + std::to_string(config.parallel.pipeline_stages);
+    const auto refuse = [&](const std::string& what) {
+      throw runtime::Error(stages + " with " + what, runtime::ExitCode::bad_input);
+    };
+    if (config.batch.micro_batch == 0)
+      refuse("batch.micro_batch auto: the search measures one whole model per rank; set batch.micro_batch");
+    if (config.data.rank_weights.mode == config::RankWeights::Mode::auto_)
+      refuse("data.rank_weights auto: a replica's speed is its slowest stage's, which it does not measure; give the "
+             "weights per replica, or \"equal\"");
+  }
+
+  // Rank 0 says how the grid lies and which pieces each stage runs.
+  void explain_stages() const {
+    const pipeline::Grid& grid = pipeline->grid();
+    const auto& bounds = pipeline->bounds();
+    for (int s = 0; s < grid.stages(); ++s)
+      world.log().info("pipeline stage " + std::to_string(s) + " of " + std::to_string(grid.stages()) + " (" +
+                       config::word(config.parallel.schedule) + ", ranks " + std::to_string(grid.world_rank(s, 0)) + ".." +
+                       std::to_string(grid.world_rank(s, grid.replicas() - 1)) + "): " +
+                       pipeline::describe(pipeline->pieces(), bounds[static_cast<std::size_t>(s)],
+                                          bounds[static_cast<std::size_t>(s + 1)]));
   }
 
   // ZeRO stage 1: over this rank's shard only, so the state is about 1/N of the model's.

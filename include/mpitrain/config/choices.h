@@ -79,6 +79,14 @@ struct Words<ScheduleName> {
       {{ScheduleName::constant, "constant"}, {ScheduleName::cosine, "cosine"}, {ScheduleName::linear, "linear"}}};
 };
 
+// parallel.schedule: the pipeline's order of micro-batch forwards and backwards.
+enum class PipelineSchedule { one_f_one_b, gpipe };
+template <>
+struct Words<PipelineSchedule> {
+  static constexpr std::array<Word<PipelineSchedule>, 2> table{
+      {{PipelineSchedule::one_f_one_b, "1f1b"}, {PipelineSchedule::gpipe, "gpipe"}}};
+};
+
 // precision.mode; auto = from the device (amp::auto_precision).
 enum class PrecisionMode { automatic, fp32, bf16, fp16 };
 template <>

@@ -142,6 +142,12 @@ struct DdpConfig {
   double comm_timeout_s = 0;
 };
 
+struct ParallelConfig {
+  std::int64_t pipeline_stages = 1;  // P; the world is P x D ranks
+  PipelineSchedule schedule = PipelineSchedule::one_f_one_b;
+  std::vector<std::int64_t> stage_pieces;  // pieces per stage; empty = balanced by parameters
+};
+
 struct DeviceConfig {
   DeviceKind kind = DeviceKind::automatic;
   bool allow_shared_gpu = false;
@@ -182,6 +188,7 @@ struct Config {
   TrainConfig train;
   PrecisionConfig precision;
   DdpConfig ddp;
+  ParallelConfig parallel;
   DeviceConfig device;
   CheckpointConfig checkpoint;
   LogConfig log;
@@ -230,11 +237,13 @@ Config validate(const nlohmann::json& tree, const std::string& source, const Mod
 Config load(const std::string& path, const std::vector<std::string>& overrides,
             const ModelSchemas& models);
 
-/// Derives the batch sizes for `world_size` ranks: with batch.global set, accumulation =
-/// global / (micro_batch * world_size), which must divide exactly and agree with an explicit
+/// Derives the batch sizes for `world_size` ranks, of which world_size / parallel.pipeline_stages
+/// are data-parallel replicas (a pipeline_stages that does not divide world_size is an error
+/// naming both); below, "ranks" means those replicas. With batch.global set, accumulation =
+/// global / (micro_batch * ranks), which must divide exactly and agree with an explicit
 /// accumulation other than 1; otherwise global = micro_batch * accumulation * world_size.
 /// micro_batch is the mean per rank when data.rank_weights is not equal, and a list of
-/// data.rank_weights must hold one weight per rank. With batch.micro_batch auto (0) it checks
+/// data.rank_weights must hold one weight per replica. With batch.micro_batch auto (0) it checks
 /// nothing: the trainer resolves again once it has found the micro-batch.
 Config resolve(Config config, int world_size);
 

@@ -151,7 +151,12 @@ class DistributedDataParallel {
   /// whole averaged gradient, at every stage) is at most max_norm; returns that norm before
   /// clipping, a float64 one-element tensor left on the device (nothing waits for it).
   /// Collective at stage 1 (one all-reduce of a scalar).
-  at::Tensor clip_grad_norm(double max_norm);
+  /// A module that is one part of a larger model (a pipeline stage) clips by the whole model's
+  /// norm: `across` sums the squares over the other parts' ranks as well (collective on it), and
+  /// `left_out` names parameters whose gradients another part counts (tied copies), which are
+  /// scaled but not counted here (stage 0 only).
+  at::Tensor clip_grad_norm(double max_norm, comm::Communicator* across = nullptr,
+                            const std::vector<at::Tensor>& left_out = {});
 
   /// Call after optimizer.step(), collective at stage 1: all-gathers the updated shards into
   /// every replica's parameters. Does nothing at stage 0.

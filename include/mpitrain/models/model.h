@@ -15,16 +15,34 @@
 // - Each parameter is registered once: weights are tied by using one module's tensor in two
 //   places in forward(), not by registering it twice, so that parameters() lists every tensor
 //   exactly once (DDP buckets, optimizers and checkpoints rely on it).
+// - pieces() cuts the model for pipeline parallelism (docs/pipeline.md): an ordered list whose
+//   forwards, composed, compute exactly forward() (the first takes the model's inputs, the last
+//   gives the logits). Every module with parameters or buffers is owned by exactly one piece; a
+//   piece that also uses another piece's parameters (a tied output head) lists that module
+//   under `borrows`, and pipeline stages that hold both sum its gradient. Empty (the default):
+//   the model cannot be split into stages.
 
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 
 #include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
 
 namespace mpitrain::models {
 
 enum class Task { classification, language_modeling };
 const char* to_string(Task task);  // "classification" | "language_modeling"
+
+/// One piece of a model in pipeline order (see the contract).
+struct Piece {
+  std::string name;  // for messages and the split's log line, e.g. "h.0 (with wte, wpe)"
+  std::vector<std::shared_ptr<torch::nn::Module>> owns;
+  std::vector<std::shared_ptr<torch::nn::Module>> borrows;
+  std::function<at::Tensor(const at::Tensor&)> forward;
+};
 
 class Model : public torch::nn::Module {
  public:
@@ -38,6 +56,8 @@ class Model : public torch::nn::Module {
   /// Classes of the output (the vocabulary size for language models), so the data can be
   /// checked against it; 0 = not known, not checked.
   virtual std::int64_t output_classes() const { return 0; }
+  /// The model as pipeline pieces (see the contract); empty = no pipeline stages.
+  virtual std::vector<Piece> pieces() { return {}; }
 };
 
 /// Number of scalars in the module's parameters, each distinct tensor counted once.

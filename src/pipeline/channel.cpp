@@ -1,0 +1,45 @@
+#include "mpitrain/pipeline/channel.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/StringUtil.h>
+
+#include <chrono>
+
+#include "mpitrain/runtime/error.h"
+#include "mpitrain/runtime/host_read.h"
+
+namespace mpitrain::pipeline {
+
+void Channel::send(const at::Tensor& tensor) {
+  if (tensor.dim() > kMaxDims)
+    throw runtime::Error("pipeline: a stage's output of shape " + c10::str(tensor.sizes()) + " has more than " +
+                         std::to_string(kMaxDims) + " dimensions");
+  std::vector<std::int64_t> header(static_cast<std::size_t>(kMaxDims + 2), 0);
+  header[0] = static_cast<std::int64_t>(tensor.scalar_type());
+  header[1] = tensor.dim();
+  for (std::int64_t d = 0; d < tensor.dim(); ++d) header[static_cast<std::size_t>(d + 2)] = tensor.size(d);
+  const at::Tensor head = at::tensor(header, at::kLong).to(comm_.device());
+  const at::Tensor data = tensor.detach().contiguous();
+  sends_.push_back(comm_.send_async(head, peer_));
+  sends_.push_back(comm_.send_async(data, peer_));
+}
+
+at::Tensor Channel::recv() {
+  const auto start = std::chrono::steady_clock::now();
+  at::Tensor head = at::empty({kMaxDims + 2}, at::TensorOptions().dtype(at::kLong).device(comm_.device()));
+  comm_.recv_async(head, peer_)->wait();
+  const at::Tensor header = runtime::read_tensor(head);
+  const auto* h = header.data_ptr<std::int64_t>();
+  std::vector<std::int64_t> sizes(h + 2, h + 2 + h[1]);
+  at::Tensor data = at::empty(sizes, at::TensorOptions().dtype(static_cast<c10::ScalarType>(h[0])).device(comm_.device()));
+  comm_.recv_async(data, peer_)->wait();
+  waited_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return data;
+}
+
+void Channel::flush() {
+  for (const auto& work : sends_) work->wait();
+  sends_.clear();
+}
+
+}  // namespace mpitrain::pipeline
