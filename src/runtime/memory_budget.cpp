@@ -7,7 +7,9 @@
 #include <cerrno>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 
 #include "mpitrain/runtime/error.h"
 
@@ -16,6 +18,9 @@ namespace {
 
 thread_local bool uncounted = false;
 
+// The context of each allocation is its data pointer (a "simple" DataPtr): some kernels use
+// Allocator::raw_allocate, which requires that. What the wrapped allocator returned is kept in a
+// map until the memory is freed.
 class BudgetAllocator final : public c10::Allocator {
  public:
   explicit BudgetAllocator(c10::Allocator* inner) : inner_(inner) {}
@@ -24,6 +29,7 @@ class BudgetAllocator final : public c10::Allocator {
   std::int64_t in_use() const { return in_use_; }
 
   c10::DataPtr allocate(std::size_t n) override {
+    if (n == 0) return inner_->allocate(0);
     const auto bytes = uncounted ? 0 : static_cast<std::int64_t>(n);
     const std::int64_t after = in_use_.fetch_add(bytes) + bytes;
     if (after > budget_) {
@@ -33,9 +39,14 @@ class BudgetAllocator final : public c10::Allocator {
     }
     c10::DataPtr inner = inner_->allocate(n);
     void* data = inner.get();
-    auto* held = new Held{std::move(inner), bytes, this};
-    return {data, held, &release, c10::Device(c10::kCPU)};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      held_.emplace(data, Held{std::move(inner), bytes});
+    }
+    return {data, data, &release, c10::Device(c10::kCPU)};
   }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
@@ -45,22 +56,33 @@ class BudgetAllocator final : public c10::Allocator {
   struct Held {
     c10::DataPtr inner;
     std::int64_t bytes;
-    BudgetAllocator* owner;
   };
 
-  static void release(void* context) {
-    auto* held = static_cast<Held*>(context);
-    held->owner->in_use_ -= held->bytes;
-    delete held;  // frees the memory through the wrapped allocator's deleter
-  }
+  static void release(void* data);
 
   c10::Allocator* inner_;
   std::atomic<std::int64_t> budget_{0};
   std::atomic<std::int64_t> in_use_{0};
+  std::mutex mutex_;
+  std::unordered_map<void*, Held> held_;
 };
 
 // Never destroyed: tensors may outlive every other static.
 BudgetAllocator* installed = nullptr;
+
+void BudgetAllocator::release(void* data) {
+  if (data == nullptr) return;  // a zero-byte allocation's raw pointer
+  Held held;
+  {
+    std::lock_guard<std::mutex> lock(installed->mutex_);
+    auto it = installed->held_.find(data);
+    TORCH_INTERNAL_ASSERT(it != installed->held_.end(), "CPU memory budget: freeing memory it did not hand out");
+    held = std::move(it->second);
+    installed->held_.erase(it);
+  }
+  installed->in_use_ -= held.bytes;
+  // held.inner frees the memory through the wrapped allocator's deleter as it goes.
+}
 
 }  // namespace
 
