@@ -7,6 +7,8 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
 
+#include <algorithm>
+
 #include "mpitrain/models/registry.h"
 
 namespace {
@@ -30,16 +32,42 @@ class ResMlp : public mpitrain::models::Model {
   }
 
   at::Tensor forward(const at::Tensor& inputs) override {
-    at::Tensor x = stem_->forward(inputs.reshape({inputs.size(0), input_dim_}));
-    for (std::size_t i = 0; i < fcs_->size(); ++i)
-      x = x + fcs_[i]->as<torch::nn::Linear>()->forward(
-                  at::gelu(norms_[i]->as<torch::nn::LayerNorm>()->forward(x)));
-    return head_->forward(norm_f_->forward(x));
+    at::Tensor x = stem(inputs);
+    for (std::size_t i = 0; i < fcs_->size(); ++i) x = block(i, x);
+    return head(x);
+  }
+
+  // Pipeline stages (parallel.pipeline_stages): one piece per residual block, the stem with the
+  // first and the head with the last. Their forwards, composed, are forward().
+  std::vector<mpitrain::models::Piece> pieces() override {
+    const std::size_t blocks = std::max<std::size_t>(fcs_->size(), 1);
+    std::vector<mpitrain::models::Piece> result;
+    for (std::size_t i = 0; i < blocks; ++i) {
+      const bool first = i == 0, last = i + 1 == blocks, has_block = i < fcs_->size();
+      mpitrain::models::Piece piece;
+      piece.name = "block " + std::to_string(i);
+      if (first) piece.owns.push_back(stem_.ptr());
+      if (has_block) piece.owns.insert(piece.owns.end(), {norms_[i], fcs_[i]});
+      if (last) piece.owns.insert(piece.owns.end(), {norm_f_.ptr(), head_.ptr()});
+      piece.forward = [this, i, first, last, has_block](const at::Tensor& input) {
+        at::Tensor x = first ? stem(input) : input;
+        if (has_block) x = block(i, x);
+        return last ? head(x) : x;
+      };
+      result.push_back(std::move(piece));
+    }
+    return result;
   }
 
   mpitrain::models::Task task() const override { return mpitrain::models::Task::classification; }
 
  private:
+  at::Tensor stem(const at::Tensor& inputs) { return stem_->forward(inputs.reshape({inputs.size(0), input_dim_})); }
+  at::Tensor block(std::size_t i, const at::Tensor& x) {
+    return x + fcs_[i]->as<torch::nn::Linear>()->forward(at::gelu(norms_[i]->as<torch::nn::LayerNorm>()->forward(x)));
+  }
+  at::Tensor head(const at::Tensor& x) { return head_->forward(norm_f_->forward(x)); }
+
   std::int64_t input_dim_;
   torch::nn::Linear stem_{nullptr}, head_{nullptr};
   torch::nn::ModuleList norms_, fcs_;

@@ -376,7 +376,7 @@ struct Trainer::Impl {
     }
     add_read_figures(record, value + 4);
     add_gpu_figures(record);
-    if (pipeline) add_pipeline_figures(record, times, elapsed / steps);
+    if (pipeline) add_pipeline_figures(record, times);
     progress.window_loss.zero_();
     progress.window_skipped.zero_();
     progress.window_steps = 0;
@@ -409,9 +409,10 @@ struct Trainer::Impl {
   }
 
   // Per stage (replica 0's): compute and receive-wait seconds per step, the measured bubble (the
-  // share of the step this stage did not compute) against the theory, and the peak memory the
+  // share of the schedule's time the stage waited for a neighbour: wait / (compute + wait); data
+  // and optimizer time are outside the schedule) against the theory, and the peak memory the
   // step's activations in flight took. One all-gather.
-  void add_pipeline_figures(nlohmann::json& record, const StepTimes& times, double step_seconds) {
+  void add_pipeline_figures(nlohmann::json& record, const StepTimes& times) {
     const PipelineFigures mine = pipeline->take_figures();
     const double steps = static_cast<double>(std::max<std::int64_t>(progress.window_steps, 1));
     const at::Tensor figures = at::tensor({mine.compute_s / steps, mine.wait_s / steps, static_cast<double>(mine.peak_bytes)},
@@ -426,7 +427,7 @@ struct Trainer::Impl {
       const double* v = value + 3 * pipeline->grid().world_rank(s, 0);
       compute.push_back(v[0]);
       wait.push_back(v[1]);
-      bubble.push_back(step_seconds > 0 ? std::max(0.0, 1.0 - v[0] / step_seconds) : 0.0);
+      bubble.push_back(v[0] + v[1] > 0 ? v[1] / (v[0] + v[1]) : 0.0);
       peak.push_back(static_cast<std::int64_t>(v[2]));
     }
     record["time_transfer_s"] = times.transfer;

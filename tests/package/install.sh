@@ -80,4 +80,15 @@ assert len(losses) == 6, f"want 6 logged losses (60 steps, every 10), got {len(l
 assert losses[-1] < 0.6 * losses[0], f"the loss did not fall: {losses[0]} -> {losses[-1]}"
 assert evals and evals[-1]["eval_accuracy"] > 0.6, f"eval accuracy too low: {evals}"
 PY
+
+echo "[${SECONDS} s] --- 5. the user model's pieces as 2 pipeline stages"
+"$MPIEXEC" -np 2 --oversubscribe --bind-to none -x OMP_NUM_THREADS=1 \
+  "$work/build/custom_model" --config "$source/examples/custom_model/config.json" \
+  --set run.dir="$work/runs" --set run.name=staged --set data.train.manifest="$work/data/train.json" \
+  --set train.steps=20 --set log.console=false --set parallel.pipeline_stages=2 > "$work/staged.log" 2>&1 ||
+  { cat "$work/staged.log"; echo "FAIL: custom_model with 2 pipeline stages"; exit 1; }
+grep "pipeline stage" "$work/staged.log"
+grep "pipeline stage 1 of 2 (1f1b, ranks 1..1): block 1: 1 piece(s)" "$work/staged.log" > /dev/null ||
+  { echo "FAIL: the second stage should run block 1"; exit 1; }
+grep "custom_model: done, 20 steps" "$work/staged.log" > /dev/null || { echo "FAIL: no 'done' line"; exit 1; }
 echo "PASS in ${SECONDS} s"
