@@ -728,8 +728,9 @@ struct Trainer::Impl {
 
   // ZeRO stage 1: over this rank's shard only, so the state is about 1/N of the model's.
   std::unique_ptr<torch::optim::Optimizer> make_run_optimizer(const config::OptimizerConfig& settings) const {
-    return config.ddp.zero_stage == 1 ? make_optimizer(settings, ddp->shard(), device)
-                                      : make_optimizer(settings, *model, device);
+    if (config.ddp.zero_stage == 1) return make_optimizer(settings, ddp->shard(), device);
+    // A pipeline stage steps its own parameters only; the rest of the model is other ranks'.
+    return pipeline ? make_optimizer(settings, *pipeline->stage(), device) : make_optimizer(settings, *model, device);
   }
 
   // ---- batch.micro_batch auto (trainer.h) --------------------------------------------------
