@@ -81,8 +81,8 @@ PipelineStep::PipelineStep(const runtime::World& world, const config::Config& co
   }
 }
 
-at::Tensor PipelineStep::stage_input(const data::Batch& batch, const Inputs& inputs) {
-  if (grid_->first()) return inputs(batch.inputs);
+// A neighbour's activation, as a leaf whose gradient goes back to it.
+at::Tensor PipelineStep::receive_activation() {
   at::Tensor x = activations_in_->recv();
   if (at::isFloatingType(x.scalar_type())) x.requires_grad_(true);
   return x;
@@ -102,9 +102,11 @@ at::Tensor PipelineStep::forward_backward(const std::vector<data::Batch>& batche
     const bool last_micro = action.micro + 1 == m;
     if (action.kind == pipeline::Action::forward) {
       at::Tensor x;
-      {
+      if (grid_->first()) {
+        x = inputs(batches[i].inputs);
+      } else {
         const auto phase = timeline.phase(Phase::transfer, step, action.micro);
-        x = stage_input(batches[i], inputs);
+        x = receive_activation();
       }
       const auto started = Clock::now();
       const auto phase = timeline.phase(Phase::forward, step, action.micro);

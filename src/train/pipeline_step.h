@@ -74,7 +74,7 @@ class PipelineStep {
   PipelineFigures take_figures();
 
  private:
-  at::Tensor stage_input(const data::Batch& batch, const Inputs& inputs);
+  at::Tensor receive_activation();
   void sample_memory();
 
   const runtime::World& world_;

@@ -120,6 +120,27 @@ for stages in ((2,) if np_ == 2 else (2, 4)):
           f"{one_f['pipeline_bubble_theory']:.3f}; peak activation bytes 1f1b {one_f['pipeline_peak_activation_bytes']}, "
           f"gpipe {gpipe['pipeline_peak_activation_bytes']}")
 PY
+# The step trace shows each rank's schedule: stage 0 of 2 warms up with one forward more.
+run "$np" traced mlp --set parallel.pipeline_stages=2 --set train.steps=3 --set log.trace_steps=1 \
+  --set log.trace_start_step=2
+"$PYTHON" - "$work/runs/traced/trace.json" "$np" <<'PY'
+import json, sys
+events = json.load(open(sys.argv[1]))["traceEvents"]
+replicas = int(sys.argv[2]) // 2
+m = 32 // 4 // replicas
+def order(rank):
+    return " ".join(("F" if e["name"] == "forward" else "B") + str(e["args"]["micro_step"]) for e in events
+                    if e.get("pid") == rank and e["name"] in ("forward", "backward") and e["args"]["step"] == 2)
+def one_f_one_b(warm_up):
+    names = [f"F{i}" for i in range(warm_up)]
+    for i in range(warm_up, m):
+        names += [f"F{i}", f"B{i - warm_up}"]
+    return " ".join(names + [f"B{i}" for i in range(m - warm_up, m)])
+assert order(0) == one_f_one_b(1), order(0)
+assert order(replicas) == one_f_one_b(0), order(replicas)
+assert any(e["name"] == "recv wait" and e.get("pid") == replicas for e in events), "no receive waits traced"
+print(f"PASS: the trace shows 1f1b on both stages: {order(0)}")
+PY
 # Activation memory, counted under a CPU memory budget: 1f1b holds at most P micro-batches per
 # stage, gpipe all m = 8.
 for schedule in 1f1b gpipe; do
