@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 #include <c10/util/StringUtil.h>
 
-#include <chrono>
 
 #include "mpitrain/runtime/error.h"
 #include "mpitrain/runtime/host_read.h"
@@ -25,7 +24,6 @@ void Channel::send(const at::Tensor& tensor) {
 }
 
 at::Tensor Channel::recv() {
-  const auto start = std::chrono::steady_clock::now();
   at::Tensor head = at::empty({kMaxDims + 2}, at::TensorOptions().dtype(at::kLong).device(comm_.device()));
   comm_.recv_async(head, peer_)->wait();
   const at::Tensor header = runtime::read_tensor(head);
@@ -33,7 +31,6 @@ at::Tensor Channel::recv() {
   std::vector<std::int64_t> sizes(h + 2, h + 2 + h[1]);
   at::Tensor data = at::empty(sizes, at::TensorOptions().dtype(static_cast<c10::ScalarType>(h[0])).device(comm_.device()));
   comm_.recv_async(data, peer_)->wait();
-  waited_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return data;
 }
 

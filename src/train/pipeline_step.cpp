@@ -3,8 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/autograd.h>
 
-#include <chrono>
 #include <optional>
+#include <utility>
 
 #ifdef MPITRAIN_HAVE_NCCL
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -18,9 +18,6 @@
 
 namespace mpitrain::train {
 namespace {
-
-using Clock = std::chrono::steady_clock;
-double seconds_since(Clock::time_point start) { return std::chrono::duration<double>(Clock::now() - start).count(); }
 
 // Bytes of tensor memory in use on the device: the caching allocator's count on CUDA, the
 // counted CPU allocations on the CPU (0 unless MPITRAIN_CPU_MEMORY_BUDGET is set).
@@ -108,7 +105,6 @@ at::Tensor PipelineStep::forward_backward(const std::vector<data::Batch>& batche
         const auto phase = timeline.phase(Phase::transfer, step, action.micro);
         x = receive_activation();
       }
-      const auto started = Clock::now();
       const auto phase = timeline.phase(Phase::forward, step, action.micro);
       if (last_micro) ddp.before_forward();
       amp::AutocastScope autocast(device_, precision);
@@ -121,14 +117,12 @@ at::Tensor PipelineStep::forward_backward(const std::vector<data::Batch>& batche
       }
       input[i] = x;
       output[i] = y;
-      figures_.compute_s += seconds_since(started);
     } else {
       at::Tensor gradient;
       if (!grid_->last()) {
         const auto phase = timeline.phase(Phase::transfer, step, action.micro);
         gradient = gradients_in_->recv();
       }
-      const auto started = Clock::now();
       const auto phase = timeline.phase(Phase::backward, step, action.micro);
       std::optional<ddp::DistributedDataParallel::NoSync> no_sync;
       if (!last_micro) no_sync.emplace(ddp.no_sync());
@@ -139,7 +133,6 @@ at::Tensor PipelineStep::forward_backward(const std::vector<data::Batch>& batche
       if (!grid_->first()) gradients_out_->send(input[i].grad());
       input[i] = at::Tensor();
       output[i] = at::Tensor();
-      figures_.compute_s += seconds_since(started);
     }
     sample_memory();
   }
@@ -148,9 +141,7 @@ at::Tensor PipelineStep::forward_backward(const std::vector<data::Batch>& batche
   return loss_sum;
 }
 
-void PipelineStep::sample_memory() {
-  figures_.peak_bytes = std::max(figures_.peak_bytes, memory_in_use(device_) - memory_start_);
-}
+void PipelineStep::sample_memory() { peak_bytes_ = std::max(peak_bytes_, memory_in_use(device_) - memory_start_); }
 
 void PipelineStep::finish_backward() {
   if (tie_comm_) ties_->sum_gradients(*tie_comm_);
@@ -202,15 +193,6 @@ at::Tensor PipelineStep::evaluate(const data::Batch& batch, amp::Precision preci
   return totals;
 }
 
-PipelineFigures PipelineStep::take_figures() {
-  PipelineFigures figures = figures_;
-  for (auto* channel : {activations_in_.get(), gradients_in_.get()})
-    if (channel) {
-      figures.wait_s += channel->waited_seconds();
-      channel->reset_waited();
-    }
-  figures_ = PipelineFigures{};
-  return figures;
-}
+std::int64_t PipelineStep::take_peak_bytes() { return std::exchange(peak_bytes_, 0); }
 
 }  // namespace mpitrain::train

@@ -21,8 +21,9 @@
 //   whole model (replica 0 of each stage sends), so model.safetensors holds the whole model.
 // - evaluate() runs the eval batches forward through the stages; the last stage returns the
 //   totals (loss x n, correct, n), the others zeros.
-// - take_figures() gives this stage's figures since the last call: compute and send/recv wait
-//   seconds, and the peak bytes in use above the step's start (activations in flight).
+// - take_peak_bytes() gives the most bytes in use above a step's start since the last call (the
+//   activations in flight); the stage's compute and receive-wait times are the Timeline's
+//   forward/backward and transfer phases.
 
 #include <ATen/core/Tensor.h>
 
@@ -43,12 +44,6 @@
 #include "timeline.h"
 
 namespace mpitrain::train {
-
-struct PipelineFigures {
-  double compute_s = 0;         // forward and backward
-  double wait_s = 0;            // blocked in receives
-  std::int64_t peak_bytes = 0;  // the most bytes in use above a step's start
-};
 
 class PipelineStep {
  public:
@@ -71,7 +66,7 @@ class PipelineStep {
   at::Tensor clip_grad_norm(ddp::DistributedDataParallel& ddp, double max_norm);
   void gather_model(models::Model& model);
   at::Tensor evaluate(const data::Batch& batch, amp::Precision precision, const Inputs& inputs);
-  PipelineFigures take_figures();
+  std::int64_t take_peak_bytes();
 
  private:
   at::Tensor receive_activation();
@@ -89,8 +84,8 @@ class PipelineStep {
   std::unique_ptr<runtime::World> tie_group_;
   std::unique_ptr<comm::Communicator> stage_comm_, forward_comm_, backward_comm_, tie_comm_;
   std::unique_ptr<pipeline::Channel> activations_in_, activations_out_, gradients_in_, gradients_out_;
-  PipelineFigures figures_;
   std::int64_t memory_start_ = 0;
+  std::int64_t peak_bytes_ = 0;
 };
 
 }  // namespace mpitrain::train

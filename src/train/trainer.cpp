@@ -413,10 +413,8 @@ struct Trainer::Impl {
   // and optimizer time are outside the schedule) against the theory, and the peak memory the
   // step's activations in flight took. One all-gather.
   void add_pipeline_figures(nlohmann::json& record, const StepTimes& times) {
-    const PipelineFigures mine = pipeline->take_figures();
-    const double steps = static_cast<double>(std::max<std::int64_t>(progress.window_steps, 1));
-    const at::Tensor figures = at::tensor({mine.compute_s / steps, mine.wait_s / steps, static_cast<double>(mine.peak_bytes)},
-                                          at::kDouble).to(device);
+    const at::Tensor figures =
+        at::tensor({times.compute, times.transfer, static_cast<double>(pipeline->take_peak_bytes())}, at::kDouble).to(device);
     at::Tensor all = at::empty({3 * world.size()}, figures.options());
     comm->all_gather(all, figures);
     const at::Tensor host = runtime::read_tensor(all);

@@ -85,7 +85,7 @@ echo "[${SECONDS} s] --- 5. the user model's pieces as 2 pipeline stages"
 "$MPIEXEC" -np 2 --oversubscribe --bind-to none -x OMP_NUM_THREADS=1 \
   "$work/build/custom_model" --config "$source/examples/custom_model/config.json" \
   --set run.dir="$work/runs" --set run.name=staged --set data.train.manifest="$work/data/train.json" \
-  --set train.steps=20 --set log.console=false --set parallel.pipeline_stages=2 > "$work/staged.log" 2>&1 ||
+  --set data.eval.manifest="$work/data/val.json" --set train.steps=20 --set log.console=false --set parallel.pipeline_stages=2 > "$work/staged.log" 2>&1 ||
   { cat "$work/staged.log"; echo "FAIL: custom_model with 2 pipeline stages"; exit 1; }
 grep "pipeline stage" "$work/staged.log"
 grep "pipeline stage 1 of 2 (1f1b, ranks 1..1): block 1: 1 piece(s)" "$work/staged.log" > /dev/null ||

@@ -10,7 +10,7 @@
 //   tensor alive until flush() (call it before the next step reuses or frees memory).
 // - recv() blocks the host until the tensor is here (CPU) or orders it before the caller's
 //   next work on its current stream (CUDA), and returns a fresh tensor on the communicator's
-//   device. It adds the time it waited to waited_seconds().
+//   device.
 // - Timeouts and aborts are the communicator's.
 
 #include <ATen/core/Tensor.h>
@@ -30,14 +30,11 @@ class Channel {
   void send(const at::Tensor& tensor);
   at::Tensor recv();
   void flush();
-  double waited_seconds() const { return waited_; }
-  void reset_waited() { waited_ = 0; }
 
  private:
   comm::Communicator& comm_;
   int peer_;
   std::vector<comm::WorkPtr> sends_;
-  double waited_ = 0;
 };
 
 }  // namespace mpitrain::pipeline
