@@ -5,7 +5,8 @@
 #     the GPT (tied embedding and head on the first and last stage), with 1f1b and gpipe;
 #     NP 2: (P, D) = (2, 1); NP 4: (2, 2) and (4, 1); also ZeRO-1 and data.rank_weights;
 #  2. checkpoints: model.safetensors holds the whole model under its ordinary names; a resume at
-#     the same layout continues bit for bit (NP 2), another D resumes exactly (NP 4: (2, 2) -> (2, 1));
+#     the same layout continues bit for bit (NP 2), another D resumes exactly (NP 4: (2, 2) -> (2, 1),
+#     also with ZeRO-1's optimizer shards re-cut);
 #     another P is refused with what to do;
 #  3. the metrics report per-stage compute, receive waits, the bubble against (P - 1) / (m + P - 1)
 #     and the peak activation memory, which 1f1b keeps below gpipe's;
@@ -100,7 +101,11 @@ else
   run 4 wide gpt --set parallel.pipeline_stages=2 --set train.steps=5
   run 2 wide gpt --set parallel.pipeline_stages=2 --resume auto
   same_weights wide gpt-ref 1e-5 10
-  echo "PASS: (2, 2) resumed as (2, 1) trains on to the one-process weights"
+  # ZeRO-1: each stage's optimizer shards, re-cut from 2 replicas to 1.
+  run 4 wide-zero mlp --set parallel.pipeline_stages=2 --set ddp.zero_stage=1 --set train.steps=5
+  run 2 wide-zero mlp --set parallel.pipeline_stages=2 --set ddp.zero_stage=1 --resume auto
+  same_weights wide-zero mlp-ref 1e-5 10
+  echo "PASS: (2, 2) resumed as (2, 1) trains on to the one-process weights, ZeRO-1's shards re-cut"
 fi
 
 echo "--- 3. figures"
