@@ -3,7 +3,8 @@
 #  1. exact: P stages x D replicas train the weights of one process on the same global batch
 #     (fp32, 1e-5 relative per tensor after 10 AdamW steps with clipping) for the MLP, the CNN and
 #     the GPT (tied embedding and head on the first and last stage), with 1f1b and gpipe;
-#     NP 2: (P, D) = (2, 1); NP 4: (2, 2) and (4, 1); also ZeRO-1 and data.rank_weights;
+#     NP 2: (P, D) = (2, 1); NP 4: (2, 2) and (4, 1); also bf16 and fp16 autocast, ZeRO-1 and
+#     data.rank_weights;
 #  2. checkpoints: model.safetensors holds the whole model under its ordinary names; a resume at
 #     the same layout continues bit for bit (NP 2), another D resumes exactly (NP 4: (2, 2) -> (2, 1),
 #     also with ZeRO-1's optimizer shards re-cut);
@@ -63,6 +64,12 @@ for model in mlp cnn gpt; do
   done
 done
 grep "pipeline stage" "$work/gpt-p2-d$((np / 2))-1f1b.log"
+# Autocast and fp16's loss scaler (its found-inf flag agreed by every stage) change nothing.
+for precision in bf16 fp16; do
+  run 1 "mlp-$precision-ref" mlp --set precision.mode=$precision
+  run "$np" "mlp-$precision" mlp --set precision.mode=$precision --set parallel.pipeline_stages=2
+  same_weights "mlp-$precision" "mlp-$precision-ref" 1e-5 10
+done
 if [ "$np" = 4 ]; then
   run 4 mlp-zero mlp --set parallel.pipeline_stages=2 --set ddp.zero_stage=1
   same_weights mlp-zero mlp-ref 1e-5 10
