@@ -12,6 +12,11 @@
 //   real steps on the training data with the learning rate at 0, so the weights do not change),
 //   then takes the largest micro-batch that fits on every rank and keeps batch.global; config()
 //   is the resolved config with the values chosen.
+// - With parallel.pipeline_stages P > 1 the world is P x D ranks: the model is cut into P
+//   stages (its pieces, models::Model::pieces()), each rank runs one stage, wrapped in DDP over
+//   the stage's D replicas, and a step's accumulation micro-batches flow through the stages in
+//   the parallel.schedule order (1f1b or gpipe); the result is that of one process on the same
+//   global batch. Checkpoints hold the whole model; a resume keeps P. docs/pipeline.md.
 // - data.rank_weights: each rank's share of the micro-steps' samples (train/shares.h); its loss
 //   is weighted by its share, so the update is the same whatever the shares.
 // - step() runs one optimizer step, the same on every rank: accumulation micro-batches (all but
