@@ -1,6 +1,8 @@
 #include "mpitrain/data/loader.h"
 
 #include <ATen/ATen.h>
+#include <pthread.h>
+#include <sched.h>
 
 #include <condition_variable>
 #include <deque>
@@ -120,6 +122,11 @@ struct Loader::Impl {
   void start(const LoaderState& from) {
     stop = false;
     reader = std::thread([this, from] {
+      // Background work: a reader woken by next() must not preempt the training thread on its
+      // core (wake-up preemption), which put the reader's next batch into the step's data wait.
+      // SCHED_BATCH keeps the reader's fair share of the CPU and gives up only that preemption.
+      const sched_param background{};
+      pthread_setschedparam(pthread_self(), SCHED_BATCH, &background);
       // read_ahead hands its errors to the consumer; what escapes it (no memory left to queue
       // the error) ends the job with a message instead of std::terminate.
       try {

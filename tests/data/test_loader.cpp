@@ -7,7 +7,11 @@
 
 #include <hdf5.h>
 
+#include <sched.h>
+
+#include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <numeric>
 #include <optional>
@@ -490,6 +494,40 @@ TEST_CASE("an error on the prefetch thread reaches next() with its message", "[d
   }
   // The loader stays failed, and destroying it stops the thread cleanly.
   CHECK_THROWS_WITH(loader.next(), Contains("epoch 0 step 5"));
+}
+
+namespace {
+
+// The scheduling policy of each thread of this process, read from /proc (SCHED_OTHER = 0,
+// SCHED_BATCH = 3).
+std::vector<int> thread_policies() {
+  std::vector<int> policies;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream in(task.path() / "sched");
+    for (std::string line; std::getline(in, line);) {
+      if (line.rfind("policy", 0) == 0) policies.push_back(std::stoi(line.substr(line.find(':') + 1)));
+    }
+  }
+  return policies;
+}
+
+}  // namespace
+
+TEST_CASE("the prefetch thread runs as background work (SCHED_BATCH), the caller's thread does not",
+          "[data]") {
+  const auto batch_threads = [] {
+    const std::vector<int> p = thread_policies();
+    return std::count(p.begin(), p.end(), SCHED_BATCH);
+  };
+  const auto before = batch_threads();
+  {
+    const int n = communicator().size();
+    data::Loader loader(chunked(fixture("h5py_gzip.h5")), options(4 / n), communicator().rank(), n, communicator());
+    CHECK(loader.next().step == 0);
+    CHECK(batch_threads() == before + 1);
+    CHECK(sched_getscheduler(0) == SCHED_OTHER);
+  }
+  CHECK(batch_threads() == before);
 }
 
 TEST_CASE("ranks agree on the dataset and options with one collective, or all fail", "[data][mpi]") {
