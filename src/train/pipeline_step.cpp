@@ -47,7 +47,7 @@ std::vector<at::Tensor> state_of(const std::vector<models::Piece>& pieces, std::
 
 PipelineStep::PipelineStep(const runtime::World& world, const config::Config& config, models::Model& model,
                            c10::Device device, const comm::CommOptions& options, comm::Backend backend)
-    : world_(world), config_(config), device_(device), task_(model.task()), pieces_(model.pieces()) {
+    : config_(config), device_(device), task_(model.task()), pieces_(model.pieces()) {
   const int stages = static_cast<int>(config.parallel.pipeline_stages);
   bounds_ = pipeline::split(pieces_, stages, config.parallel.stage_pieces);
   grid_ = std::make_unique<pipeline::Grid>(world, stages);
@@ -152,8 +152,8 @@ at::Tensor PipelineStep::clip_grad_norm(ddp::DistributedDataParallel& ddp, doubl
   return ddp.clip_grad_norm(max_norm, forward_comm_.get(), ties_->counted_elsewhere());
 }
 
-void PipelineStep::gather_model(models::Model& model) {
-  (void)model;  // rank 0's pieces are the model's own modules: filling them fills the model
+// Rank 0's pieces are the model's own modules: filling them fills the model.
+void PipelineStep::gather_model() {
   if (grid_->replica() != 0 || grid_->stages() == 1) return;
   at::NoGradGuard no_grad;
   if (grid_->first()) {

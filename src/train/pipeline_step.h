@@ -64,7 +64,7 @@ class PipelineStep {
                               Timeline& timeline, const Inputs& inputs);
   void finish_backward();
   at::Tensor clip_grad_norm(ddp::DistributedDataParallel& ddp, double max_norm);
-  void gather_model(models::Model& model);
+  void gather_model();
   at::Tensor evaluate(const data::Batch& batch, amp::Precision precision, const Inputs& inputs);
   std::int64_t take_peak_bytes();
 
@@ -72,7 +72,6 @@ class PipelineStep {
   at::Tensor receive_activation();
   void sample_memory();
 
-  const runtime::World& world_;
   const config::Config& config_;
   c10::Device device_;
   models::Task task_;

@@ -527,7 +527,7 @@ struct Trainer::Impl {
     if (pipeline) {
       const pipeline::Grid& grid = pipeline->grid();
       run.place = {grid.stages(), grid.stage(), grid.replica(), grid.replicas(), pipeline->bounds(),
-                   [this] { pipeline->gather_model(*model); }};
+                   [this] { pipeline->gather_model(); }};
     }
     return run;
   }
