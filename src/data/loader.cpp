@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -61,6 +62,7 @@ struct Loader::Impl {
   std::unique_ptr<Dataset> dataset;
   std::unique_ptr<Sampler> sampler;
   LoaderState position;  // what the consumer has been handed
+  double starved = 0;     // seconds next() waited on an empty queue (the consumer's alone)
 
   std::mutex mutex;
   std::condition_variable changed;  // the queue or stop changed
@@ -359,7 +361,11 @@ Batch Loader::next() {
   Ready ready;
   {
     std::unique_lock<std::mutex> lock(m.mutex);
-    m.changed.wait(lock, [&] { return !m.queue.empty(); });
+    if (m.queue.empty()) {
+      const auto start = std::chrono::steady_clock::now();
+      m.changed.wait(lock, [&] { return !m.queue.empty(); });
+      m.starved += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    }
     // An error stays at the front: the loader cannot go on, and every later call says why.
     if (m.queue.front().error) std::rethrow_exception(m.queue.front().error);
     ready = std::move(m.queue.front());
@@ -381,6 +387,8 @@ Batch Loader::next() {
 }
 
 LoaderState Loader::state() const { return impl_->position; }
+
+double Loader::starved_seconds() const { return impl_->starved; }
 
 void Loader::restore(const LoaderState& state) {
   Impl& m = *impl_;

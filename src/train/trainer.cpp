@@ -178,6 +178,7 @@ struct Trainer::Impl {
   std::unique_ptr<runtime::GpuInfo> gpu;
   std::int64_t nonfinite_run = 0;      // skipped steps in a row, as of the last log line
   std::int64_t comm_bytes_logged = 0;  // DDP's bytes sent, as of the last log line
+  double starved_logged = 0;           // the loader's starved seconds, as of the last log line
   Clock::time_point window_start = Clock::now();
 
   Impl(const runtime::World& w, const config::Config& c, std::string dir, const runtime::StopSignals& s)
@@ -362,6 +363,10 @@ struct Trainer::Impl {
                              {"time_comm_s", times.comm},
                              {"time_optimizer_s", times.optimizer},
                              {"optimizer_state_bytes", optimizer_state_bytes(*optimizer)}};
+    // The part of the data wait the reader was behind, apart from taking a ready batch.
+    const double starved = train_loader->starved_seconds();
+    record["time_data_starved_s"] = (starved - starved_logged) / steps;
+    starved_logged = starved;
     const std::int64_t comm_bytes = ddp->stats().bytes_sent;
     record["comm_bytes_per_step"] = static_cast<double>(comm_bytes - comm_bytes_logged) / steps;
     comm_bytes_logged = comm_bytes;

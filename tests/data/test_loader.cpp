@@ -10,6 +10,7 @@
 #include <sched.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +18,7 @@
 #include <optional>
 #include <map>
 #include <set>
+#include <thread>
 
 #include "data_support.h"
 #include "mpitrain/data/dataset.h"
@@ -528,6 +530,26 @@ TEST_CASE("the prefetch thread runs as background work (SCHED_BATCH), the caller
     CHECK(sched_getscheduler(0) == SCHED_OTHER);
   }
   CHECK(batch_threads() == before);
+}
+
+TEST_CASE("starved_seconds counts only the waits for a batch the reader had not finished", "[data]") {
+  const int n = communicator().size();
+  data::LoaderOptions o = options(4 / n);
+  o.prefetch = 2;
+  data::Loader loader(chunked(fixture("h5py_gzip.h5")), o, communicator().rank(), n, communicator());
+  CHECK(loader.starved_seconds() == 0.0);
+  // A consumer that takes batches as fast as it can outruns the reader: it waits, and the
+  // waits are part of the time it spent in next().
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < 20; ++i) loader.next();
+  const double in_next = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double starved = loader.starved_seconds();
+  CHECK(starved > 0.0);
+  CHECK(starved <= in_next);
+  // Given time, the reader fills the queue: taking those batches waits for nothing.
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  for (int i = 0; i < o.prefetch; ++i) loader.next();
+  CHECK(loader.starved_seconds() == starved);
 }
 
 TEST_CASE("ranks agree on the dataset and options with one collective, or all fail", "[data][mpi]") {

@@ -58,10 +58,12 @@ train = [r for r in records if "loss" in r]
 evals = [r for r in records if "eval_loss" in r]
 fields = {"step", "epoch", "loss", "lr", "grad_norm", "loss_scale", "skipped_steps", "samples_per_s",
           "step_time_s", "time_data_s", "time_compute_s", "time_comm_s", "time_optimizer_s",
-          "optimizer_state_bytes", "comm_bytes_per_step"}
+          "time_data_starved_s", "optimizer_state_bytes", "comm_bytes_per_step"}
 for r in train:
     missing = fields - r.keys()
     assert not missing, f"step {r.get('step')}: missing {sorted(missing)}"
+    # The loader's starved time is part of the data wait.
+    assert 0 <= r["time_data_starved_s"] <= r["time_data_s"], r
 assert [r["step"] for r in train] == [10, 20, 30, 40], [r["step"] for r in train]
 assert [r["step"] for r in evals] == [20, 40], [r["step"] for r in evals]
 for r in evals:

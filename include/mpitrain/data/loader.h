@@ -32,7 +32,10 @@
 //   at once on the current stream. On CPU they are plain tensors, whose memory the loader
 //   reuses for a later batch once nothing refers to it any more (no tensor, no view): keep a
 //   tensor, not a raw pointer, to data you want to keep.
-// - A background thread reads at most `prefetch` batches ahead. An error on it (a damaged
+// - A background thread (SCHED_BATCH: it never preempts the training thread when woken)
+//   reads at most `prefetch` batches ahead. starved_seconds() is the time next() has waited
+//   for a batch the thread had not finished yet: the loader's own delay, apart from taking a
+//   ready batch (and any preemption of the caller meanwhile). An error on the thread (a damaged
 //   chunk, a file gone) is rethrown by next() as runtime::Error naming file, dataset, epoch and
 //   step; the loader is unusable afterwards (next() keeps rethrowing it). The destructor stops
 //   and joins the thread, whatever state it is in.
@@ -91,6 +94,8 @@ class Loader {
   std::int64_t batch_size() const;
   /// What this rank's reads cost so far.
   ReadStats stats() const;
+  /// Seconds next() has waited on an empty queue since the loader was made (consumer's thread).
+  double starved_seconds() const;
   /// What reading the batches of one epoch cost (so far, while the reader is in it; zeros for
   /// an epoch this loader did not read). A restore mid-epoch starts its count again.
   ReadStats stats(std::int64_t epoch) const;
