@@ -504,10 +504,13 @@ struct Dataset::Impl {
   void read_into(const std::vector<std::int64_t>& indices, Batch& out) {
     h5::quiet();
     const auto n = static_cast<std::int64_t>(indices.size());
-    if (!out.inputs.defined() || out.inputs.size(0) != n || out.targets.size(0) != n ||
-        out.inputs.scalar_type() != inputs.dtype || out.targets.scalar_type() != targets.dtype ||
-        !out.inputs.is_contiguous() || !out.targets.is_contiguous())
+    const auto made = [n](const at::Tensor& t, const Field& f) {
+      return !t.defined() || (t.size(0) == n && t.scalar_type() == f.dtype && t.is_contiguous());
+    };
+    if (!made(out.inputs, inputs) || !made(out.targets, targets))
       throw Error("Dataset::read_into: the batch was not made by allocate(" + std::to_string(n) + ")");
+    const bool want_inputs = out.inputs.defined(), want_targets = out.targets.defined();
+    if (!want_inputs && !want_targets) return;
     // Where each sample lives: shard and index within it.
     std::vector<std::pair<std::int64_t, std::int64_t>> located(indices.size());
     std::vector<ChunkKey> missing;
@@ -521,24 +524,26 @@ struct Dataset::Impl {
       if (tokens()) {
         need(s, 0, local * spec.seq_len, local * spec.seq_len + spec.seq_len + 1, missing);
       } else {
-        need(s, 0, local, local + 1, missing);
-        need(s, 1, local, local + 1, missing);
+        if (want_inputs) need(s, 0, local, local + 1, missing);
+        if (want_targets) need(s, 1, local, local + 1, missing);
       }
     }
     fetch(missing);
-    char* in = static_cast<char*>(out.inputs.data_ptr());
-    char* tg = static_cast<char*>(out.targets.data_ptr());
-    const std::int64_t in_bytes = out.inputs.numel() / std::max<std::int64_t>(1, n) * static_cast<std::int64_t>(out.inputs.element_size());
-    const std::int64_t tg_bytes = out.targets.numel() / std::max<std::int64_t>(1, n) * static_cast<std::int64_t>(out.targets.element_size());
+    const auto rows = [n](const at::Tensor& t) {
+      return t.defined() ? std::pair(static_cast<char*>(t.data_ptr()),
+                                     t.numel() / std::max<std::int64_t>(1, n) * static_cast<std::int64_t>(t.element_size()))
+                         : std::pair<char*, std::int64_t>(nullptr, 0);
+    };
+    const auto [in, in_bytes] = rows(out.inputs);
+    const auto [tg, tg_bytes] = rows(out.targets);
     for (std::int64_t p = 0; p < n; ++p) {
       const auto [s, local] = located[static_cast<std::size_t>(p)];
-      if (tokens()) {
-        const std::int64_t start = local * spec.seq_len;
-        copy_rows(s, 0, start, spec.seq_len, true, in + p * in_bytes);
-        copy_rows(s, 0, start + 1, spec.seq_len, true, tg + p * tg_bytes);
-      } else {
-        copy_rows(s, 0, local, 1, false, in + p * in_bytes);
-        copy_rows(s, 1, local, 1, targets.dtype == c10::kLong, tg + p * tg_bytes);
+      const std::int64_t first = tokens() ? local * spec.seq_len : local;
+      const std::int64_t count = tokens() ? spec.seq_len : 1;
+      if (want_inputs) copy_rows(s, 0, first, count, tokens(), in + p * in_bytes);
+      if (want_targets) {
+        if (tokens()) copy_rows(s, 0, first + 1, count, true, tg + p * tg_bytes);
+        else copy_rows(s, 1, local, 1, targets.dtype == c10::kLong, tg + p * tg_bytes);
       }
     }
     if (announced) {
@@ -548,8 +553,8 @@ struct Dataset::Impl {
     }
     trim();
     if (spec.id_limit > 0) {
-      if (tokens()) check_ids(out.inputs, located, "token");
-      check_ids(out.targets, located, tokens() ? "token" : "target");
+      if (tokens() && want_inputs) check_ids(out.inputs, located, "token");
+      if (want_targets) check_ids(out.targets, located, tokens() ? "token" : "target");
     }
   }
 
@@ -613,15 +618,17 @@ std::string Dataset::description() const {
   return out;
 }
 
-Batch Dataset::allocate(std::int64_t n, bool pinned) const {
+Batch Dataset::allocate(std::int64_t n, bool pinned, Fields fields) const {
   const auto shape = [n](const Field& f) {
     std::vector<std::int64_t> s{n};
     s.insert(s.end(), f.shape.begin(), f.shape.end());
     return s;
   };
   Batch batch;
-  batch.inputs = at::empty(shape(impl_->inputs), at::TensorOptions().dtype(impl_->inputs.dtype).pinned_memory(pinned));
-  batch.targets = at::empty(shape(impl_->targets), at::TensorOptions().dtype(impl_->targets.dtype).pinned_memory(pinned));
+  if (fields.inputs)
+    batch.inputs = at::empty(shape(impl_->inputs), at::TensorOptions().dtype(impl_->inputs.dtype).pinned_memory(pinned));
+  if (fields.targets)
+    batch.targets = at::empty(shape(impl_->targets), at::TensorOptions().dtype(impl_->targets.dtype).pinned_memory(pinned));
   return batch;
 }
 

@@ -142,18 +142,25 @@ struct Loader::Impl {
   }
 
   // Nobody else holds the tensor or its memory: only `recycled` refers to it.
-  static bool unused(const at::Tensor& t) { return t.use_count() == 1 && t.storage().use_count() == 1; }
+  static bool unused(const at::Tensor& t) {
+    return !t.defined() || (t.use_count() == 1 && t.storage().use_count() == 1);
+  }
+
+  bool reads() const { return options.fields.inputs || options.fields.targets; }
 
   Batch make_batch(bool cuda) {
-    if (cuda) return dataset->allocate(options.batch_size, /*pinned=*/true);  // the caching host allocator reuses
+    if (!reads()) return {};
+    // The caching host allocator reuses pinned memory.
+    if (cuda) return dataset->allocate(options.batch_size, /*pinned=*/true, options.fields);
     for (auto it = recycled.begin(); it != recycled.end(); ++it) {
-      if (unused(it->inputs) && unused(it->targets) && it->inputs.size(0) == options.batch_size) {
+      const at::Tensor& any = it->inputs.defined() ? it->inputs : it->targets;
+      if (unused(it->inputs) && unused(it->targets) && any.size(0) == options.batch_size) {
         Batch batch = std::move(*it);
         recycled.erase(it);
         return batch;
       }
     }
-    return dataset->allocate(options.batch_size);
+    return dataset->allocate(options.batch_size, /*pinned=*/false, options.fields);
   }
 
   void remember(const Batch& batch) {
@@ -231,12 +238,12 @@ struct Loader::Impl {
         try {
           ready.batch = make_batch(cuda);
           const auto begin = mine.begin() + step * width + micro * options.batch_size;
-          dataset->read_into(std::vector<std::int64_t>(begin, begin + options.batch_size), ready.batch);
+          if (reads()) dataset->read_into(std::vector<std::int64_t>(begin, begin + options.batch_size), ready.batch);
           ready.batch.epoch = epoch;
           ready.batch.step = step;
           ready.batch.micro = micro;
           if (cuda) to_device(ready);
-          else remember(ready.batch);
+          else if (reads()) remember(ready.batch);
         } catch (const Error& e) {
           throw Error("data loader, rank " + std::to_string(rank) + ", epoch " + std::to_string(epoch) + " step " +
                           std::to_string(step) + ": " + e.what(),
@@ -272,8 +279,8 @@ struct Loader::Impl {
     // The copy runs on the loader's own stream so it overlaps the training step; the event
     // lets next() order the consumer's stream after it.
     c10::cuda::CUDAStreamGuard guard(*copy_stream);
-    ready.batch.inputs = ready.batch.inputs.to(options.device, /*non_blocking=*/true);
-    ready.batch.targets = ready.batch.targets.to(options.device, /*non_blocking=*/true);
+    for (at::Tensor* t : {&ready.batch.inputs, &ready.batch.targets})
+      if (t->defined()) *t = t->to(options.device, /*non_blocking=*/true);
     ready.copied = std::make_unique<at::cuda::CUDAEvent>();
     ready.copied->record(*copy_stream);
 #else
@@ -288,8 +295,8 @@ struct Loader::Impl {
       ready.copied->block(current);
       // The memory was allocated on the copy stream; keep the allocator from reusing it
       // before the consumer's stream is done with it.
-      ready.batch.inputs.record_stream(current);
-      ready.batch.targets.record_stream(current);
+      for (const at::Tensor* t : {&ready.batch.inputs, &ready.batch.targets})
+        if (t->defined()) t->record_stream(current);
     }
 #else
     (void)ready;

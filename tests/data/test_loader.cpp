@@ -19,6 +19,7 @@
 #include <map>
 #include <set>
 #include <thread>
+#include <tuple>
 
 #include "data_support.h"
 #include "mpitrain/data/dataset.h"
@@ -550,6 +551,39 @@ TEST_CASE("starved_seconds counts only the waits for a batch the reader had not 
   std::this_thread::sleep_for(std::chrono::seconds(1));
   for (int i = 0; i < o.prefetch; ++i) loader.next();
   CHECK(loader.starved_seconds() == starved);
+}
+
+TEST_CASE("a loader reads only the fields it is asked for, in the same order", "[data]") {
+  const int n = communicator().size(), rank = communicator().rank();
+  const auto spec = chunked(fixture("h5py_gzip.h5"));
+  data::LoaderOptions o = options(4 / n);
+  data::Loader both(spec, o, rank, n, communicator());
+  o.fields = {false, true};
+  data::Loader targets(spec, o, rank, n, communicator());
+  o.fields = {true, false};
+  data::Loader inputs(spec, o, rank, n, communicator());
+  o.fields = {false, false};
+  data::Loader neither(spec, o, rank, n, communicator());
+  // Into the second epoch: every reader has finished the first, whose counts are then final.
+  for (std::int64_t i = 0; i <= both.steps_per_epoch(); ++i) {
+    const data::Batch all = both.next(), t = targets.next(), x = inputs.next(), none = neither.next();
+    CHECK(!t.inputs.defined());
+    CHECK(!x.targets.defined());
+    CHECK(!none.inputs.defined());
+    CHECK(!none.targets.defined());
+    CHECK(t.targets.equal(all.targets));
+    CHECK(x.inputs.equal(all.inputs));
+    for (const data::Batch* b : {&t, &x, &none})
+      CHECK(std::tuple(b->epoch, b->step, b->micro) == std::tuple(all.epoch, all.step, all.micro));
+  }
+  CHECK(neither.state().step == both.state().step);
+  CHECK(neither.state().epoch == both.state().epoch);
+  CHECK(both.state().epoch == 1);
+  // The targets' and the inputs' reads of the epoch add up to the reads of both.
+  CHECK(neither.stats().bytes_read == 0);
+  CHECK(targets.stats(0).bytes_read > 0);
+  CHECK(targets.stats(0).bytes_read < inputs.stats(0).bytes_read);
+  CHECK(targets.stats(0).bytes_read + inputs.stats(0).bytes_read == both.stats(0).bytes_read);
 }
 
 TEST_CASE("ranks agree on the dataset and options with one collective, or all fail", "[data][mpi]") {

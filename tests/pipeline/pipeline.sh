@@ -10,7 +10,8 @@
 #     also with ZeRO-1's optimizer shards re-cut);
 #     another P is refused with what to do;
 #  3. the metrics report per-stage compute, receive waits, the bubble against (P - 1) / (m + P - 1)
-#     and the peak activation memory, which 1f1b keeps below gpipe's;
+#     and the peak activation memory, which 1f1b keeps below gpipe's; each stage reads only the
+#     data it uses (the first the inputs, the last the targets, the stages between nothing);
 #  4. bad input exits 2 before step 1 on every rank: P not dividing the world, more stages than
 #     pieces, ZeRO-1 with tied weights across stages, batch.micro_batch auto.
 # Usage: pipeline.sh NP. Environment (set by CTest): MPIEXEC, BIN.
@@ -131,6 +132,21 @@ for stages in ((2,) if np_ == 2 else (2, 4)):
     print(f"P {stages}: bubble 1f1b {one_f['pipeline_bubble']}, gpipe {gpipe['pipeline_bubble']}, theory "
           f"{one_f['pipeline_bubble_theory']:.3f}; peak activation bytes 1f1b {one_f['pipeline_peak_activation_bytes']}, "
           f"gpipe {gpipe['pipeline_peak_activation_bytes']}")
+    # Each stage reads only what it uses (rank = stage x D + replica): the first stage the
+    # inputs, the last the targets, the stages between nothing. At D = 1 the two reads together
+    # are exactly the one-process run's, which read the same samples.
+    replicas = np_ // stages
+    for model in ("mlp", "gpt"):
+        read = last(f"{model}-p{stages}-d{replicas}-1f1b")["data_bytes_read"]
+        first, between, final = read[:replicas], read[replicas:-replicas], read[-replicas:]
+        assert all(b > 0 for b in first + final) and all(b == 0 for b in between), (model, read)
+        if replicas == 1:
+            whole = last(f"{model}-ref")["data_bytes_read"][0]
+            if model == "mlp":
+                assert first[0] + final[0] == whole, (read, whole)
+            else:  # inputs and targets are two windows of one token stream: both stages read it
+                assert first[0] == final[0] == whole, (read, whole)
+        print(f"P {stages}: {model} bytes read per rank {read}")
 PY
 # The step trace shows each rank's schedule: stage 0 of 2 warms up with one forward more.
 run "$np" traced mlp --set parallel.pipeline_stages=2 --set train.steps=3 --set log.trace_steps=1 \

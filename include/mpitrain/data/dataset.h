@@ -55,6 +55,13 @@ struct Batch {
   std::int64_t micro = 0;  // which micro-batch of this rank's slice of it
 };
 
+/// Which of a sample's tensors a reader wants. A pipeline stage needs only the inputs (the
+/// first stage), only the targets (the last) or neither (the stages between).
+struct Fields {
+  bool inputs = true;
+  bool targets = true;
+};
+
 /// What reading cost: decompressed bytes and HDF5 chunks read from the files, and the block
 /// lookups the cache answered.
 struct ReadStats {
@@ -91,9 +98,11 @@ class Dataset {
   ReadStats stats() const;
   ReadStats footprint(const std::vector<std::int64_t>& indices) const;
 
-  /// Empty CPU tensors of the right shape and dtype for n samples (pinned when asked).
-  Batch allocate(std::int64_t n, bool pinned = false) const;
-  /// Fills out.inputs/targets rows 0..indices.size()-1 with the samples named by indices.
+  /// Empty CPU tensors of the right shape and dtype for n samples (pinned when asked); a field
+  /// not wanted is an undefined tensor.
+  Batch allocate(std::int64_t n, bool pinned = false, Fields fields = {}) const;
+  /// Fills the defined ones of out.inputs/targets, rows 0..indices.size()-1, with the samples
+  /// named by indices; a dataset that only an undefined tensor needs is not read.
   void read_into(const std::vector<std::int64_t>& indices, Batch& out);
   Batch read(const std::vector<std::int64_t>& indices);
 

@@ -74,6 +74,9 @@ struct LoaderOptions {
   std::int64_t cache_bytes = 0;     // decompressed-block cache; 0: sized to the shuffle window
   Remainder remainder = Remainder::drop;
   int prefetch = 4;  // batches read ahead, >= 1
+  /// The tensors next() delivers; one not wanted is undefined and its dataset is not read
+  /// (a batch of neither only says where the loader is: epoch, step, micro).
+  Fields fields;
   c10::Device device = c10::Device(c10::kCPU);
 };
 
