@@ -188,6 +188,7 @@ void verify(const std::string& source, bool locking) {
 
 struct PlanOptions {
   int ranks = 1;
+  int stages = 1;
   std::int64_t seq_len = 0;
   std::int64_t epoch = 0;
   data::SamplerOptions sampling;
@@ -200,30 +201,42 @@ void plan(const std::string& source, PlanOptions o, bool locking) {
                                          : data::DatasetSpec::classification(source);
   spec.file_locking = locking;
   o.sampling.remainder = data::parse_remainder(o.remainder);
-  const data::ReadPlan p = data::plan_reads(spec, o.sampling, o.ranks, o.epoch);
+  const data::ReadPlan p = data::plan_reads(spec, o.sampling, o.ranks, o.epoch, o.stages);
+  const int replicas = o.ranks / o.stages;
   const std::int64_t used = p.steps_per_epoch * o.sampling.global_batch;
   std::cout << source << ": " << p.samples << " samples in " << p.blocks << " blocks, " << comm::format_bytes(p.bytes)
             << " decompressed\nglobal batch " << o.sampling.global_batch << " = " << p.partitions << " partitions x "
             << o.sampling.global_batch / p.partitions << (o.sampling.global_batch % p.partitions ? "-" + std::to_string(o.sampling.global_batch / p.partitions + 1) : "")
             << " samples; " << p.steps_per_epoch << " steps per epoch ("
             << (used <= p.samples ? std::to_string(p.samples - used) + " samples unused" : std::to_string(used - p.samples) + " seen twice")
-            << ", " << o.remainder << "); epoch " << o.epoch << ", " << o.ranks << " rank(s):\n";
-  std::cout << "  rank  partitions  samples/batch  blocks  chunks  read      share of the data  x 1/N\n";
+            << ", " << o.remainder << "); epoch " << o.epoch << ", " << o.ranks << " rank(s)"
+            << (o.stages > 1 ? " as " + std::to_string(o.stages) + " pipeline stages x " + std::to_string(replicas) +
+                                   " replicas (the first stage reads the inputs, the last the targets, those between "
+                                   "nothing)"
+                             : "")
+            << ":\n";
+  // x 1/N: the rank's reads against 1/N of the data, N the data-parallel ranks.
+  std::cout << "  rank  " << (o.stages > 1 ? "stage  " : "")
+            << "partitions  samples/batch  blocks  chunks  read      share of the data  x 1/N\n";
   for (std::size_t r = 0; r < p.ranks.size(); ++r) {
     const data::RankReads& reads = p.ranks[r];
     const double share = p.bytes > 0 ? double(reads.bytes) / double(p.bytes) : 0.0;
-    char line[160];
-    std::snprintf(line, sizeof line, "  %-5zu %-11s %-14lld %-7lld %-7lld %-9s %5.1f %%             %.2f", r,
+    char stage[16] = "";
+    if (o.stages > 1) std::snprintf(stage, sizeof stage, "%-6d ", reads.stage);
+    char line[180];
+    std::snprintf(line, sizeof line, "  %-5zu %s%-11s %-14lld %-7lld %-7lld %-9s %5.1f %%             %.2f", r, stage,
                   (std::to_string(reads.first_partition) + "-" + std::to_string(reads.last_partition)).c_str(),
                   static_cast<long long>(reads.samples_per_batch), static_cast<long long>(reads.blocks),
                   static_cast<long long>(reads.chunks), comm::format_bytes(reads.bytes).c_str(), share * 100,
-                  share * o.ranks);
+                  share * replicas);
     std::cout << line << '\n';
   }
-  if (p.partitions % o.ranks != 0)
-    std::cout << "note: " << o.ranks << " ranks do not divide " << p.partitions
+  const std::string who = o.stages > 1 ? " data-parallel ranks" : " ranks";
+  if (p.partitions % replicas != 0)
+    std::cout << "note: " << replicas << who << " do not divide " << p.partitions
               << " partitions, so ranks share partitions and each reads more than 1/N; choose data.partitions as a "
-                 "multiple of the world size\n";
+                 "multiple of the"
+              << (o.stages > 1 ? who : " world size") << "\n";
   std::cout << std::fixed << std::setprecision(1) << "shuffle: a global batch draws from " << p.blocks_per_batch
             << " blocks on average (one partition with a window of 16 blocks, the order before partitions: "
             << p.blocks_per_batch_before << ")\n";
@@ -288,6 +301,9 @@ int main(int argc, char** argv) {
   CLI::App* plan_cmd = app.add_subcommand("plan", "what each of N ranks reads in one epoch of the loader's order");
   plan_cmd->add_option("source", source, "a manifest (.json) or a glob of .h5 files")->required();
   plan_cmd->add_option("--ranks", plan_options.ranks, "world size")->check(CLI::PositiveNumber)->capture_default_str();
+  plan_cmd->add_option("--stages", plan_options.stages, "parallel.pipeline_stages")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   plan_cmd->add_option("--batch", plan_options.sampling.global_batch, "batch.global: samples per optimizer step")
       ->check(CLI::PositiveNumber)
       ->required();

@@ -466,11 +466,18 @@ struct Dataset::Impl {
     });
   }
 
-  ReadStats footprint(const std::vector<std::int64_t>& indices) const {
+  ReadStats footprint(const std::vector<std::int64_t>& indices, Fields fields) const {
+    // A token window gives both fields from one column; a classification's column 0 holds the
+    // inputs and column 1 the targets.
+    const auto wanted = [&](std::int64_t column) {
+      return tokens() ? fields.inputs || fields.targets : column == 0 ? fields.inputs : fields.targets;
+    };
     std::unordered_map<ChunkKey, bool, ChunkKeyHash> units;
     for (const std::int64_t index : indices) {
       const auto [s, local] = locate(index);
-      for_each_unit(s, local, [&](const ChunkKey& key) { units.emplace(key, true); });
+      for_each_unit(s, local, [&](const ChunkKey& key) {
+        if (wanted(key.column)) units.emplace(key, true);
+      });
     }
     ReadStats stats;
     for (const auto& entry : units) {
@@ -605,7 +612,9 @@ void Dataset::set_cache_bytes(std::int64_t bytes) { impl_->cache_capacity = std:
 std::int64_t Dataset::cache_bytes() const { return impl_->cache_capacity; }
 void Dataset::expect(const std::vector<std::int64_t>& indices) { impl_->expect(indices); }
 ReadStats Dataset::stats() const { return {impl_->bytes_read, impl_->chunks_read, impl_->cache_hits}; }
-ReadStats Dataset::footprint(const std::vector<std::int64_t>& indices) const { return impl_->footprint(indices); }
+ReadStats Dataset::footprint(const std::vector<std::int64_t>& indices, Fields fields) const {
+  return impl_->footprint(indices, fields);
+}
 
 std::string Dataset::description() const {
   std::string out = std::string(to_string(impl_->spec.kind)) + " samples=" + std::to_string(impl_->samples);

@@ -265,9 +265,15 @@ VerifyReport verify(const std::string& source, bool file_locking) {
   return report;
 }
 
-ReadPlan plan_reads(const DatasetSpec& spec, const SamplerOptions& options, int ranks, std::int64_t epoch) {
-  if (ranks < 1 || options.global_batch % ranks != 0)
-    throw runtime::Error(std::to_string(ranks) + " ranks cannot share a global batch of " +
+ReadPlan plan_reads(const DatasetSpec& spec, const SamplerOptions& options, int ranks, std::int64_t epoch,
+                    int stages) {
+  if (stages < 1 || ranks < 1 || ranks % stages != 0)
+    throw runtime::Error(std::to_string(stages) + " pipeline stages do not divide " + std::to_string(ranks) +
+                             " ranks: choose a divisor of the world size",
+                         runtime::ExitCode::bad_input);
+  const int replicas = ranks / stages;
+  if (options.global_batch % replicas != 0)
+    throw runtime::Error(std::to_string(replicas) + " data-parallel ranks cannot share a global batch of " +
                              std::to_string(options.global_batch) + " equally: choose a divisor of it",
                          runtime::ExitCode::bad_input);
   const Dataset dataset(spec);
@@ -281,9 +287,12 @@ ReadPlan plan_reads(const DatasetSpec& spec, const SamplerOptions& options, int 
   const std::vector<std::int64_t> order = sampler.order(epoch);
   std::vector<std::int64_t> block_of;
   for (std::size_t b = 0; b < dataset.blocks().size(); ++b) block_of.insert(block_of.end(), static_cast<std::size_t>(dataset.blocks()[b]), static_cast<std::int64_t>(b));
-  const std::int64_t share = options.global_batch / ranks;
-  for (int r = 0; r < ranks; ++r) {
+  const std::int64_t share = options.global_batch / replicas;
+  for (int w = 0; w < ranks; ++w) {
     RankReads reads;
+    reads.stage = w / replicas;
+    reads.replica = w % replicas;
+    const int r = reads.replica;
     reads.samples_per_batch = share;
     std::tie(reads.first_partition, reads.last_partition) = sampler.partitions_of(r * share, (r + 1) * share);
     std::vector<std::int64_t> samples;
@@ -295,7 +304,7 @@ ReadPlan plan_reads(const DatasetSpec& spec, const SamplerOptions& options, int 
     for (const std::int64_t sample : samples) blocks.push_back(block_of[static_cast<std::size_t>(sample)]);
     std::sort(blocks.begin(), blocks.end());
     reads.blocks = std::unique(blocks.begin(), blocks.end()) - blocks.begin();
-    const ReadStats footprint = dataset.footprint(samples);
+    const ReadStats footprint = dataset.footprint(samples, {reads.stage == 0, reads.stage == stages - 1});
     reads.chunks = footprint.chunks_read;
     reads.bytes = footprint.bytes_read;
     plan.ranks.push_back(reads);

@@ -25,6 +25,7 @@
 #include "mpitrain/data/dataset.h"
 #include "mpitrain/data/loader.h"
 #include "mpitrain/data/sampler.h"
+#include "mpitrain/data/shards.h"
 #include "mpitrain/runtime/error.h"
 
 using namespace mpitrain;
@@ -584,6 +585,35 @@ TEST_CASE("a loader reads only the fields it is asked for, in the same order", "
   CHECK(targets.stats(0).bytes_read > 0);
   CHECK(targets.stats(0).bytes_read < inputs.stats(0).bytes_read);
   CHECK(targets.stats(0).bytes_read + inputs.stats(0).bytes_read == both.stats(0).bytes_read);
+}
+
+TEST_CASE("plan_reads with pipeline stages: the first stage reads the inputs, the last the targets", "[data]") {
+  const auto spec = chunked(fixture("h5py_gzip.h5"));
+  data::SamplerOptions o;
+  o.global_batch = 8;
+  o.seed = 5;
+  o.window = 2;
+  o.partitions = 4;
+  const auto bytes = [&](int ranks, int stages) {
+    std::vector<std::int64_t> out;
+    for (const auto& r : data::plan_reads(spec, o, ranks, 0, stages).ranks) out.push_back(r.bytes);
+    return out;
+  };
+  const std::vector<std::int64_t> whole = bytes(2, 1);  // 2 replicas reading both fields
+  const std::vector<std::int64_t> staged = bytes(4, 2);  // ranks 0, 1: stage 0; 2, 3: stage 1
+  const std::vector<std::int64_t> deep = bytes(8, 4);
+  for (int r = 0; r < 2; ++r) {
+    CHECK(staged[r] > staged[2 + r]);  // an input row is larger than a target
+    CHECK(staged[2 + r] > 0);
+    CHECK(staged[r] + staged[2 + r] == whole[r]);
+    CHECK(deep[r] == staged[r]);
+    CHECK(deep[6 + r] == staged[2 + r]);
+    for (int s = 1; s < 3; ++s) CHECK(deep[2 * s + r] == 0);
+  }
+  const data::ReadPlan plan = data::plan_reads(spec, o, 8, 0, 4);
+  CHECK(plan.ranks[5].stage == 2);
+  CHECK(plan.ranks[5].replica == 1);
+  CHECK_THROWS_WITH(data::plan_reads(spec, o, 4, 0, 3), Contains("3 pipeline stages do not divide 4 ranks"));
 }
 
 TEST_CASE("ranks agree on the dataset and options with one collective, or all fail", "[data][mpi]") {

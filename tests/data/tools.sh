@@ -29,6 +29,13 @@ grep -q "10000 samples in 8 blocks" "$work/plan.txt" || fail "plan: dataset"
 grep -q "global batch 64 = 16 partitions x 4 samples; 156 steps per epoch (16 samples unused, drop)" "$work/plan.txt" ||
   fail "plan: partitions"
 grep -qE "^  0 +0-7 +32 " "$work/plan.txt" && grep -qE "^  1 +8-15 +32 " "$work/plan.txt" || fail "plan: ranks"
+# With 2 pipeline stages the same 2 replicas read the same samples: stage 0 the images
+# (784 B each), stage 1 the labels (1 B each).
+"$BIN/h5shard" plan "$work/fm/train.json" --ranks 4 --stages 2 --batch 64 | tee "$work/plan-stages.txt" ||
+  fail "plan --stages"
+grep -q "4 rank(s) as 2 pipeline stages x 2 replicas" "$work/plan-stages.txt" || fail "plan --stages: layout"
+grep -qE "^  0 +0 +0-7 +32 .* 3.7 MiB " "$work/plan-stages.txt" && grep -qE "^  3 +1 +8-15 +32 .* 9.8 KiB " \
+  "$work/plan-stages.txt" || fail "plan --stages: what each stage reads"
 "$python" - "$fm" "$work/fm" <<'PY' || fail "Fashion-MNIST values differ"
 import gzip, sys, h5py, numpy as np
 src, out = sys.argv[1:]
@@ -88,6 +95,8 @@ check_error "unsupported dtype string" "$BIN/h5shard" verify "$fixtures/string_d
 check_error "first dimensions must agree" "$BIN/h5shard" verify "$fixtures/rows_disagree.h5"
 check_error "no file matches" "$BIN/h5shard" inspect "$fixtures/none-*.h5"
 check_error "choose a divisor of it" "$BIN/h5shard" plan "$work/fm/train.json" --ranks 3 --batch 64
+check_error "3 pipeline stages do not divide 4 ranks" "$BIN/h5shard" plan "$work/fm/train.json" --ranks 4 --stages 3 \
+  --batch 64
 
 # A failure after some shards are written (the second one cannot be moved into place) removes
 # everything it wrote.

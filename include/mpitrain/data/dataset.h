@@ -20,8 +20,8 @@
 //   announced keeps only the blocks it will use again: with a cache that can hold those, each
 //   block is read once per announcement (an epoch, for the loader).
 // - stats() counts, since construction: decompressed bytes and HDF5 chunks read, and block
-//   lookups the cache served. footprint(indices) is what reading those samples with an empty,
-//   unbounded cache would read, without reading anything.
+//   lookups the cache served. footprint(indices, fields) is what reading those samples' fields
+//   with an empty, unbounded cache would read, without reading anything.
 // - Delivered dtypes: classification inputs keep their stored dtype (uint16/uint32 widen to
 //   int32/int64); integer targets and all tokens are int64; float targets keep their dtype.
 //   Tokens: inputs = window[0, seq_len), targets = window[1, seq_len + 1).
@@ -96,7 +96,7 @@ class Dataset {
   void expect(const std::vector<std::int64_t>& indices);
   /// Safe to call from any thread.
   ReadStats stats() const;
-  ReadStats footprint(const std::vector<std::int64_t>& indices) const;
+  ReadStats footprint(const std::vector<std::int64_t>& indices, Fields fields = {}) const;
 
   /// Empty CPU tensors of the right shape and dtype for n samples (pinned when asked); a field
   /// not wanted is an undefined tensor.

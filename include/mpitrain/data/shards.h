@@ -13,7 +13,9 @@
 // - plan_reads() says, without reading any data, what each of `ranks` equal ranks will read in
 //   one epoch of the loader's order (Sampler): its partitions, blocks, chunks and bytes, and how
 //   far the global batches mix blocks (against one partition and a window of 16 blocks: the
-//   order before partitions).
+//   order before partitions). With `stages` pipeline stages, rank w is stage w / D and replica
+//   w % D of D = ranks / stages data-parallel replicas, which share the global batch; the first
+//   stage reads the inputs, the last the targets, the stages between nothing (as the trainer).
 
 #include <ATen/core/Tensor.h>
 
@@ -80,6 +82,7 @@ struct VerifyReport {
 VerifyReport verify(const std::string& source, bool file_locking = true);
 
 struct RankReads {
+  int stage = 0, replica = 0;                            // replica = the data-parallel rank
   std::int64_t first_partition = 0, last_partition = 0;  // those its slices touch
   std::int64_t samples_per_batch = 0;
   std::int64_t blocks = 0;  // distinct blocks its samples lie in
@@ -95,8 +98,9 @@ struct ReadPlan {
   double blocks_per_batch_before = 0;  // with one partition and window 16 (before partitions)
 };
 
-/// Throws runtime::Error(bad_input) when `ranks` does not divide the global batch, or for what
-/// the Dataset and Sampler refuse.
-ReadPlan plan_reads(const DatasetSpec& spec, const SamplerOptions& options, int ranks, std::int64_t epoch = 0);
+/// Throws runtime::Error(bad_input) when `stages` does not divide `ranks`, the replicas do not
+/// divide the global batch, or for what the Dataset and Sampler refuse.
+ReadPlan plan_reads(const DatasetSpec& spec, const SamplerOptions& options, int ranks, std::int64_t epoch = 0,
+                    int stages = 1);
 
 }  // namespace mpitrain::data
