@@ -4,7 +4,7 @@
 #     (fp32, 1e-5 relative per tensor after 10 AdamW steps with clipping) for the MLP, the CNN and
 #     the GPT (tied embedding and head on the first and last stage), with 1f1b and gpipe;
 #     NP 2: (P, D) = (2, 1); NP 4: (2, 2) and (4, 1); also bf16 and fp16 autocast, ZeRO-1 and
-#     data.rank_weights;
+#     data.rank_weights; evaluation through the stages gives one process's loss and accuracy;
 #  2. checkpoints: model.safetensors holds the whole model under its ordinary names; a resume at
 #     the same layout continues bit for bit (NP 2), another D resumes exactly (NP 4: (2, 2) -> (2, 1),
 #     also with ZeRO-1's optimizer shards re-cut);
@@ -71,6 +71,22 @@ for precision in bf16 fp16; do
   run "$np" "mlp-$precision" mlp --set precision.mode=$precision --set parallel.pipeline_stages=2
   same_weights "mlp-$precision" "mlp-$precision-ref" 1e-5 10
 done
+# Evaluation runs forward through the stages (the first reads the inputs, the last the targets):
+# the same loss and accuracy as one process.
+evaluated=(--set data.eval.manifest="$work/data/train.json" --set eval.every_steps=5 --set eval.max_batches=16)
+run 1 mlp-eval-ref mlp "${evaluated[@]}"
+run "$np" mlp-eval mlp "${evaluated[@]}" --set parallel.pipeline_stages="$np"
+"$PYTHON" - "$work/runs" <<'PY'
+import json, sys
+def evals(run):
+    return [(r["step"], r["eval_loss"], r["eval_accuracy"], r["eval_samples"])
+            for r in map(json.loads, open(f"{sys.argv[1]}/{run}/metrics.jsonl")) if "eval_loss" in r]
+one, staged = evals("mlp-eval-ref"), evals("mlp-eval")
+assert [e[0] for e in one] == [e[0] for e in staged] == [5, 10], (one, staged)
+for a, b in zip(one, staged):
+    assert a[2:] == b[2:] and abs(a[1] - b[1]) <= 1e-6 * abs(a[1]), (a, b)
+print(f"PASS: evaluation through the stages equals one process's: {staged}")
+PY
 if [ "$np" = 4 ]; then
   run 4 mlp-zero mlp --set parallel.pipeline_stages=2 --set ddp.zero_stage=1
   same_weights mlp-zero mlp-ref 1e-5 10
