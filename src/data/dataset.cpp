@@ -466,17 +466,18 @@ struct Dataset::Impl {
     });
   }
 
+  // Whether a column is read for the fields: a token window gives both from column 0; a
+  // classification's column 0 holds the inputs and column 1 the targets.
+  bool wanted(std::int64_t column, Fields fields) const {
+    return tokens() ? fields.inputs || fields.targets : column == 0 ? fields.inputs : fields.targets;
+  }
+
   ReadStats footprint(const std::vector<std::int64_t>& indices, Fields fields) const {
-    // A token window gives both fields from one column; a classification's column 0 holds the
-    // inputs and column 1 the targets.
-    const auto wanted = [&](std::int64_t column) {
-      return tokens() ? fields.inputs || fields.targets : column == 0 ? fields.inputs : fields.targets;
-    };
     std::unordered_map<ChunkKey, bool, ChunkKeyHash> units;
     for (const std::int64_t index : indices) {
       const auto [s, local] = locate(index);
       for_each_unit(s, local, [&](const ChunkKey& key) {
-        if (wanted(key.column)) units.emplace(key, true);
+        if (wanted(key.column, fields)) units.emplace(key, true);
       });
     }
     ReadStats stats;
@@ -516,8 +517,8 @@ struct Dataset::Impl {
     };
     if (!made(out.inputs, inputs) || !made(out.targets, targets))
       throw Error("Dataset::read_into: the batch was not made by allocate(" + std::to_string(n) + ")");
-    const bool want_inputs = out.inputs.defined(), want_targets = out.targets.defined();
-    if (!want_inputs && !want_targets) return;
+    const Fields fields{out.inputs.defined(), out.targets.defined()};
+    if (!fields.inputs && !fields.targets) return;
     // Where each sample lives: shard and index within it.
     std::vector<std::pair<std::int64_t, std::int64_t>> located(indices.size());
     std::vector<ChunkKey> missing;
@@ -531,8 +532,8 @@ struct Dataset::Impl {
       if (tokens()) {
         need(s, 0, local * spec.seq_len, local * spec.seq_len + spec.seq_len + 1, missing);
       } else {
-        if (want_inputs) need(s, 0, local, local + 1, missing);
-        if (want_targets) need(s, 1, local, local + 1, missing);
+        for (const std::int64_t c : {0, 1})
+          if (wanted(c, fields)) need(s, c, local, local + 1, missing);
       }
     }
     fetch(missing);
@@ -547,8 +548,8 @@ struct Dataset::Impl {
       const auto [s, local] = located[static_cast<std::size_t>(p)];
       const std::int64_t first = tokens() ? local * spec.seq_len : local;
       const std::int64_t count = tokens() ? spec.seq_len : 1;
-      if (want_inputs) copy_rows(s, 0, first, count, tokens(), in + p * in_bytes);
-      if (want_targets) {
+      if (fields.inputs) copy_rows(s, 0, first, count, tokens(), in + p * in_bytes);
+      if (fields.targets) {
         if (tokens()) copy_rows(s, 0, first + 1, count, true, tg + p * tg_bytes);
         else copy_rows(s, 1, local, 1, targets.dtype == c10::kLong, tg + p * tg_bytes);
       }
@@ -560,8 +561,8 @@ struct Dataset::Impl {
     }
     trim();
     if (spec.id_limit > 0) {
-      if (tokens() && want_inputs) check_ids(out.inputs, located, "token");
-      if (want_targets) check_ids(out.targets, located, tokens() ? "token" : "target");
+      if (tokens() && fields.inputs) check_ids(out.inputs, located, "token");
+      if (fields.targets) check_ids(out.targets, located, tokens() ? "token" : "target");
     }
   }
 
