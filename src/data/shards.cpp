@@ -304,7 +304,7 @@ ReadPlan plan_reads(const DatasetSpec& spec, const SamplerOptions& options, int 
     for (const std::int64_t sample : samples) blocks.push_back(block_of[static_cast<std::size_t>(sample)]);
     std::sort(blocks.begin(), blocks.end());
     reads.blocks = std::unique(blocks.begin(), blocks.end()) - blocks.begin();
-    const ReadStats footprint = dataset.footprint(samples, {reads.stage == 0, reads.stage == stages - 1});
+    const ReadStats footprint = dataset.footprint(samples, Fields::of_stage(reads.stage, stages));
     reads.chunks = footprint.chunks_read;
     reads.bytes = footprint.bytes_read;
     plan.ranks.push_back(reads);

@@ -667,9 +667,9 @@ struct Trainer::Impl {
     options.cache_bytes = static_cast<std::int64_t>(config.data.cache_mb * (1 << 20));
     options.prefetch = static_cast<int>(config.data.prefetch);
     options.device = device;
-    // A pipeline stage reads only what it uses: the first stage the inputs, the last the
-    // targets, the stages between nothing (their loaders still keep the position).
-    if (pipeline) options.fields = {pipeline->grid().first(), pipeline->grid().last()};
+    // A pipeline stage reads only what it uses; the stages between read nothing (their
+    // loaders still keep the position).
+    if (pipeline) options.fields = data::Fields::of_stage(pipeline->grid().stage(), pipeline->grid().stages());
     return options;
   }
 

@@ -60,6 +60,9 @@ struct Batch {
 struct Fields {
   bool inputs = true;
   bool targets = true;
+
+  /// What stage `stage` of `stages` reads: the first the inputs, the last the targets.
+  static Fields of_stage(std::int64_t stage, std::int64_t stages) { return {stage == 0, stage == stages - 1}; }
 };
 
 /// What reading cost: decompressed bytes and HDF5 chunks read from the files, and the block
