@@ -174,7 +174,9 @@ Schema make_settings() {
              "what the shards hold: inputs and class targets, or token ids; auto = from the model"),
       integer("data.seq_len", 0,
               "tokens per sample for token data (0 = the model's context length)", non_negative),
-      integer("data.prefetch", 2, "micro-batches read ahead in the background", Range::closed(1, 1024))
+      integer("data.prefetch", 8,
+              "micro-batches read ahead in the background (refilled when half have been taken)",
+              Range::closed(1, 1024))
           .on_resume(Resume::may_change),
       flag("data.file_locking", false,
            "use HDF5 file locking when opening shards (network file systems often lack it)")

@@ -148,6 +148,9 @@ struct Loader::Impl {
 
   bool reads() const { return options.fields.inputs || options.fields.targets; }
 
+  // The queue length at which a reader that found the queue full starts reading again.
+  std::size_t refill_at() const { return static_cast<std::size_t>(options.prefetch / 2); }
+
   Batch make_batch(bool cuda) {
     if (!reads()) return {};
     // The caching host allocator reuses pinned memory.
@@ -231,7 +234,11 @@ struct Loader::Impl {
       for (;;) {
         {
           std::unique_lock<std::mutex> lock(mutex);
-          changed.wait(lock, [&] { return stop || queue.size() < static_cast<std::size_t>(options.prefetch); });
+          // A full queue sleeps until next() has taken half of it, then refills it in one go:
+          // one wake per prefetch / 2 batches instead of one per batch (each wake is a point
+          // where the OS may hand the training thread's core to someone else).
+          if (queue.size() >= static_cast<std::size_t>(options.prefetch))
+            changed.wait(lock, [&] { return stop || queue.size() <= refill_at(); });
           if (stop) return;
         }
         Ready ready;
@@ -366,6 +373,7 @@ Loader::~Loader() { impl_->halt(); }
 Batch Loader::next() {
   Impl& m = *impl_;
   Ready ready;
+  bool refill = false;
   {
     std::unique_lock<std::mutex> lock(m.mutex);
     if (m.queue.empty()) {
@@ -377,8 +385,10 @@ Batch Loader::next() {
     if (m.queue.front().error) std::rethrow_exception(m.queue.front().error);
     ready = std::move(m.queue.front());
     m.queue.pop_front();
+    refill = m.queue.size() == m.refill_at();
   }
-  m.changed.notify_all();
+  // Only the pop that reaches the refill mark wakes the reader (see read_ahead).
+  if (refill) m.changed.notify_all();
   m.hand_over(ready);
   m.position.epoch = ready.batch.epoch;
   m.position.step = ready.batch.step;

@@ -534,6 +534,56 @@ TEST_CASE("the prefetch thread runs as background work (SCHED_BATCH), the caller
   CHECK(batch_threads() == before);
 }
 
+namespace {
+
+// How often the loader's reader thread (this process's only SCHED_BATCH thread) has gone to
+// sleep: its voluntary context switches, from /proc.
+long reader_sleeps() {
+  std::vector<long> sleeps;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream sched(task.path() / "sched");
+    bool batch = false;
+    for (std::string line; std::getline(sched, line);)
+      if (line.rfind("policy", 0) == 0) batch = std::stoi(line.substr(line.find(':') + 1)) == SCHED_BATCH;
+    if (!batch) continue;
+    std::ifstream status(task.path() / "status");
+    for (std::string line; std::getline(status, line);)
+      if (line.rfind("voluntary_ctxt_switches", 0) == 0) sleeps.push_back(std::stol(line.substr(line.find(':') + 1)));
+  }
+  REQUIRE(sleeps.size() <= 1);
+  return sleeps.empty() ? -1 : sleeps.front();  // -1: the thread has not set its policy yet
+}
+
+// Waits until the reader has been asleep for a while (its count of sleeps stays the same).
+long reader_asleep() {
+  for (long last = -1;;) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    const long now = reader_sleeps();
+    if (now >= 0 && now == last) return now;
+    last = now;
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a full read-ahead queue wakes the reader only when half of it has been taken", "[data]") {
+  const int n = communicator().size();
+  data::LoaderOptions o = options(4 / n);
+  o.prefetch = 8;
+  data::Loader loader(chunked(fixture("h5py_gzip.h5")), o, communicator().rank(), n, communicator());
+  const long full = reader_asleep();
+  // 8 -> 5 batches ready, above the refill mark of 4: the reader is not woken at all.
+  for (int i = 0; i < 3; ++i) loader.next();
+  CHECK(reader_asleep() == full);
+  // 5 -> 4: woken once, it reads until the queue is full again and sleeps.
+  loader.next();
+  CHECK(reader_asleep() > full);
+  // All 8 batches are ready: taking them never finds the queue empty.
+  const double starved = loader.starved_seconds();
+  for (int i = 0; i < o.prefetch; ++i) loader.next();
+  CHECK(loader.starved_seconds() == starved);
+}
+
 TEST_CASE("starved_seconds counts only the waits for a batch the reader had not finished", "[data]") {
   const int n = communicator().size();
   data::LoaderOptions o = options(4 / n);
