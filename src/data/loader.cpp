@@ -150,6 +150,8 @@ struct Loader::Impl {
 
   // The queue length at which a reader that found the queue full starts reading again.
   std::size_t refill_at() const { return static_cast<std::size_t>(options.prefetch / 2); }
+  // The queue length at which a next() that found the queue empty goes on.
+  std::size_t ready_at() const { return static_cast<std::size_t>(std::max(1, options.prefetch / 2)); }
 
   Batch make_batch(bool cuda) {
     if (!reads()) return {};
@@ -242,6 +244,7 @@ struct Loader::Impl {
           if (stop) return;
         }
         Ready ready;
+        bool woken = false;
         try {
           ready.batch = make_batch(cuda);
           const auto begin = mine.begin() + step * width + micro * options.batch_size;
@@ -259,8 +262,9 @@ struct Loader::Impl {
         {
           std::lock_guard<std::mutex> lock(mutex);
           queue.push_back(std::move(ready));
+          woken = queue.size() == ready_at();
         }
-        changed.notify_all();
+        if (woken) changed.notify_all();
         if (++micro < options.accumulation) continue;
         micro = 0;
         if (++step == sampler->steps_per_epoch()) {
@@ -378,7 +382,7 @@ Batch Loader::next() {
     std::unique_lock<std::mutex> lock(m.mutex);
     if (m.queue.empty()) {
       const auto start = std::chrono::steady_clock::now();
-      m.changed.wait(lock, [&] { return !m.queue.empty(); });
+      m.changed.wait(lock, [&] { return m.queue.size() >= m.ready_at() || (!m.queue.empty() && m.queue.back().error); });
       m.starved += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
     // An error stays at the front: the loader cannot go on, and every later call says why.

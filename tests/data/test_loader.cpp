@@ -584,6 +584,26 @@ TEST_CASE("a full read-ahead queue wakes the reader only when half of it has bee
   CHECK(loader.starved_seconds() == starved);
 }
 
+TEST_CASE("next() on an empty queue sleeps until half of the read-ahead is ready", "[data]") {
+  const auto my_sleeps = [] {
+    std::ifstream status("/proc/thread-self/status");
+    for (std::string line; std::getline(status, line);)
+      if (line.rfind("voluntary_ctxt_switches", 0) == 0) return std::stol(line.substr(line.find(':') + 1));
+    FAIL("no voluntary_ctxt_switches in /proc/thread-self/status");
+    return 0L;
+  };
+  const int n = communicator().size();
+  data::LoaderOptions o = options(4 / n);
+  o.prefetch = 8;
+  data::Loader loader(chunked(fixture("h5py_gzip.h5")), o, communicator().rank(), n, communicator());
+  // Taking batches as fast as it can, the caller outruns the reader; it is woken once per 4
+  // batches (two waits for 8), not once per batch.
+  const long before = my_sleeps();
+  for (int i = 0; i < 8; ++i) loader.next();
+  CHECK(my_sleeps() - before <= 2);
+  CHECK(loader.starved_seconds() > 0.0);
+}
+
 TEST_CASE("starved_seconds counts only the waits for a batch the reader had not finished", "[data]") {
   const int n = communicator().size();
   data::LoaderOptions o = options(4 / n);
