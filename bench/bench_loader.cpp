@@ -52,7 +52,7 @@ struct Options {
   std::vector<int> gzip = {4, 0};
   std::int64_t chunk_bytes = 1 << 20;
   std::int64_t global_batch = 256;
-  int prefetch = 4;
+  int prefetch = 8;  // data.prefetch's default
   std::int64_t window = 4;
   std::int64_t partitions = 16;
   int reps = 5;
