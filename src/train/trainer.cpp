@@ -475,7 +475,6 @@ struct Trainer::Impl {
     if (!eval_loader) return result;
     const auto phase = timeline->phase(Phase::eval, progress.steps_done);
     runtime::fault_point("train.evaluate", world.rank());
-    eval_loader->restore(eval_start);  // the same eval samples every time
     std::int64_t batches = eval_loader->steps_per_epoch();
     if (config.eval.max_batches > 0) batches = std::min(batches, config.eval.max_batches);
     const auto task = model->task();
@@ -500,6 +499,9 @@ struct Trainer::Impl {
       }
     }
     model->train();
+    // The same eval samples every time. Restored now rather than at the next pass, the loader
+    // reads that pass's first batches in the background instead of after it has begun.
+    eval_loader->restore(eval_start);
     comm->all_reduce(totals, comm::ReduceOp::sum);
     const at::Tensor host = runtime::read_tensor(totals);
     const auto* total = host.data_ptr<double>();

@@ -73,6 +73,22 @@ assert evals[-1]["eval_accuracy"] > 0.5, evals[-1]
 print(f"PASS: loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}, eval accuracy {evals[-1]['eval_accuracy']:.3f}")
 PY
 
+echo "--- evaluation reads the same samples every time"
+# A learning rate too small to move an fp32 weight: every pass must give the same figures, which
+# it does only if each starts at the same eval batch (10 of the 25 batches of the eval set).
+train --set run.name=frozen --set optimizer.lr=1e-30 --set train.steps=30 --set eval.every_steps=10 \
+  --set log.console=false
+python3 - "$work/runs/frozen/metrics.jsonl" <<'PY'
+import json, sys
+evals = [json.loads(line) for line in open(sys.argv[1]) if '"eval_loss"' in line]
+assert [r["step"] for r in evals] == [10, 20, 30], evals
+assert 0 < evals[0]["eval_samples"] < 2000, evals[0]
+for r in evals[1:]:
+    assert (r["eval_loss"], r["eval_accuracy"], r["eval_samples"]) == \
+        (evals[0]["eval_loss"], evals[0]["eval_accuracy"], evals[0]["eval_samples"]), evals
+print(f"PASS: 3 evaluations of {evals[0]['eval_samples']} samples, loss {evals[0]['eval_loss']:.6f} each")
+PY
+
 echo "--- language model: tokens/s, model FLOPs per rank and MFU"
 F=/usr/share/games/fortunes
 "$BIN/h5shard" text "$F/computers" --level char --separator % --out "$work/text" --name train > /dev/null
