@@ -502,16 +502,20 @@ TEST_CASE("an error on the prefetch thread reaches next() with its message", "[d
 
 namespace {
 
+// The number after "name ... :" on the line of a /proc file that starts with name; -1 if none.
+long proc_field(const std::filesystem::path& file, const std::string& name) {
+  std::ifstream in(file);
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(name, 0) == 0) return std::stol(line.substr(line.find(':') + 1));
+  return -1;
+}
+
 // The scheduling policy of each thread of this process, read from /proc (SCHED_OTHER = 0,
 // SCHED_BATCH = 3).
 std::vector<int> thread_policies() {
   std::vector<int> policies;
-  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
-    std::ifstream in(task.path() / "sched");
-    for (std::string line; std::getline(in, line);) {
-      if (line.rfind("policy", 0) == 0) policies.push_back(std::stoi(line.substr(line.find(':') + 1)));
-    }
-  }
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task"))
+    policies.push_back(static_cast<int>(proc_field(task.path() / "sched", "policy")));
   return policies;
 }
 
@@ -540,16 +544,9 @@ namespace {
 // sleep: its voluntary context switches, from /proc.
 long reader_sleeps() {
   std::vector<long> sleeps;
-  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
-    std::ifstream sched(task.path() / "sched");
-    bool batch = false;
-    for (std::string line; std::getline(sched, line);)
-      if (line.rfind("policy", 0) == 0) batch = std::stoi(line.substr(line.find(':') + 1)) == SCHED_BATCH;
-    if (!batch) continue;
-    std::ifstream status(task.path() / "status");
-    for (std::string line; std::getline(status, line);)
-      if (line.rfind("voluntary_ctxt_switches", 0) == 0) sleeps.push_back(std::stol(line.substr(line.find(':') + 1)));
-  }
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task"))
+    if (proc_field(task.path() / "sched", "policy") == SCHED_BATCH)
+      sleeps.push_back(proc_field(task.path() / "status", "voluntary_ctxt_switches"));
   REQUIRE(sleeps.size() <= 1);
   return sleeps.empty() ? -1 : sleeps.front();  // -1: the thread has not set its policy yet
 }
@@ -585,13 +582,7 @@ TEST_CASE("a full read-ahead queue wakes the reader only when half of it has bee
 }
 
 TEST_CASE("next() on an empty queue sleeps until half of the read-ahead is ready", "[data]") {
-  const auto my_sleeps = [] {
-    std::ifstream status("/proc/thread-self/status");
-    for (std::string line; std::getline(status, line);)
-      if (line.rfind("voluntary_ctxt_switches", 0) == 0) return std::stol(line.substr(line.find(':') + 1));
-    FAIL("no voluntary_ctxt_switches in /proc/thread-self/status");
-    return 0L;
-  };
+  const auto my_sleeps = [] { return proc_field("/proc/thread-self/status", "voluntary_ctxt_switches"); };
   const int n = communicator().size();
   data::LoaderOptions o = options(4 / n);
   o.prefetch = 8;
@@ -599,6 +590,7 @@ TEST_CASE("next() on an empty queue sleeps until half of the read-ahead is ready
   // Taking batches as fast as it can, the caller outruns the reader; it is woken once per 4
   // batches (two waits for 8), not once per batch.
   const long before = my_sleeps();
+  REQUIRE(before >= 0);
   for (int i = 0; i < 8; ++i) loader.next();
   CHECK(my_sleeps() - before <= 2);
   CHECK(loader.starved_seconds() > 0.0);
