@@ -35,9 +35,9 @@
 // - A background thread (SCHED_BATCH: it never preempts the training thread when woken)
 //   reads at most `prefetch` batches ahead; once the queue is full it sleeps until next() has
 //   taken half of it (prefetch / 2 batches left), then refills it; a next() that finds the
-//   queue empty sleeps until half of it is ready (at least one batch). starved_seconds() is the time next() has waited
-//   for a batch the thread had not finished yet: the loader's own delay, apart from taking a
-//   ready batch (and any preemption of the caller meanwhile). An error on the thread (a damaged
+//   queue empty sleeps until half of it is ready (at least one batch). starved_seconds() is
+//   the time next() has waited on an empty queue: the loader's own delay, apart from taking
+//   a ready batch (and any preemption of the caller meanwhile). An error on the thread (a damaged
 //   chunk, a file gone) is rethrown by next() as runtime::Error naming file, dataset, epoch and
 //   step; the loader is unusable afterwards (next() keeps rethrowing it). The destructor stops
 //   and joins the thread, whatever state it is in.
