@@ -175,7 +175,8 @@ Schema make_settings() {
       integer("data.seq_len", 0,
               "tokens per sample for token data (0 = the model's context length)", non_negative),
       integer("data.prefetch", 8,
-              "micro-batches read ahead in the background (refilled when half have been taken)",
+              "micro-batches read ahead in the background (refilled when half have been taken; "
+              "the eval loader reads at most 2 ahead)",
               Range::closed(1, 1024))
           .on_resume(Resume::may_change),
       flag("data.file_locking", false,

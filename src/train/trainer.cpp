@@ -603,9 +603,12 @@ struct Trainer::Impl {
     train_loader = open_loader(train_spec, train_options);
     explain_partitions();
     if (!config.data.eval.empty()) {
+      data::LoaderOptions eval_options = loader_options(config.data.eval, false);
+      // Between evaluations its read-ahead sits idle (on a GPU, in device memory): keep it short.
+      eval_options.prefetch = std::min(eval_options.prefetch, 2);
       eval_loader = open_loader(
           dataset_spec(config, config.data.eval, "eval", task, model->context_length(), model->output_classes()),
-          loader_options(config.data.eval, false));
+          eval_options);
       eval_start = eval_loader->state();
     }
     const std::int64_t per_epoch = train_loader->steps_per_epoch();
