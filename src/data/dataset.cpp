@@ -38,8 +38,7 @@ struct Column {
   std::int64_t row_elements = 1;
   std::int64_t unit_rows = 1;  // rows per cache entry: a whole number of HDF5 chunks
   std::int64_t chunk_rows = 1;  // rows per HDF5 chunk (per unit when not chunked)
-
-  std::int64_t row_bytes() const { return row_elements * static_cast<std::int64_t>(h5::element_bytes(cached)); }
+  std::int64_t row_bytes = 1;   // of a cached row: row_elements x the size of `cached`
 };
 
 struct Shard {
@@ -189,8 +188,9 @@ struct Dataset::Impl {
   // cost small next to the data, whatever the chunk size.
   void settle(Column& c, h5::Element cached) const {
     c.cached = cached;
+    c.row_bytes = c.row_elements * static_cast<std::int64_t>(h5::element_bytes(cached));
     const std::vector<std::int64_t> chunk = h5::chunk_dims(c.dataset, c.where);
-    const std::int64_t row_bytes = std::max<std::int64_t>(1, c.row_bytes());
+    const std::int64_t row_bytes = std::max<std::int64_t>(1, c.row_bytes);
     if (chunk.empty()) {
       c.unit_rows = std::max<std::int64_t>(1, (spec.block_bytes > 0 ? spec.block_bytes : kContiguousUnitBytes) / row_bytes);
       c.chunk_rows = c.unit_rows;
@@ -356,19 +356,36 @@ struct Dataset::Impl {
       for (std::size_t i = 0; i < shard.columns.size(); ++i) {
         const Column& c = shard.columns[i];
         const std::int64_t rows = tokens() ? shard.block * spec.seq_len + 1 : shard.block;
-        bytes += (!tokens() && i == 0 ? rows : rows + c.unit_rows) * c.row_bytes();
+        bytes += (!tokens() && i == 0 ? rows : rows + c.unit_rows) * c.row_bytes;
       }
       most = std::max(most, bytes);
     }
     return most;
   }
 
-  // Rows [first, last) of column c in shard s: pins the units that hold them, noting the missing.
-  void need(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t last, std::vector<ChunkKey>& missing) {
+  // Where one sample's rows of one column lie: from row `offset` of unit `unit` on, running
+  // into the column's next units (numbered consecutively) when they do not fit.
+  struct Span {
+    const Column* column;
+    std::int64_t unit, offset, count;
+  };
+
+  // Rows [first, first + count) of column c in shard s: pins the units that hold them, noting
+  // the missing, and counts one announced use of each, noting those no later sample needs.
+  Span pin(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t count, std::vector<ChunkKey>& missing,
+           std::vector<ChunkKey>& finished) {
     const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
-    for (std::int64_t k = first / column.unit_rows; k <= (last - 1) / column.unit_rows; ++k) {
-      const ChunkKey key{s, c, k};
-      const std::int64_t id = unit_id(key);
+    const std::int64_t k = first / column.unit_rows;
+    const Span span{&column, unit_id(ChunkKey{s, c, k}), first - k * column.unit_rows, count};
+    const std::int64_t spanned =
+        span.offset + count <= column.unit_rows ? 1 : (span.offset + count - 1) / column.unit_rows + 1;
+    for (std::int64_t i = 0; i < spanned; ++i) {
+      const ChunkKey key{s, c, k + i};
+      const std::int64_t id = span.unit + i;
+      if (announced) {
+        std::int64_t& left = remaining[static_cast<std::size_t>(id)];
+        if (left > 0 && --left == 0) finished.push_back(key);
+      }
       if (pinned.has(id) || std::find(missing.begin(), missing.end(), key) != missing.end()) continue;
       const auto hit = cache.find(key);
       if (hit != cache.end()) {
@@ -379,6 +396,7 @@ struct Dataset::Impl {
         missing.push_back(key);
       }
     }
+    return span;
   }
 
   // Reads the missing units, one chunk-aligned hyperslab each.
@@ -391,13 +409,13 @@ struct Dataset::Impl {
       const std::int64_t address =
           shard.mapping ? h5::stored_address(column.dataset, column.cached, first, count, column.where) : -1;
       Chunk chunk;
-      if (address >= 0 && address + count * column.row_bytes() <= shard.mapped_bytes) {
+      if (address >= 0 && address + count * column.row_bytes <= shard.mapped_bytes) {
         // Stored exactly as read (no filter, no conversion): the rows are copied into batches
         // straight from the file's pages, one copy instead of two.
-        chunk = Chunk{std::shared_ptr<char[]>(shard.mapping, shard.mapping.get() + address), count * column.row_bytes()};
+        chunk = Chunk{std::shared_ptr<char[]>(shard.mapping, shard.mapping.get() + address), count * column.row_bytes};
       } else {
         // Every buffer of a column has the full unit size, so any can be reused for any unit.
-        chunk = Chunk{buffers->get(column.unit_rows * column.row_bytes()), count * column.row_bytes()};
+        chunk = Chunk{buffers->get(column.unit_rows * column.row_bytes), count * column.row_bytes};
         h5::read_rows(column.dataset, column.cached, first, count, chunk.buffer.get(), column.where);
       }
       bytes_read += chunk.bytes;
@@ -457,15 +475,6 @@ struct Dataset::Impl {
     }
   }
 
-  // One announced use of each unit of a sample done; the units no announced sample needs any
-  // more are added to `finished`.
-  void used(std::int64_t s, std::int64_t local, std::vector<ChunkKey>& finished) {
-    for_each_unit(s, local, [&](const ChunkKey& key) {
-      std::int64_t& left = remaining[static_cast<std::size_t>(unit_id(key))];
-      if (left > 0 && --left == 0) finished.push_back(key);
-    });
-  }
-
   // Whether a column is read for the fields: a token window gives both from column 0; a
   // classification's column 0 holds the inputs and column 1 the targets.
   bool wanted(std::int64_t column, Fields fields) const {
@@ -485,42 +494,49 @@ struct Dataset::Impl {
       const ChunkKey& key = entry.first;
       const Column& column = shards[static_cast<std::size_t>(key.shard)].columns[static_cast<std::size_t>(key.column)];
       const std::int64_t count = std::min(column.rows, (key.chunk + 1) * column.unit_rows) - key.chunk * column.unit_rows;
-      stats.bytes_read += count * column.row_bytes();
+      stats.bytes_read += count * column.row_bytes;
       stats.chunks_read += (count + column.chunk_rows - 1) / column.chunk_rows;
     }
     return stats;
   }
 
-  // Copies rows [first, first + n) of a column, crossing units, as raw bytes or widened to int64.
-  void copy_rows(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t n, bool widen, char* out) const {
-    const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
-    const std::int64_t row_bytes = column.row_bytes();
-    const std::int64_t out_row_bytes = widen ? column.row_elements * 8 : row_bytes;
-    while (n > 0) {
-      const std::int64_t k = first / column.unit_rows;
-      const std::int64_t offset = first - k * column.unit_rows;
-      const std::int64_t take = std::min(n, column.unit_rows - offset);
-      const char* source = pinned.data(unit_id(ChunkKey{s, c, k})) + offset * row_bytes;
+  // The span one row further on: a token window's targets.
+  static Span shifted(Span span) {
+    if (++span.offset == span.column->unit_rows) {
+      ++span.unit;
+      span.offset = 0;
+    }
+    return span;
+  }
+
+  // Copies a pinned span's rows, as raw bytes or widened to int64.
+  void copy(Span span, bool widen, char* out) const {
+    const Column& column = *span.column;
+    const std::int64_t out_row_bytes = widen ? column.row_elements * 8 : column.row_bytes;
+    for (; span.count > 0; ++span.unit, span.offset = 0) {
+      const std::int64_t take = std::min(span.count, column.unit_rows - span.offset);
+      const char* source = pinned.data(span.unit) + span.offset * column.row_bytes;
       if (widen) to_int64(column.cached, source, reinterpret_cast<std::int64_t*>(out), take * column.row_elements);
-      else std::memcpy(out, source, static_cast<std::size_t>(take * row_bytes));
+      else std::memcpy(out, source, static_cast<std::size_t>(take * column.row_bytes));
       out += take * out_row_bytes;
-      first += take;
-      n -= take;
+      span.count -= take;
     }
   }
 
-  // Starts loading rows [first, first + n) of a column (up to the end of their unit) into the
-  // CPU cache. Shuffled rows defeat the hardware prefetcher: copied cold, each waits on memory.
-  void prefetch_rows(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t n) const {
+  // Starts loading a pinned span's rows (up to the end of their first unit) into the CPU cache.
+  // Shuffled rows defeat the hardware prefetcher: copied cold, each waits on memory.
+  void prefetch(const Span& span) const {
     constexpr std::uintptr_t line = 64;
-    const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
-    const std::int64_t k = first / column.unit_rows;
-    const std::int64_t offset = first - k * column.unit_rows;
-    const char* begin = pinned.data(unit_id(ChunkKey{s, c, k})) + offset * column.row_bytes();
-    const char* end = begin + std::min(n, column.unit_rows - offset) * column.row_bytes();
+    const Column& column = *span.column;
+    const char* begin = pinned.data(span.unit) + span.offset * column.row_bytes;
+    const char* end = begin + std::min(span.count, column.unit_rows - span.offset) * column.row_bytes;
     for (auto at = reinterpret_cast<std::uintptr_t>(begin) & ~(line - 1); at < reinterpret_cast<std::uintptr_t>(end);
-         at += line)
+         at += line) {
       __builtin_prefetch(reinterpret_cast<const void*>(at));
+      // GCC 12 deletes a loop of prefetches alone (it counts them as no effect); the fence,
+      // which emits no code, keeps it.
+      std::atomic_signal_fence(std::memory_order_seq_cst);
+    }
   }
 
   void read_into(const std::vector<std::int64_t>& indices, Batch& out) {
@@ -533,9 +549,12 @@ struct Dataset::Impl {
       throw Error("Dataset::read_into: the batch was not made by allocate(" + std::to_string(n) + ")");
     const Fields fields{out.inputs.defined(), out.targets.defined()};
     if (!fields.inputs && !fields.targets) return;
-    // Where each sample lives: shard and index within it.
+    // Where each sample lives (shard, index within it) and its rows: a token window, or its
+    // wanted classification columns' rows.
     std::vector<std::pair<std::int64_t, std::int64_t>> located(indices.size());
-    std::vector<ChunkKey> missing;
+    std::vector<Span> spans;
+    spans.reserve(indices.size() * 2);
+    std::vector<ChunkKey> missing, finished;
     const struct Unpin {
       Pinned& pinned;
       ~Unpin() { pinned.clear(); }
@@ -544,13 +563,19 @@ struct Dataset::Impl {
       const auto [s, local] = locate(indices[p]);
       located[p] = {s, local};
       if (tokens()) {
-        need(s, 0, local * spec.seq_len, local * spec.seq_len + spec.seq_len + 1, missing);
+        // The window's seq_len + 1 tokens give the inputs and, one on, the targets.
+        Span window = pin(s, 0, local * spec.seq_len, spec.seq_len + 1, missing, finished);
+        window.count = spec.seq_len;
+        spans.push_back(window);
       } else {
         for (const std::int64_t c : {0, 1})
-          if (wanted(c, fields)) need(s, c, local, local + 1, missing);
+          if (wanted(c, fields)) spans.push_back(pin(s, c, local, 1, missing, finished));
       }
     }
     fetch(missing);
+    // Units no later sample of the epoch needs leave the cache; the batch's pins keep them
+    // until it is copied.
+    for (const ChunkKey& key : finished) drop(key);
     const auto rows = [n](const at::Tensor& t) {
       return t.defined() ? std::pair(static_cast<char*>(t.data_ptr()),
                                      t.numel() / std::max<std::int64_t>(1, n) * static_cast<std::int64_t>(t.element_size()))
@@ -558,32 +583,22 @@ struct Dataset::Impl {
     };
     const auto [in, in_bytes] = rows(out.inputs);
     const auto [tg, tg_bytes] = rows(out.targets);
-    // The rows of the sample `ahead` places on are requested while this one is copied: four
+    // The rows of the sample four places on are requested while this one is copied: four
     // 784-byte rows in flight halved the gather's time on a 47 MB shard (docs/benchmarks.md).
-    constexpr std::int64_t ahead = 4;
-    const auto prefetch = [&](std::int64_t p) {
-      const auto [s, local] = located[static_cast<std::size_t>(p)];
-      if (tokens()) prefetch_rows(s, 0, local * spec.seq_len, spec.seq_len + 1);
-      else
-        for (const std::int64_t c : {0, 1})
-          if (wanted(c, fields)) prefetch_rows(s, c, local, 1);
-    };
-    for (std::int64_t p = 0; p < std::min(n, ahead); ++p) prefetch(p);
-    for (std::int64_t p = 0; p < n; ++p) {
-      if (p + ahead < n) prefetch(p + ahead);
-      const auto [s, local] = located[static_cast<std::size_t>(p)];
-      const std::int64_t first = tokens() ? local * spec.seq_len : local;
-      const std::int64_t count = tokens() ? spec.seq_len : 1;
-      if (fields.inputs) copy_rows(s, 0, first, count, tokens(), in + p * in_bytes);
-      if (fields.targets) {
-        if (tokens()) copy_rows(s, 0, first + 1, count, true, tg + p * tg_bytes);
-        else copy_rows(s, 1, local, 1, targets.dtype == c10::kLong, tg + p * tg_bytes);
+    const std::size_t per_sample = tokens() || !fields.inputs || !fields.targets ? 1 : 2;
+    const std::size_t ahead = 4 * per_sample;
+    for (std::size_t i = 0; i < std::min(spans.size(), ahead); ++i) prefetch(spans[i]);
+    for (std::size_t i = 0; i < spans.size(); ++i) {
+      if (i + ahead < spans.size()) prefetch(spans[i + ahead]);
+      const auto p = static_cast<std::int64_t>(i / per_sample);
+      if (tokens()) {
+        if (fields.inputs) copy(spans[i], true, in + p * in_bytes);
+        if (fields.targets) copy(shifted(spans[i]), true, tg + p * tg_bytes);
+      } else if (fields.inputs && i % per_sample == 0) {
+        copy(spans[i], false, in + p * in_bytes);
+      } else {
+        copy(spans[i], targets.dtype == c10::kLong, tg + p * tg_bytes);
       }
-    }
-    if (announced) {
-      std::vector<ChunkKey> finished;
-      for (const auto& [s, local] : located) used(s, local, finished);
-      for (const ChunkKey& key : finished) drop(key);
     }
     trim();
     if (spec.id_limit > 0) {
@@ -630,7 +645,7 @@ const std::vector<std::int64_t>& Dataset::blocks() const { return impl_->blocks;
 std::int64_t Dataset::bytes() const {
   std::int64_t total = 0;
   for (const auto& shard : impl_->shards)
-    for (const auto& column : shard.columns) total += column.rows * column.row_bytes();
+    for (const auto& column : shard.columns) total += column.rows * column.row_bytes;
   return total;
 }
 
