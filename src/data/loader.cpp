@@ -252,8 +252,9 @@ struct Loader::Impl {
           ready.batch.epoch = epoch;
           ready.batch.step = step;
           ready.batch.micro = micro;
-          if (cuda) to_device(ready);
-          else if (reads()) remember(ready.batch);
+          // On a GPU the batch waits in pinned host memory: next() copies it to the device one
+          // batch ahead, so read-ahead costs host memory, not device memory.
+          if (!cuda && reads()) remember(ready.batch);
         } catch (const Error& e) {
           throw Error("data loader, rank " + std::to_string(rank) + ", epoch " + std::to_string(epoch) + " step " +
                           std::to_string(step) + ": " + e.what(),
@@ -285,8 +286,10 @@ struct Loader::Impl {
     }
   }
 
+  // Starts a queued batch's copy to the device, once.
   void to_device(Ready& ready) {
 #ifdef MPITRAIN_HAVE_NCCL
+    if (!copy_stream || ready.error || ready.copied) return;
     // The copy runs on the loader's own stream so it overlaps the training step; the event
     // lets next() order the consumer's stream after it.
     c10::cuda::CUDAStreamGuard guard(*copy_stream);
@@ -377,6 +380,7 @@ Loader::~Loader() { impl_->halt(); }
 Batch Loader::next() {
   Impl& m = *impl_;
   Ready ready;
+  Ready* following = nullptr;
   bool refill = false;
   {
     std::unique_lock<std::mutex> lock(m.mutex);
@@ -390,9 +394,15 @@ Batch Loader::next() {
     ready = std::move(m.queue.front());
     m.queue.pop_front();
     refill = m.queue.size() == m.refill_at();
+    // The reader only appends, which leaves queued elements where they are.
+    following = m.queue.empty() ? nullptr : &m.queue.front();
   }
   // Only the pop that reaches the refill mark wakes the reader (see read_ahead).
   if (refill) m.changed.notify_all();
+  // On a GPU: this batch's copy (unless it started one call ago), then the next one's, which
+  // runs while the caller's step does: two batches on the device, whatever the read-ahead.
+  m.to_device(ready);
+  if (following) m.to_device(*following);
   m.hand_over(ready);
   m.position.epoch = ready.batch.epoch;
   m.position.step = ready.batch.step;

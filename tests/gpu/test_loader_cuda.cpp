@@ -2,6 +2,7 @@
 // arrive on the training device with exactly the bytes, epochs and steps of a CPU read, usable
 // at once on the consumer's stream, and stay intact while they are held.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 // After ATen: c10 defines a CHECK macro of its own that Catch must override.
@@ -10,9 +11,11 @@
 #include <ftw.h>
 #include <sys/stat.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ddp_support.h"
@@ -97,4 +100,40 @@ TEST_CASE("loader on CUDA delivers the bytes of a CPU read", "[loader]") {
       CHECK(at::equal(gpu_batches[s].targets.cpu(), host_batches[s].targets));
     }
   }
+}
+
+TEST_CASE("loader on CUDA keeps two batches on the device, however far it reads ahead", "[loader]") {
+  const Scratch scratch;
+  at::Generator random = at::make_generator<at::CPUGeneratorImpl>(5);
+  const at::Tensor inputs = at::randn({640, 8192}, random, at::kFloat);
+  const at::Tensor targets = at::randint(10, {640}, random, at::kLong);
+  data::ShardOptions shards;
+  shards.gzip = 0;
+  const auto set = data::write_shards(scratch.path, "large", {{"inputs", inputs}, {"targets", targets}}, shards);
+  data::LoaderOptions options;
+  options.batch_size = 16;
+  options.prefetch = 8;
+  options.device = gpu();
+  // What one batch takes on the device: 512 KiB of inputs and 128 bytes of targets, which the
+  // caching allocator rounds up to its 512-byte granule.
+  const std::int64_t batch_bytes = 16 * 8192 * 4 + 512;
+  const auto device = gpu().index();
+  const auto allocated = [&] {
+    return c10::cuda::CUDACachingAllocator::getDeviceStats(device)
+        .allocated_bytes[static_cast<std::size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+  };
+  c10::cuda::CUDACachingAllocator::resetPeakStats(device);
+  const std::int64_t before = allocated().current;
+  data::Loader loader(data::DatasetSpec::classification(set.manifest), options, 0, 1, communicator());
+  for (int step = 0; step < 12; ++step) {
+    // A step slower than the reader: its queue of 8 is full whenever next() is called.
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    const data::Batch batch = loader.next();
+    REQUIRE(batch.inputs.device() == gpu());
+    REQUIRE(batch.inputs.size(0) == 16);
+    c10::cuda::device_synchronize();
+  }
+  // The batch returned and the next one, being copied: not the 8 read ahead, which wait in
+  // pinned host memory.
+  CHECK(allocated().peak - before <= 2 * batch_bytes);
 }

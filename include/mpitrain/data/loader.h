@@ -27,9 +27,11 @@
 // - next() returns this rank's next micro-batch and never ends: after the last step of an
 //   epoch comes step 0 of the next. Batch::epoch/step/micro say which global batch it is part
 //   of and which of this rank's micro-batches.
-//   On a CUDA device the tensors are read into pinned host memory and copied on a side stream;
-//   next() makes the caller's current stream wait for that copy (an event), so they can be used
-//   at once on the current stream. On CPU they are plain tensors, whose memory the loader
+//   On a CUDA device the tensors are read into pinned host memory; next() copies them on a side
+//   stream one batch ahead (the batch it returns, unless the previous call started its copy,
+//   then the following one), so the loader holds two batches on the device however far it
+//   reads ahead. It makes the caller's current stream wait for the copy (an event), so the
+//   tensors can be used at once on the current stream. On CPU they are plain tensors, whose memory the loader
 //   reuses for a later batch once nothing refers to it any more (no tensor, no view): keep a
 //   tensor, not a raw pointer, to data you want to keep.
 // - A background thread (SCHED_BATCH: it never preempts the training thread when woken)
