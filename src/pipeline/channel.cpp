@@ -17,20 +17,21 @@ void Channel::send(const at::Tensor& tensor) {
   header[0] = static_cast<std::int64_t>(tensor.scalar_type());
   header[1] = tensor.dim();
   for (std::int64_t d = 0; d < tensor.dim(); ++d) header[static_cast<std::size_t>(d + 2)] = tensor.size(d);
-  const at::Tensor head = at::tensor(header, at::kLong).to(comm_.device());
+  const at::Tensor head = at::tensor(header, at::kLong).to(headers_.device());
   const at::Tensor data = tensor.detach().contiguous();
-  sends_.push_back(comm_.send_async(head, peer_));
-  sends_.push_back(comm_.send_async(data, peer_));
+  sends_.push_back(headers_.send_async(head, peer_));
+  sends_.push_back(data_.send_async(data, peer_));
 }
 
 at::Tensor Channel::recv() {
-  at::Tensor head = at::empty({kMaxDims + 2}, at::TensorOptions().dtype(at::kLong).device(comm_.device()));
-  comm_.recv_async(head, peer_)->wait();
+  at::Tensor head = at::empty({kMaxDims + 2}, at::TensorOptions().dtype(at::kLong).device(headers_.device()));
+  headers_.recv_async(head, peer_)->wait();
   const at::Tensor header = runtime::read_tensor(head);
   const auto* h = header.data_ptr<std::int64_t>();
   std::vector<std::int64_t> sizes(h + 2, h + 2 + h[1]);
-  at::Tensor data = at::empty(sizes, at::TensorOptions().dtype(static_cast<c10::ScalarType>(h[0])).device(comm_.device()));
-  comm_.recv_async(data, peer_)->wait();
+  const auto options = at::TensorOptions().dtype(static_cast<c10::ScalarType>(h[0])).device(data_.device());
+  at::Tensor data = at::empty(sizes, options);
+  data_.recv_async(data, peer_)->wait();
   return data;
 }
 

@@ -65,16 +65,26 @@ PipelineStep::PipelineStep(const runtime::World& world, const config::Config& co
   stage_comm_ = comm::make_communicator(grid_->stage_group(), device, options, backend);
   forward_comm_ = comm::make_communicator(grid_->pipeline_group(), device, options, backend);
   backward_comm_ = comm::make_communicator(grid_->pipeline_group(), device, options, backend);
+  // The channels' headers travel on the host: a header received on the GPU would be copied
+  // back at every message, syncing the stage with all its queued work. One communicator serves
+  // both directions: each ordered pair of neighbours carries one kind (activations forward,
+  // gradients back), in order.
+  if (device.is_cuda())
+    header_comm_ =
+        comm::make_communicator(grid_->pipeline_group(), c10::Device(c10::kCPU), options, comm::Backend::mpi);
   // Every rank splits (collective); only the stages holding tied weights talk on theirs.
   tie_group_ = world.split(ties_->member() ? grid_->replica() : grid_->replicas() + world.rank(), s);
   if (ties_->member()) tie_comm_ = comm::make_communicator(*tie_group_, device, options, backend);
+  const auto channel = [&](comm::Communicator& data, int peer) {
+    return std::make_unique<pipeline::Channel>(data, header_comm_ ? *header_comm_ : data, peer);
+  };
   if (!grid_->first()) {
-    activations_in_ = std::make_unique<pipeline::Channel>(*forward_comm_, s - 1);
-    gradients_out_ = std::make_unique<pipeline::Channel>(*backward_comm_, s - 1);
+    activations_in_ = channel(*forward_comm_, s - 1);
+    gradients_out_ = channel(*backward_comm_, s - 1);
   }
   if (!grid_->last()) {
-    activations_out_ = std::make_unique<pipeline::Channel>(*forward_comm_, s + 1);
-    gradients_in_ = std::make_unique<pipeline::Channel>(*backward_comm_, s + 1);
+    activations_out_ = channel(*forward_comm_, s + 1);
+    gradients_in_ = channel(*backward_comm_, s + 1);
   }
 }
 

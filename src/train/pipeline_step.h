@@ -82,6 +82,7 @@ class PipelineStep {
   std::unique_ptr<pipeline::Ties> ties_;
   std::unique_ptr<runtime::World> tie_group_;
   std::unique_ptr<comm::Communicator> stage_comm_, forward_comm_, backward_comm_, tie_comm_;
+  std::unique_ptr<comm::Communicator> header_comm_;  // on a GPU: the channels' headers, on the host
   std::unique_ptr<pipeline::Channel> activations_in_, activations_out_, gradients_in_, gradients_out_;
   std::int64_t memory_start_ = 0;
   std::int64_t peak_bytes_ = 0;

@@ -171,6 +171,41 @@ TEST_CASE("a channel carries any shape and dtype, in order", "[pipeline][mpi]") 
   }
 }
 
+TEST_CASE("a channel's headers can travel on a communicator of their own", "[pipeline][mpi]") {
+  // As on a GPU, where the data goes over NCCL and the headers over MPI on the host.
+  if (world().size() < 2) return;
+  auto pair = world().split(world().rank() < 2 ? 0 : 1, world().rank());
+  if (world().rank() >= 2) return;
+  auto data = comm::make_communicator(*pair, c10::Device(c10::kCPU));
+  auto headers = comm::make_communicator(*pair, c10::Device(c10::kCPU));
+  const at::Tensor first = at::arange(6, at::kFloat).reshape({2, 3});
+  const at::Tensor second = at::arange(60, at::kDouble).reshape({3, 4, 5});
+  if (world().rank() == 0) {
+    pipeline::Channel channel(*data, *headers, 1);
+    channel.send(first);
+    channel.send(second);
+    channel.flush();
+    return;
+  }
+  // The first message by hand: its header on `headers`, its data on `data`.
+  at::Tensor head = at::empty({pipeline::Channel::kMaxDims + 2}, at::kLong);
+  headers->recv_async(head, 0)->wait();
+  std::vector<std::int64_t> expected(pipeline::Channel::kMaxDims + 2, 0);
+  expected[0] = static_cast<std::int64_t>(at::kFloat);
+  expected[1] = 2;
+  expected[2] = 2;
+  expected[3] = 3;
+  CHECK(at::equal(head, at::tensor(expected, at::kLong)));
+  at::Tensor got = at::empty({2, 3}, at::kFloat);
+  data->recv_async(got, 0)->wait();
+  CHECK(at::equal(got, first));
+  // The second through a channel built the same way.
+  pipeline::Channel channel(*data, *headers, 0);
+  got = channel.recv();
+  CHECK(got.scalar_type() == at::kDouble);
+  CHECK(at::equal(got, second));
+}
+
 TEST_CASE("the grid: a stage's replicas are consecutive ranks", "[pipeline][mpi]") {
   const int n = world().size();
   if (n % 2 != 0) return;
