@@ -37,10 +37,13 @@ ncclDataType_t nccl_type(c10::ScalarType type) {
   throw runtime::Error(std::string("no NCCL type for ") + c10::toString(type));
 }
 
+// Avg is a sum here, divided afterwards (see launch): NCCL's ncclAvg scales every input by
+// 1/size in the element type before summing, which in bf16 at 3 ranks is 0.2 % off and can
+// push fp16 values under their range.
 ncclRedOp_t nccl_op(ReduceOp op) {
   switch (op) {
-    case ReduceOp::sum: return ncclSum;
-    case ReduceOp::avg: return ncclAvg;
+    case ReduceOp::sum:
+    case ReduceOp::avg: return ncclSum;
     case ReduceOp::max: return ncclMax;
     case ReduceOp::min: return ncclMin;
   }
@@ -259,10 +262,11 @@ class NcclCommunicator::State {
     ncclCommAbort(comm_);
   }
 
-  // Launches one NCCL call on the communicator's stream, ordered after the caller's stream.
+  // Launches one NCCL call on the communicator's stream, ordered after the caller's stream;
+  // then, when `average` is defined, divides it by `size` on that stream (ReduceOp::avg).
   template <typename Launch>
   WorkPtr launch(std::string what, std::initializer_list<at::Tensor> tensors, bool host_blocking,
-                 bool timed, Launch&& call) {
+                 bool timed, Launch&& call, const at::Tensor& average = {}, int size = 1) {
     if (aborted_.load()) throw aborted();
     c10::cuda::CUDAGuard guard(device_);
     auto op = std::make_shared<InFlight>(events_);
@@ -285,6 +289,10 @@ class NcclCommunicator::State {
     }
     MPITRAIN_CHECK_NCCL(launched);
     if (!wait_ready(op->what.c_str())) throw aborted();
+    if (average.defined()) {
+      const c10::cuda::CUDAStreamGuard on_stream(stream_);
+      average.div_(size);
+    }
     if (timed) stamp_on(stream_.stream(), op->stamps, /*start=*/false);
     for (const at::Tensor& t : tensors)
       if (t.numel() > 0)
@@ -338,9 +346,14 @@ class NcclCommunicator::State {
   }
 
   [[noreturn]] void fail(const std::string& what, ncclResult_t state) {
-    runtime::fatal("NCCL " + what + " failed on " + runtime::where() + " (device " +
-                   device_.str() + "): " + ncclGetErrorString(state) + ": " +
-                   ncclGetLastError(comm_));
+    std::string detail;
+    {
+      // Another thread's fatal() may have aborted (freed) the communicator meanwhile.
+      std::lock_guard<std::mutex> lock(comm_mutex_);
+      if (!aborted_.load()) detail = ncclGetLastError(comm_);
+    }
+    runtime::fatal("NCCL " + what + " failed on " + runtime::where() + " (device " + device_.str() +
+                   "): " + ncclGetErrorString(state) + (detail.empty() ? "" : ": " + detail));
   }
 
   // The watchdog: retires completed operations, ends the job on a timeout or an async error.
@@ -402,10 +415,10 @@ WorkPtr NcclCommunicator::do_all_reduce(at::Tensor& tensor, ReduceOp op) {
   void* buffer = data(tensor);
   const auto count = static_cast<std::size_t>(tensor.numel());
   ncclComm_t comm = state_->comm();
-  return state_->launch(describe("all_reduce", tensor, to_string(op)), {tensor}, false, timing(),
-                        [&](cudaStream_t stream) {
-                          return ncclAllReduce(buffer, buffer, count, type, nccl_op(op), comm, stream);
-                        });
+  return state_->launch(
+      describe("all_reduce", tensor, to_string(op)), {tensor}, false, timing(),
+      [&](cudaStream_t stream) { return ncclAllReduce(buffer, buffer, count, type, nccl_op(op), comm, stream); },
+      op == ReduceOp::avg ? tensor : at::Tensor(), size());
 }
 
 WorkPtr NcclCommunicator::do_broadcast(at::Tensor& tensor, int root) {
@@ -438,10 +451,10 @@ WorkPtr NcclCommunicator::do_reduce_scatter(at::Tensor& output, const at::Tensor
   void* in = data(input);
   void* out = data(output);
   ncclComm_t comm = state_->comm();
-  return state_->launch(describe("reduce_scatter", input, to_string(op)), {output, input}, false, timing(),
-                        [&](cudaStream_t stream) {
-                          return ncclReduceScatter(in, out, count, type, nccl_op(op), comm, stream);
-                        });
+  return state_->launch(
+      describe("reduce_scatter", input, to_string(op)), {output, input}, false, timing(),
+      [&](cudaStream_t stream) { return ncclReduceScatter(in, out, count, type, nccl_op(op), comm, stream); },
+      op == ReduceOp::avg ? output : at::Tensor(), size());
 }
 
 WorkPtr NcclCommunicator::do_barrier() {
