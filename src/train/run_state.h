@@ -62,8 +62,9 @@ struct Progress {
   at::Tensor nonfinite_run;   // float32: skipped steps in a row, up to the last step
 };
 
-// Where this rank sits in a pipeline-parallel run (docs/pipeline.md); the defaults are a run
-// without stages.
+// Where this rank sits in a pipeline-parallel run (docs/pipeline.md). A run without stages is
+// one stage whose replicas are all the ranks (replica = rank, replicas = world size): only
+// replica 0 writes the optimizer's state (ZeRO stage 0), a rank reads its own shard first.
 struct StagePlace {
   int stages = 1;
   int stage = 0;

@@ -531,6 +531,9 @@ struct Trainer::Impl {
 
   RunParts parts() {
     RunParts run{world, config, device, *model, *optimizer, *scaler, *ddp, *train_loader, progress, {}};
+    // Without stages every rank is a replica of the one stage.
+    run.place.replica = world.rank();
+    run.place.replicas = world.size();
     if (pipeline) {
       const pipeline::Grid& grid = pipeline->grid();
       run.place = {grid.stages(), grid.stage(), grid.replica(), grid.replicas(), pipeline->bounds(),
