@@ -5,10 +5,10 @@
 //
 // Contract:
 // - phase(p, step, index) returns a scope that times phase p until it ends. data is host time
-//   (the host waiting for the loader). forward, backward, comm and optimizer are device time:
-//   on CUDA a pair of timing events on the compute stream, read at log time by take(), so no
-//   step waits for the device; on the CPU the host clock. step, eval and checkpoint are traced
-//   only.
+//   (the host waiting for the loader). forward, backward, comm, optimizer and transfer (a
+//   pipeline neighbour's tensor, which on CUDA the stream waits for) are device time: on CUDA a
+//   pair of timing events on the compute stream, read at log time by take(), so no step waits
+//   for the device; on the CPU the host clock. step, eval and checkpoint are traced only.
 // - take(steps) returns the seconds per step of each metered phase since the last take() and
 //   starts a new window: log time only (it waits for the last CUDA event).
 // - While the step trace (log.trace_steps, train/trace.h) records, each scope also adds its
