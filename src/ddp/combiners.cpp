@@ -18,6 +18,14 @@ at::Tensor wire_copy(const at::Tensor& buffer, std::optional<c10::ScalarType> wi
   return at::empty_like(buffer, buffer.options().dtype(*wire_dtype));
 }
 
+// What a narrow wire carries: the buffer already divided by the world size (in the buffer's
+// precision, rounded once). Summed first, fp16 would overflow at 65504 / ranks, about where
+// loss scaling keeps fp16 gradients.
+at::Tensor& to_wire(at::Tensor& wire, const at::Tensor& buffer, int ranks) {
+  // A 0-dim CPU divisor: the Scalar overload of div_out refuses an out of another dtype.
+  return at::div_out(wire, buffer, at::scalar_tensor(ranks, at::kDouble));
+}
+
 class AllReduce final : public Combiner {
  public:
   AllReduce(comm::Communicator& comm, const std::vector<at::Tensor>& buffers, std::optional<c10::ScalarType> wire)
@@ -27,14 +35,14 @@ class AllReduce final : public Combiner {
 
   Launch start(std::size_t b, const at::Tensor& buffer) override {
     at::Tensor payload = buffer;
-    if (wire_[b].defined()) payload = wire_[b].copy_(buffer);
+    if (wire_[b].defined()) payload = to_wire(wire_[b], buffer, comm_.size());
     return {comm_.all_reduce_async(payload, comm::ReduceOp::sum),
             {bytes_of(payload), ring_bytes(bytes_of(payload), comm_.size(), /*all_reduce=*/true)}};
   }
 
   Bytes finish(std::size_t b, at::Tensor& buffer) override {
     if (wire_[b].defined()) buffer.copy_(wire_[b]);
-    if (comm_.size() > 1) buffer.div_(comm_.size());
+    else if (comm_.size() > 1) buffer.div_(comm_.size());
     return {};
   }
 
@@ -56,7 +64,7 @@ class Shard final : public Combiner {
 
   Launch start(std::size_t b, const at::Tensor& buffer) override {
     at::Tensor payload = buffer;
-    if (wire_[b].defined()) payload = wire_[b].copy_(buffer);
+    if (wire_[b].defined()) payload = to_wire(wire_[b], buffer, comm_.size());
     at::Tensor& out = wire_[b].defined() ? wire_grads_[b] : grads_[b];
     return {comm_.reduce_scatter_async(out, payload, comm::ReduceOp::sum),
             {bytes_of(payload), ring_bytes(bytes_of(payload), comm_.size(), /*all_reduce=*/false)}};
@@ -64,7 +72,7 @@ class Shard final : public Combiner {
 
   Bytes finish(std::size_t b, at::Tensor&) override {
     if (wire_grads_[b].defined()) grads_[b].copy_(wire_grads_[b]);
-    if (comm_.size() > 1) grads_[b].div_(comm_.size());
+    else if (comm_.size() > 1) grads_[b].div_(comm_.size());
     return {};
   }
 

@@ -458,3 +458,31 @@ TEST_CASE("bf16 and fp16 wire formats stay within their precision of fp32", "[dd
   CHECK(fp16 <= (1.0 / 2048) * (communicator().size() + 1) * 2);
   CHECK(bf16 > 0);  // the cast really happened
 }
+
+TEST_CASE("an fp16 wire averages gradients near fp16's largest value", "[ddp]") {
+  // Loss-scaled fp16 training keeps gradients about as large as fp16 allows. The same batch on
+  // every rank: each rank's gradient peaks at 40000, which summed over 2 or more ranks before
+  // the division would overflow fp16 (65504).
+  auto gradients = [](std::optional<c10::ScalarType> wire, double scale) {
+    torch::manual_seed(5);
+    auto model = std::make_shared<TinyMlp>(64);
+    ddp::Options options;
+    options.wire_dtype = wire;
+    ddp::DistributedDataParallel ddp(model, communicator(), options);
+    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(100);
+    auto [x, y] = model->batch(16, g);
+    ddp.before_forward();
+    (model->loss(model->forward(x), y) * scale).backward();
+    ddp.finish_backward();
+    std::vector<torch::Tensor> grads;
+    for (auto& p : model->parameters()) grads.push_back(p.grad().clone());
+    return grads;
+  };
+  double largest = 0;
+  for (const auto& g : gradients(std::nullopt, 1.0)) largest = std::max(largest, g.abs().max().item<double>());
+  const double scale = 40000 / largest;
+  const auto exact = gradients(std::nullopt, scale);
+  const auto wired = gradients(at::kHalf, scale);
+  for (const auto& g : wired) CHECK(at::isfinite(g).all().item<bool>());
+  CHECK(worst_relative_difference(wired, exact) <= (1.0 / 2048) * (communicator().size() + 1) * 2);
+}
