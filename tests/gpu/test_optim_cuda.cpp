@@ -50,7 +50,9 @@ TEST_CASE("fused AdamW on CUDA equals torch::optim::AdamW", "[optim]") {
     CHECK(fused_params[i].device() == gpu());
     CHECK(torch::allclose(fused_params[i], plain_params[i], /*rtol=*/1e-5, /*atol=*/1e-6));
   }
-  // Both keep AdamW's state: the step count and moments of every parameter, on the GPU.
+  // Both keep AdamW's state: the step count and moments of every parameter, on the GPU. The
+  // fused one counts steps on the device; its state() has them after sync_optimizer_state.
+  train::sync_optimizer_state(*fused);
   for (std::size_t i = 0; i < fused_params.size(); ++i) {
     const auto& state =
         static_cast<const torch::optim::AdamWParamState&>(*fused->state().at(fused_params[i].unsafeGetTensorImpl()));
