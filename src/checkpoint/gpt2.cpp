@@ -59,16 +59,6 @@ json read_json_file(const fs::path& path) {
   }
 }
 
-c10::IValue load_pickle(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  try {
-    return torch::pickle_load(bytes);
-  } catch (const c10::Error& e) {
-    bad("'" + path + "' is a zip file but not one torch.save wrote (" + e.what_without_backtrace() + ")");
-  }
-}
-
 json json_of(const c10::IValue& value) {
   if (value.isBool()) return value.toBool();
   if (value.isInt()) return value.toInt();
@@ -276,7 +266,7 @@ Pretrained read_pretrained(const std::string& path) {
     return model;
   }
   if (fs::is_regular_file(p) && is_zip(path)) {
-    const c10::IValue value = load_pickle(path);
+    const c10::IValue value = read_torch_save(path);
     if (value.isGenericDict() && value.toGenericDict().contains("model_args") &&
         value.toGenericDict().contains("model")) {
       const auto dict = value.toGenericDict();

@@ -1,12 +1,11 @@
 #include "mpitrain/checkpoint/weights.h"
 
 #include <ATen/core/ivalue.h>
-#include <torch/serialize.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/import_read.h>
 
 #include <filesystem>
 #include <fstream>
-#include <iterator>
-#include <vector>
 
 #include "mpitrain/checkpoint/gpt2.h"
 #include "mpitrain/checkpoint/safetensors.h"
@@ -48,17 +47,23 @@ std::map<std::string, at::Tensor> read_weights(const std::string& path) {
   char magic[4] = {};
   in.read(magic, 4);
   if (in.gcount() == 4 && magic[0] == 'P' && magic[1] == 'K' && magic[2] == 3 && magic[3] == 4) {
-    in.seekg(0);
-    const std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    c10::IValue value;
-    try {
-      value = torch::pickle_load(bytes);
-    } catch (const c10::Error& e) {
-      bad(path, std::string("is a zip file but not one torch.save wrote (") + e.what_without_backtrace() + ")");
-    }
-    return tensors_of(value, path);
+    return tensors_of(read_torch_save(path), path);
   }
   return read_safetensors(path);
+}
+
+c10::IValue read_torch_save(const std::string& path) {
+  if (!std::ifstream(path, std::ios::binary)) bad(path, "cannot be opened: check the path");
+  try {
+    // Onto the CPU: left to itself (torch::pickle_load) the reader puts each tensor back on the
+    // device it was saved from, cuda:0 for a GPU run, which fails on a host without a GPU and
+    // fills GPU 0 from every rank on one with.
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    return torch::jit::readArchiveAndTensors("data", "", "", std::nullopt, std::nullopt, c10::Device(c10::kCPU),
+                                             reader);
+  } catch (const c10::Error& e) {
+    bad(path, std::string("is a zip file but not one torch.save wrote (") + e.what_without_backtrace() + ")");
+  }
 }
 
 void load_weights(torch::nn::Module& module, const std::map<std::string, at::Tensor>& file_weights,

@@ -143,6 +143,21 @@ PY
 compare "$work/hf_exact.logits" "$work/nanogpt.logits" 1e-5 "nanoGPT export in GPT2LMHeadModel" || fail "logits differ"
 "$probe" "$work/ckpt.pt" "$work/tokens.safetensors" "$work/mp_nanogpt.logits" || fail "mpitrain reads the nanoGPT ckpt.pt"
 compare "$work/hf_exact.logits" "$work/mp_nanogpt.logits" 1e-5 "nanoGPT ckpt.pt read by mpitrain" || fail "logits differ"
+# The same ckpt.pt as nanoGPT saves it on a GPU: each tensor's saved location is cuda:0. This
+# host has none; the tensors must come back on the CPU all the same.
+"$python" - "$work" <<'PY' || fail "re-saving the ckpt.pt as from a GPU"
+import sys, zipfile, torch, torch.serialization as serialization
+work = sys.argv[1]
+ckpt = torch.load(f"{work}/ckpt.pt", weights_only=True)
+serialization.location_tag = lambda storage: "cuda:0"
+torch.save(ckpt, f"{work}/ckpt_gpu.pt")
+archive = zipfile.ZipFile(f"{work}/ckpt_gpu.pt")
+assert b"cuda:0" in archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+PY
+"$probe" "$work/ckpt_gpu.pt" "$work/tokens.safetensors" "$work/mp_nanogpt_gpu.logits" ||
+  fail "mpitrain reads a nanoGPT ckpt.pt saved on a GPU"
+compare "$work/hf_exact.logits" "$work/mp_nanogpt_gpu.logits" 1e-5 "GPU-saved ckpt.pt read by mpitrain" ||
+  fail "logits differ"
 
 # --- 4. Sizes that do not fit ----------------------------------------------------------------------
 rc=0

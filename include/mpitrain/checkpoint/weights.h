@@ -18,6 +18,7 @@
 // - state_dict_of() is the module's parameters and buffers by name, as write_safetensors takes.
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
 #include <torch/nn/module.h>
 
 #include <map>
@@ -26,6 +27,10 @@
 namespace mpitrain::checkpoint {
 
 std::map<std::string, at::Tensor> read_weights(const std::string& path);
+
+/// What a torch.save file (zip format) holds, its tensors on the CPU whatever device they were
+/// saved from; runtime::Error(bad_input) naming the file when it is not one.
+c10::IValue read_torch_save(const std::string& path);
 
 void load_weights(torch::nn::Module& module, const std::map<std::string, at::Tensor>& weights,
                   const std::string& source);
