@@ -295,7 +295,8 @@ int main(int argc, char** argv) {
   runtime::World world(&argc, &argv);
   CLI::App app{"Data loader throughput vs a raw sequential HDF5 read"};
   Options options;
-  app.add_option("--source", options.source, "a manifest or glob of classification shards (default: make them)");
+  app.add_option("--source", options.source, "a manifest or glob of classification shards (default: make them); each rank holds "
+                 "its share of the rows for the raw read and all input rows for the shuffled copy in memory");
   app.add_option("--idx-dir", options.idx_dir, "folder with Fashion-MNIST's IDX files")->capture_default_str();
   app.add_option("--work", options.work, "folder for the shards made from it")->capture_default_str();
   app.add_option("--gzip", options.gzip, "gzip levels to make shards with")->capture_default_str();
