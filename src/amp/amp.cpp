@@ -36,6 +36,17 @@ Precision auto_precision(c10::Device device) {
 #endif
 }
 
+Precision agree_precision(const std::vector<Precision>& per_rank) {
+  bool fp32 = false, bf16 = false, fp16 = false;
+  for (const Precision p : per_rank) (p == Precision::fp32 ? fp32 : p == Precision::bf16 ? bf16 : fp16) = true;
+  if (fp32 && (bf16 || fp16))
+    throw runtime::Error("precision auto: some ranks chose fp32 (no GPU) and others a half precision: run every rank on "
+                             "the same kind of device, or set precision.mode",
+                         runtime::ExitCode::bad_input);
+  // Mixed generations: fp16 runs on every GPU, bf16 needs compute capability 8.0.
+  return fp16 ? Precision::fp16 : bf16 ? Precision::bf16 : Precision::fp32;
+}
+
 const char* to_string(Precision precision) {
   switch (precision) {
     case Precision::fp32: return "fp32";
@@ -105,7 +116,8 @@ nlohmann::json LossScaler::state() const {
           {"growth_tracker", runtime::read_scalar<std::int64_t>(growth_tracker_)}};
 }
 
-void LossScaler::load_state(const nlohmann::json& state) {
+bool LossScaler::load_state(const nlohmann::json& state) {
+  if (state.value("enabled", enabled_) != enabled_) return false;
   const auto scale = state.at("scale").get<double>();
   const auto tracker = state.at("growth_tracker").get<std::int64_t>();
   if (!(std::isfinite(scale) && scale > 0) || tracker < 0)
@@ -113,6 +125,7 @@ void LossScaler::load_state(const nlohmann::json& state) {
                                 std::to_string(tracker) + "; a scale must be finite and > 0, a tracker >= 0");
   scale_.fill_(scale);
   growth_tracker_.fill_(tracker);
+  return true;
 }
 
 }  // namespace mpitrain::amp

@@ -207,7 +207,12 @@ void restore_run(const RunParts& run, const std::string& dir, bool allow_config_
     saved_epoch = count(state, "epoch", 0);
     saved_world = count(state, "world_size", 1);
     saved_zero = state.contains("zero_stage") ? count(state, "zero_stage", 0) : 0;
-    run.scaler.load_state(state.at("scaler"));
+    if (!run.scaler.load_state(state.at("scaler")))
+      run.world.log().warn("checkpoint " + dir + " was written by a run " +
+                           (run.scaler.enabled() ? "without" : "with") +
+                           " fp16 loss scaling and this one resolves precision.mode to " +
+                           (run.scaler.enabled() ? "fp16" : "a precision without it") +
+                           " (another GPU type, or resumed on CPU): the loss scale starts afresh");
     return 0;
   });
   if (saved_zero != config.ddp.zero_stage)

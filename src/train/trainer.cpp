@@ -557,6 +557,19 @@ struct Trainer::Impl {
 
   // ---- Set-up ------------------------------------------------------------------------------
 
+  // Each rank's auto choice follows its own GPU; ranks of different generations (an A100 next
+  // to a V100) would otherwise sum bf16 gradients with loss-scaled fp16 ones.
+  void agree_on_precision() {
+    std::vector<amp::Precision> chosen;
+    for (const std::int64_t p : comm::gather_per_rank(*comm, static_cast<std::int64_t>(precision)))
+      chosen.push_back(static_cast<amp::Precision>(p));
+    const amp::Precision agreed = amp::agree_precision(chosen);
+    if (agreed != precision)
+      world.log().info(std::string("precision auto: ") + amp::to_string(precision) + " on this rank's device, " +
+                       amp::to_string(agreed) + " on every rank (some GPUs lack bf16)");
+    precision = agreed;
+  }
+
   void setup() {
     setup_device();
     comm::CommOptions comm_options;
@@ -564,6 +577,7 @@ struct Trainer::Impl {
     comm = comm::make_communicator(world, device, comm_options, backend(config.device.backend));
     check_same_config();
     precision = train::precision(config.precision.mode, device);
+    if (config.precision.mode == config::PrecisionMode::automatic) agree_on_precision();
 
     at::manual_seed(static_cast<std::uint64_t>(config.run.seed));
     model = models::create(config.model.name, config.model.options);

@@ -81,6 +81,36 @@ TEST_CASE("loss scaler: an inf on one rank skips the step on every rank and halv
   CHECK(restored.state() == state);
 }
 
+TEST_CASE("a loss scaler state of the other kind is not restored", "[amp]") {
+  // An fp16 run's state resumed in bf16 or fp32 (another GPU type, or the CPU).
+  amp::LossScaler disabled(false, c10::Device(c10::kCPU));
+  CHECK_FALSE(disabled.load_state({{"enabled", true}, {"scale", 65536.0}, {"growth_tracker", 7}}));
+  CHECK(disabled.current_scale() == 1.0);
+  at::Tensor grad = at::full({3}, 3.0f);
+  disabled.unscale_and_check({grad}, communicator());
+  CHECK(at::equal(grad, at::full({3}, 3.0f)));
+  // A bf16 run's state (scale 1) resumed in fp16 keeps the configured initial scale.
+  amp::ScalerOptions options;
+  options.init_scale = 1024.0;
+  amp::LossScaler enabled(true, c10::Device(c10::kCPU), options);
+  CHECK_FALSE(enabled.load_state({{"enabled", false}, {"scale", 1.0}, {"growth_tracker", 0}}));
+  CHECK(enabled.state() == nlohmann::json{{"enabled", true}, {"scale", 1024.0}, {"growth_tracker", 0}});
+  // The same kind is restored.
+  CHECK(enabled.load_state({{"enabled", true}, {"scale", 512.0}, {"growth_tracker", 3}}));
+  CHECK(enabled.state() == nlohmann::json{{"enabled", true}, {"scale", 512.0}, {"growth_tracker", 3}});
+}
+
+TEST_CASE("ranks whose auto precisions differ agree on one", "[amp]") {
+  using amp::Precision;
+  CHECK(amp::agree_precision({Precision::bf16, Precision::bf16}) == Precision::bf16);
+  CHECK(amp::agree_precision({Precision::fp16, Precision::fp16}) == Precision::fp16);
+  CHECK(amp::agree_precision({Precision::fp32}) == Precision::fp32);
+  // An A100 next to a V100: fp16 everywhere, never bf16 gradients summed with scaled fp16 ones.
+  CHECK(amp::agree_precision({Precision::bf16, Precision::fp16, Precision::bf16}) == Precision::fp16);
+  CHECK_THROWS_WITH(amp::agree_precision({Precision::fp32, Precision::bf16}),
+                    Catch::Contains("some ranks chose fp32") && Catch::Contains("precision.mode"));
+}
+
 TEST_CASE("loss scaler disabled: scale 1, gradients untouched, non-finite ones still found on every rank", "[amp]") {
   amp::LossScaler scaler(false, c10::Device(c10::kCPU));
   at::Tensor grad = at::full({2}, 7.0f);

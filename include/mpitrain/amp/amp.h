@@ -4,7 +4,9 @@
 // Contract:
 // - auto_precision(): bf16 on GPUs of compute capability >= 8.0, fp16 (with loss scaling)
 //   below that, fp32 on CPU. resolve_precision(): "auto" is auto_precision(); "fp32" | "bf16" |
-//   "fp16" are taken as given.
+//   "fp16" are taken as given. agree_precision() is the one precision for ranks whose own
+//   auto choices differ (GPUs of different generations): fp16 where some have bf16 and some
+//   not, since every GPU runs fp16; an error for fp32 next to a half precision.
 // - AutocastScope enables autocast for the device type with the precision's dtype on this thread
 //   and restores the previous state when it ends; when the outermost scope ends it clears the
 //   autocast cache, so a forward after optimizer.step() never reuses stale low-precision weight
@@ -18,6 +20,10 @@
 //   update(found_inf) halves the scale (backoff) after an overflow and doubles it (growth) after
 //   growth_interval clean steps in a row, on the device; it does nothing when disabled.
 //   current_scale() and state() read the device (runtime/host_read.h): log and checkpoint time.
+//   load_state() restores a state saved by a scaler of the same kind (both enabled or both
+//   disabled) and returns true; a state of the other kind (a run resumed in another precision)
+//   leaves this scaler as constructed and returns false, so a bf16 run never divides its
+//   gradients by an fp16 run's scale, nor an fp16 run starts from a bf16 run's scale of 1.
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
@@ -36,6 +42,8 @@ enum class Precision { fp32, bf16, fp16 };
 
 Precision auto_precision(c10::Device device);
 Precision resolve_precision(const std::string& mode, c10::Device device);
+/// The precision every rank uses when each chose `per_rank` (one entry per rank) by itself.
+Precision agree_precision(const std::vector<Precision>& per_rank);
 const char* to_string(Precision precision);
 c10::ScalarType compute_dtype(Precision precision);
 
@@ -71,10 +79,11 @@ class LossScaler {
   void update(const at::Tensor& found_inf);
   double current_scale() const;
 
-  /// For checkpoints: {"scale": ..., "growth_tracker": ...}. load_state() throws
-  /// std::invalid_argument for a scale that is not finite and > 0 or a negative tracker.
+  /// For checkpoints: {"enabled": ..., "scale": ..., "growth_tracker": ...}. load_state()
+  /// throws std::invalid_argument for a scale that is not finite and > 0 or a negative tracker;
+  /// it returns false, changing nothing, for the state of a scaler of the other kind.
   nlohmann::json state() const;
-  void load_state(const nlohmann::json& state);
+  bool load_state(const nlohmann::json& state);
 
  private:
   bool enabled_;
