@@ -148,11 +148,17 @@ void wait_for_device(c10::Device device) {
 #endif
 }
 
+// The world's operations and DDP's, which in a pipeline run go on the stage's own communicator.
+void Timeline::set_timing(bool on) {
+  comm_.set_timing(on);
+  ddp_.communicator().set_timing(on);
+}
+
 void Timeline::begin_step(std::int64_t step) {
   if (recording() || !trace_.covers(step)) return;
   wait_for_device(device_);
   world_.barrier(comm_.options().timeout, "the barrier that starts the step trace (log.trace_steps)");
-  comm_.set_timing(true);
+  set_timing(true);
   trace_from_ = step;
   trace_.start();
 }
@@ -170,7 +176,7 @@ void Timeline::end_step(std::int64_t step) {
 
 void Timeline::finish(MetricsLog& metrics, std::int64_t steps_done) {
   if (!recording()) return;
-  comm_.set_timing(false);
+  set_timing(false);
   const std::vector<TraceEvent> events = gather_trace(world_, trace_.stop(), comm_.options().timeout);
   if (!world_.is_root()) return;
   const std::filesystem::path path = std::filesystem::path(run_dir_) / "trace.json";

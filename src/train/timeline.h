@@ -89,6 +89,7 @@ class Timeline {
   void finish(MetricsLog& metrics, std::int64_t steps_done);
 
  private:
+  void set_timing(bool on);
   struct Events;  // the CUDA event pairs of the window (CUDA builds)
   void add(Phase phase, double seconds);
 

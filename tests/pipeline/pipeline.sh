@@ -183,6 +183,10 @@ def one_f_one_b(warm_up):
 assert order(0) == one_f_one_b(1), order(0)
 assert order(replicas) == one_f_one_b(0), order(replicas)
 assert any(e["name"] == "recv wait" and e.get("pid") == replicas for e in events), "no receive waits traced"
+# Each stage's replicas reduce its gradients on their own communicator: traced on every rank.
+if replicas > 1:
+    reduced = sorted({e.get("pid") for e in events if e["name"].startswith("all-reduce bucket")})
+    assert reduced == list(range(2 * replicas)), f"bucket all-reduces traced on ranks {reduced}"
 print(f"PASS: the trace shows 1f1b on both stages: {order(0)}")
 PY
 # Activation memory, counted under a CPU memory budget: 1f1b holds at most P micro-batches per

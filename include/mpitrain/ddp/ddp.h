@@ -198,6 +198,8 @@ class DistributedDataParallel {
   /// CUDA finish_backward() does not wait on the host, so synchronise the device first. Empty
   /// before the first finish_backward().
   std::vector<std::optional<comm::WorkTiming>> last_bucket_timings() const;
+  /// The communicator the gradients are reduced on (a pipeline stage's replicas, or the world).
+  comm::Communicator& communicator() const { return comm_; }
 
  private:
   std::shared_ptr<torch::nn::Module> module_;
