@@ -118,7 +118,12 @@ class TopK final : public Combiner {
   Bytes finish(std::size_t b, at::Tensor& buffer) override {
     const Bucket& bucket = buckets_[b];
     buffer.zero_();
-    buffer.index_add_(0, bucket.indices, bucket.values);
+    // One rank's k entries at a time, in rank order: they are distinct indices, so no two
+    // atomic adds of one call meet. All at once, CUDA's index_add_ would add the entries that
+    // 3 or more ranks chose in a different order on each rank, and the replicas would drift.
+    const std::int64_t k = bucket.sent_indices.numel();
+    for (int r = 0; r < comm_.size(); ++r)
+      buffer.index_add_(0, bucket.indices.narrow(0, r * k, k), bucket.values.narrow(0, r * k, k));
     if (comm_.size() > 1) buffer.div_(comm_.size());
     return {};
   }
