@@ -3,7 +3,6 @@
 #include <ATen/ATen.h>
 #include <c10/util/StringUtil.h>
 
-
 #include "mpitrain/runtime/error.h"
 #include "mpitrain/runtime/host_read.h"
 
@@ -26,7 +25,9 @@ void Channel::send(const at::Tensor& tensor) {
 at::Tensor Channel::recv() {
   at::Tensor head = at::empty({kMaxDims + 2}, at::TensorOptions().dtype(at::kLong).device(headers_.device()));
   headers_.recv_async(head, peer_)->wait();
-  const at::Tensor header = runtime::read_tensor(head);
+  // A header on the host (the header communicator on a GPU) is read as it is; one on the
+  // device is a device read, counted as such.
+  const at::Tensor header = head.is_cpu() ? head : runtime::read_tensor(head);
   const auto* h = header.data_ptr<std::int64_t>();
   std::vector<std::int64_t> sizes(h + 2, h + 2 + h[1]);
   const auto options = at::TensorOptions().dtype(static_cast<c10::ScalarType>(h[0])).device(data_.device());
