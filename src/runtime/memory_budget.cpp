@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -114,5 +115,15 @@ std::int64_t cpu_memory_in_use() { return installed ? installed->in_use() : 0; }
 
 UncountedScope::UncountedScope() : previous_(uncounted) { uncounted = true; }
 UncountedScope::~UncountedScope() { uncounted = previous_; }
+
+bool out_of_memory(const std::exception& e) {
+  if (dynamic_cast<const c10::OutOfMemoryError*>(&e) != nullptr) return true;
+  // What cuBLAS, cuDNN and the CUDA runtime say when they cannot get memory themselves; the
+  // error is then a plain c10::Error, but a smaller batch is still the cure.
+  for (const char* sign : {"CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                           "unable to find an engine to execute this computation", "CUDA error: out of memory"})
+    if (std::strstr(e.what(), sign) != nullptr) return true;
+  return false;
+}
 
 }  // namespace mpitrain::runtime

@@ -24,6 +24,7 @@
 #include "mpitrain/models/model.h"
 #include "mpitrain/runtime/error.h"
 #include "mpitrain/runtime/host_read.h"
+#include "mpitrain/runtime/memory_budget.h"
 #include "mpitrain/runtime/world.h"
 #include "mpitrain/train/optim.h"
 #include "shard_state.h"
@@ -168,6 +169,12 @@ void restore_run(const RunParts& run, const std::string& dir, bool allow_config_
       throw;
     } catch (const std::exception& e) {
       const std::string why = e.what();
+      // No room for the saved state is not a bad checkpoint: it is fine, and may be resumed
+      // once there is memory.
+      if (runtime::out_of_memory(e))
+        throw runtime::Error("out of memory on " + device.str() + " loading " + name + " of checkpoint " + dir +
+                             " (the checkpoint itself is fine): free memory on the device (is another process "
+                             "using it?) and resume again. " + why.substr(0, why.find('\n')));
       throw runtime::Error("checkpoint " + dir + " cannot be used: " + name + ": " + why.substr(0, why.find('\n')) +
                                what_to_do,
                            runtime::ExitCode::bad_input);

@@ -136,7 +136,8 @@ template <typename Body>
 auto explaining_out_of_memory(const config::Config& config, Body&& body) {
   try {
     return body();
-  } catch (const c10::OutOfMemoryError& e) {
+  } catch (const c10::Error& e) {
+    if (!runtime::out_of_memory(e)) throw;
     throw runtime::Error(std::string("out of GPU memory at batch.micro_batch ") + std::to_string(config.batch.micro_batch) +
                          ": lower batch.micro_batch and raise batch.accumulation (or set batch.global), or use "
                          "precision.mode bf16/fp16. " + e.what_without_backtrace());
@@ -836,7 +837,8 @@ struct Trainer::Impl {
       // The model's gradients, which at ZeRO stage 1 are not the optimizer's (its are the shard's).
       model->zero_grad(/*set_to_none=*/false);
       return true;
-    } catch (const c10::OutOfMemoryError&) {
+    } catch (const c10::Error& e) {
+      if (!runtime::out_of_memory(e)) throw;
       model->zero_grad(/*set_to_none=*/false);
       release_cached_memory();
       return false;

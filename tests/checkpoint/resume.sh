@@ -7,6 +7,8 @@
 #  3. a corrupted newest checkpoint is skipped (with a warning) by --resume auto;
 #  4. world size 4 -> 2 with the global batch kept: the data position carries over.
 #  5. the weights load in Python (safetensors and torch 2.11) with the values mpitrain saved.
+#  6. no memory to load a checkpoint into is not a bad checkpoint: exit 1 (not 2, bad input),
+#     a message that says so, the checkpoint untouched, and a later resume with memory works.
 # Environment (set by CTest): MPIEXEC, BIN.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../support/tiny_run.sh"
@@ -62,4 +64,21 @@ for name, t in weights.items():
     assert t.dtype == torch.float32 and t.isfinite().all() and t.abs().sum() > 0, name
 print("PASS: python read", {k: tuple(v.shape) for k, v in weights.items()})
 PY
+
+echo "--- 6. out of memory while loading a checkpoint"
+# A wider model, whose saved state does not fit in what the CPU memory budget leaves after the
+# model is built (the stand-in for a full GPU, runtime/memory_budget.h): 4-6 MB here fail at
+# model.safetensors or optimizer.pt, 8 MB in the first step, 10 MB fit.
+wide=(--set run.name=wide --set model.mlp.hidden=512)
+train 2 "${wide[@]}" --set train.steps=10 > /dev/null
+cp -r "$work/runs/wide/checkpoints/step-00000010" "$work/wide-before"
+rc=0
+MPITRAIN_CPU_MEMORY_BUDGET=5000000 "$MPIEXEC" -np 2 --oversubscribe --bind-to none -x MPITRAIN_CPU_MEMORY_BUDGET \
+  "$BIN/train" --config "$work/run.json" "${wide[@]}" --set train.steps=20 --resume auto > "$work/oom.log" 2>&1 || rc=$?
+[ "$rc" -eq 1 ] || { cat "$work/oom.log"; fail "exit code $rc when the checkpoint does not fit, want 1"; }
+grep -q "out of memory on cpu loading .* of checkpoint .*step-00000010 (the checkpoint itself is fine)" "$work/oom.log" ||
+  { cat "$work/oom.log"; fail "the error does not say the checkpoint is fine"; }
+diff -r "$work/wide-before" "$work/runs/wide/checkpoints/step-00000010" || fail "the checkpoint changed"
+train 2 "${wide[@]}" --set train.steps=20 --resume auto > "$work/wide-resume.log" 2>&1
+grep -q "resumed from .*step-00000010 at step 10" "$work/wide-resume.log" || fail "the resume with memory failed"
 echo "PASS"

@@ -1,11 +1,15 @@
+#include <c10/util/Exception.h>
+// After c10: it defines a CHECK macro of its own that Catch must override.
 #include <catch2/catch.hpp>
 
 #include <csignal>
 #include <cstdlib>
+#include <stdexcept>
 
 #include "mpitrain/runtime/device.h"
 #include "mpitrain/runtime/error.h"
 #include "mpitrain/runtime/gpu_info.h"
+#include "mpitrain/runtime/memory_budget.h"
 #include "mpitrain/runtime/signals.h"
 #include "test_world.h"
 
@@ -134,6 +138,28 @@ TEST_CASE("errors carry their exit code", "[runtime]") {
     CHECK(run_guarded(world(), [] () -> int { throw Error("x", ExitCode::bad_input); }) == 2);
     CHECK(run_guarded(world(), [] { return 0; }) == 0);
   }
+}
+
+TEST_CASE("out of memory: the allocator's error, or a library's own allocation failing", "[runtime]") {
+  const auto thrown = [](auto&& raise) -> bool {
+    try {
+      raise();
+    } catch (const std::exception& e) {
+      return out_of_memory(e);
+    }
+    FAIL("nothing was thrown");
+    return false;
+  };
+  CHECK(thrown([] { TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory. Tried to allocate 2.00 GiB"); }));
+  // The messages LibTorch raises as plain c10::Error when cuDNN, cuBLAS or CUDA run short.
+  CHECK(thrown([] { TORCH_CHECK(false, "GET was unable to find an engine to execute this computation"); }));
+  CHECK(thrown([] { TORCH_CHECK(false, "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"); }));
+  CHECK(thrown([] { TORCH_CHECK(false, "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"); }));
+  CHECK(thrown([] { TORCH_CHECK(false, "CUDA error: out of memory"); }));
+  // Anything else is not, however it mentions memory.
+  CHECK_FALSE(thrown([] { TORCH_CHECK(false, "mat1 and mat2 shapes cannot be multiplied (8x12 and 16x3)"); }));
+  CHECK_FALSE(thrown([] { TORCH_CHECK(false, "CUDA error: an illegal memory access was encountered"); }));
+  CHECK_FALSE(thrown([] { throw std::runtime_error("out of range"); }));
 }
 
 TEST_CASE("GPU facts for the metrics: datasheet peaks by name; nothing on the CPU", "[runtime]") {

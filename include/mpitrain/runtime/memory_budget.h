@@ -15,14 +15,20 @@
 // - While an UncountedScope lives on a thread, that thread's allocations are not counted (nor
 //   their frees, wherever they happen): host-side staging such as the data loader's read-ahead
 //   buffers, which on a GPU machine live outside the GPU's memory.
+// - out_of_memory(e) says whether an error means the device had no room: c10::OutOfMemoryError
+//   (the caching allocator, this budget), or a library that failed to get memory of its own
+//   and says so in its message (cuBLAS and cuDNN allocation failures, a cuDNN that found no
+//   engine whose workspace fits, a CUDA call that returned out of memory).
 
 #include <cstdint>
+#include <exception>
 
 namespace mpitrain::runtime {
 
 void install_cpu_memory_budget(std::int64_t bytes);
 std::int64_t cpu_memory_budget_from_environment();
 std::int64_t cpu_memory_in_use();
+bool out_of_memory(const std::exception& e);
 
 class UncountedScope {
  public:
