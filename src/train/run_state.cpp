@@ -89,7 +89,9 @@ std::string write_run(const RunParts& run, const std::string& root) {
     write_tensors("model.safetensors", checkpoint::state_dict_of(run.model));
     nlohmann::json state = {{"step", progress.steps_done},     {"epoch", progress.epoch},
                             {"world_size", run.world.size()}, {"zero_stage", config.ddp.zero_stage},
-                            {"scaler", run.scaler.state()},   {"config", config::to_json(config)}};
+                            {"scaler", run.scaler.state()},   {"config", config::to_json(config)},
+                            // The same on every rank (skips are agreed); a resumed run counts on from it.
+                            {"nonfinite_run", static_cast<std::int64_t>(runtime::read_scalar<float>(progress.nonfinite_run))}};
     if (place.stages > 1) state["pipeline"] = {{"stages", place.stages}, {"bounds", place.bounds}};
     checkpoint::write_file((dir / "trainer.json").string(), state.dump(2));
   }
@@ -214,6 +216,7 @@ void restore_run(const RunParts& run, const std::string& dir, bool allow_config_
     saved_epoch = count(state, "epoch", 0);
     saved_world = count(state, "world_size", 1);
     saved_zero = state.contains("zero_stage") ? count(state, "zero_stage", 0) : 0;
+    progress.nonfinite_run.fill_(static_cast<double>(state.contains("nonfinite_run") ? count(state, "nonfinite_run", 0) : 0));
     if (!run.scaler.load_state(state.at("scaler")))
       run.world.log().warn("checkpoint " + dir + " was written by a run " +
                            (run.scaler.enabled() ? "without" : "with") +

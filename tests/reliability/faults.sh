@@ -88,6 +88,21 @@ assert skipped == 3, records
 assert records[-1]["step"] == int(sys.argv[2]), (records[-1], sys.argv[2])
 PY
 
+echo "--- the run of non-finite steps carries over a resume"
+# Steps 2 and 3 are skipped before the run's end at step 3 and its checkpoint; resumed, step 4
+# is the third in a row, as in the run above that was never stopped (not the first of a new run).
+diverging=(--set run.name=diverged-resumed --set optimizer.name=sgd --set optimizer.lr=1e30
+  --set train.max_nonfinite_steps=2 --set log.every_steps=1)
+train 2 "${diverging[@]}" --set train.steps=3 > "$work/diverged-3.log" 2>&1 ||
+  { cat "$work/diverged-3.log"; fail "the run to step 3 failed"; }
+train 2 "${diverging[@]}" --set train.steps=100 --resume auto > "$work/diverged-resumed.log" 2>&1 &&
+  fail "the resumed run did not stop"
+grep -q "resumed from .*step-00000003 at step 3" "$work/diverged-resumed.log" ||
+  { cat "$work/diverged-resumed.log"; fail "did not resume from step 3"; }
+grep -q "were not finite in 3 steps in a row (steps 2 to 4)" "$work/diverged-resumed.log" ||
+  { cat "$work/diverged-resumed.log"; fail "the resumed run did not stop at step 4"; }
+echo "ok: stopped at step 4 after the resume"
+
 if mkdir -p "$work/full" && mount -t tmpfs -o size=600k tmpfs "$work/full" 2>/dev/null; then
   mounts+=("$work/full")
   echo "--- disk full during a checkpoint save"
