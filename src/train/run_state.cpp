@@ -272,6 +272,9 @@ void restore_run(const RunParts& run, const std::string& dir, bool allow_config_
 #ifdef MPITRAIN_HAVE_NCCL
     if (device.is_cuda() && mine.contains("rng_cuda"))
       set_generator_state(at::cuda::detail::getDefaultCUDAGenerator(device.index()), mine.at("rng_cuda"));
+    else if (device.is_cuda() && world.is_root())
+      world.log().warn("checkpoint " + dir + " holds no CUDA random state (it was written without a GPU): "
+                       "random streams on the GPU (dropout) start afresh");
 #endif
     return 0;
   });
