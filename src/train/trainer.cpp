@@ -571,6 +571,19 @@ struct Trainer::Impl {
     precision = agreed;
   }
 
+  // PowerSGD's average is computed by every rank itself (a QR, then P Q^T), the same on every
+  // rank only when their kernels round the same: GPU types differ there, and replicas that
+  // apply slightly different gradients drift apart as the run goes on.
+  void warn_if_mixed_devices_for_powersgd(comm::Communicator& replicas) {
+    const std::vector<std::int64_t> devices = comm::gather_per_rank(replicas, comm::fnv1a(gpu->name()));
+    const std::vector<int> other = comm::ranks_differing(devices, devices.front());
+    if (other.empty() || replicas.rank() != 0) return;
+    world.log().warn("ddp.compression powersgd with mixed GPU types (" + gpu->name() + " on this rank, others on rank(s) " +
+                     comm::list_text(other) + "): each rank multiplies the factors out itself and different GPU types "
+                     "round differently, so the replicas' weights drift apart by rounding as the run goes on; use "
+                     "ddp.compression topk or none with mixed GPUs");
+  }
+
   void setup() {
     setup_device();
     comm::CommOptions comm_options;
@@ -607,6 +620,7 @@ struct Trainer::Impl {
     seq_len = train_spec.seq_len;
     flops_per_token = model->training_flops_per_token(seq_len);
     gpu = std::make_unique<runtime::GpuInfo>(device);
+    if (config.ddp.compression == config::Compression::powersgd) warn_if_mixed_devices_for_powersgd(*data_comm);
     const bool half = precision == amp::Precision::bf16 || precision == amp::Precision::fp16;
     peak_tflops = config.device.peak_tflops > 0 ? config.device.peak_tflops : half ? gpu->peak_tflops_16bit() : 0.0;
     if (device.is_cuda() && flops_per_token > 0 && peak_tflops == 0)
