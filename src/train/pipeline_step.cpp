@@ -86,6 +86,27 @@ PipelineStep::PipelineStep(const runtime::World& world, const config::Config& co
     activations_out_ = channel(*forward_comm_, s + 1);
     gradients_in_ = channel(*backward_comm_, s + 1);
   }
+  connect();
+}
+
+// NCCL connects two ranks, and sets up a collective's buffers, when they are first used, and
+// that allocates device memory, which waits for every kernel on the GPU. In the first step the
+// first sends would do it while DDP's all-reduce on the stage's communicator waits for a peer:
+// the deadlock of concurrent communicators that NCCL's documentation warns of. So each
+// communicator of the step is used once here, one after the other in the same order on every
+// rank: the collectives, then a message down the chain of stages and one back up.
+void PipelineStep::connect() {
+  at::Tensor one = at::zeros({1}, at::TensorOptions().device(device_));
+  stage_comm_->all_reduce(one);
+  forward_comm_->all_reduce(one);
+  if (tie_comm_) tie_comm_->all_reduce(one);
+  const int s = grid_->stage();
+  const auto pass = [&](comm::Communicator& comm, bool receives, int from, bool sends, int to) {
+    if (receives) comm.recv_async(one, from)->wait();
+    if (sends) comm.send_async(one, to)->wait();
+  };
+  pass(*forward_comm_, !grid_->first(), s - 1, !grid_->last(), s + 1);
+  pass(*backward_comm_, !grid_->last(), s + 1, !grid_->first(), s - 1);
 }
 
 // A neighbour's activation, as a leaf whose gradient goes back to it.

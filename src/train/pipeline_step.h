@@ -71,6 +71,7 @@ class PipelineStep {
  private:
   at::Tensor receive_activation();
   void sample_memory();
+  void connect();
 
   const config::Config& config_;
   c10::Device device_;
