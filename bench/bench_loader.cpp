@@ -58,6 +58,7 @@ struct Options {
   std::int64_t chunk_bytes = 1 << 20;
   std::int64_t global_batch = 256;
   int prefetch = 8;  // data.prefetch's default
+  int workers = 1;   // data.workers
   std::int64_t window = 4;
   std::int64_t partitions = 16;
   int reps = 5;
@@ -174,6 +175,7 @@ int run(const runtime::World& world, const Options& options) {
     loader_options.batch_size = options.global_batch / world.size();
     loader_options.partitions = options.partitions;
     loader_options.prefetch = options.prefetch;
+    loader_options.workers = options.workers;
     loader_options.shuffle_window = options.window;
     loader_options.seed = 1;
     const auto spec = data::DatasetSpec::classification(source);
@@ -257,7 +259,7 @@ int run(const runtime::World& world, const Options& options) {
   }
   if (!world.is_root()) return 0;
   std::cout << "Loader (shuffled, " << options.partitions << " partitions, window " << options.window
-            << " blocks, prefetch " << options.prefetch << ", global batch " << options.global_batch << " over "
+            << " blocks, prefetch " << options.prefetch << ", " << options.workers << " worker(s), global batch " << options.global_batch << " over "
             << world.size() << " ranks) vs raw sequential H5Dread; samples/s and MB/s of all ranks; bytes read by the "
                "busiest rank / (dataset / ranks)\n";
   bench::print_table({"data", "raw samples/s", "raw MB/s", "loader samples/s", "loader MB/s", "ratio",
@@ -274,6 +276,7 @@ int run(const runtime::World& world, const Options& options) {
                                 "per dataset of the same shards; MB counted as stored; and the bound for a loader of "
                                 "this order: a shuffled copy of the input rows from memory (MB: the input bytes)"},
                        {"settings", {{"global_batch", options.global_batch}, {"prefetch", options.prefetch},
+                                     {"workers", options.workers},
                                      {"partitions", options.partitions}, {"shuffle_window_blocks", options.window},
                                      {"chunk_bytes", options.chunk_bytes}, {"reps", options.reps}}},
                        {"machine", bench::machine_description(world.size(), "")},
@@ -306,6 +309,7 @@ int main(int argc, char** argv) {
   app.add_option("--partitions", options.partitions, "canonical partitions of the order (data.partitions)")
       ->capture_default_str();
   app.add_option("--prefetch", options.prefetch, "batches read ahead")->capture_default_str();
+  app.add_option("--workers", options.workers, "reader threads per rank (data.workers)")->capture_default_str();
   app.add_option("--window", options.window, "shuffle window in blocks (0: uniform)")->capture_default_str();
   app.add_option("--reps", options.reps, "timed passes")->capture_default_str();
   app.add_option("--goal", options.goal, "required loader/raw ratio")->capture_default_str();

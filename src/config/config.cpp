@@ -35,7 +35,7 @@ void from_json(const json& j, RankWeights& w) {
     w.mode = j.get<std::string>() == "auto" ? RankWeights::Mode::auto_ : RankWeights::Mode::equal;
   }
 }
-NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataConfig, kind, seq_len, prefetch, file_locking, partitions, shuffle_window,
+NLOHMANN_DEFINE_TYPE_NON_INTRUSIVE(DataConfig, kind, seq_len, prefetch, workers, file_locking, partitions, shuffle_window,
                                    cache_mb, rank_weights, rebalance_every, train, eval)
 // batch.micro_batch "auto" is 0 in the struct until the trainer has found the value.
 void to_json(json& j, const BatchConfig& b) {
@@ -178,6 +178,11 @@ Schema make_settings() {
               "micro-batches read ahead in the background (refilled when half have been taken; "
               "the eval loader reads at most 2 ahead)",
               Range::closed(1, 1024))
+          .on_resume(Resume::may_change),
+      integer("data.workers", 1,
+              "threads per rank reading batches at once (copying rows of uncompressed shards in parallel; "
+              "give them cores the training thread does not use)",
+              Range::closed(1, 64))
           .on_resume(Resume::may_change),
       flag("data.file_locking", false,
            "use HDF5 file locking when opening shards (network file systems often lack it)")

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <list>
 #include <map>
+#include <mutex>
 #include <numeric>
 #include <unordered_map>
 
@@ -70,28 +71,20 @@ struct Chunk {
   std::int64_t bytes = 0;
 };
 
-// The units one read_into() uses, by dense unit number: held until the batch is copied (so
-// that trimming the cache cannot free them), looked up by array index rather than by hash.
-struct Pinned {
-  std::vector<Chunk> chunks;
-  std::vector<std::int64_t> ids;  // those set, in the order pinned
-  bool has(std::int64_t id) const { return chunks[static_cast<std::size_t>(id)].buffer != nullptr; }
-  void set(std::int64_t id, Chunk chunk) {
-    chunks[static_cast<std::size_t>(id)] = std::move(chunk);
-    ids.push_back(id);
-  }
-  const char* data(std::int64_t id) const { return chunks[static_cast<std::size_t>(id)].buffer.get(); }
-  void clear() {
-    for (const std::int64_t id : ids) chunks[static_cast<std::size_t>(id)] = Chunk{};
-    ids.clear();
-  }
+// Where one sample's rows of one column lie: from row `offset` of unit `unit` (its dense
+// number) on, running into the column's next units (numbered consecutively) when they do not fit.
+struct Span {
+  const Column* column;
+  std::int64_t unit, offset, count;
 };
 
 // Unit buffers are recycled: once the cache is full, a read reuses an evicted buffer instead
 // of fresh memory, whose first touch costs a page fault every 4 KiB.
+// Buffers go back from whichever thread lets go of a batch's blocks last, hence the lock.
 class BufferPool : public std::enable_shared_from_this<BufferPool> {
  public:
   std::shared_ptr<char[]> get(std::int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
     auto& free = free_[bytes];
     char* buffer = nullptr;
     if (free.empty()) {
@@ -101,12 +94,18 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
       free.pop_back();
     }
     return std::shared_ptr<char[]>(buffer, [pool = weak_from_this(), bytes](char* b) {
-      if (const auto alive = pool.lock()) alive->free_[bytes].emplace_back(b);
+      if (const auto alive = pool.lock()) alive->put(b, bytes);
       else delete[] b;
     });
   }
 
  private:
+  void put(char* buffer, std::int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_[bytes].emplace_back(buffer);
+  }
+
+  std::mutex mutex_;
   std::map<std::int64_t, std::vector<std::unique_ptr<char[]>>> free_;
 };
 
@@ -141,6 +140,39 @@ std::string shape_text(const std::vector<std::int64_t>& shape) {
 
 }  // namespace
 
+// A batch's read (see Dataset::Reading): its samples' spans, and the distinct units they use.
+struct Dataset::Reading::State {
+  struct Unit {
+    ChunkKey key;
+    std::int64_t id = 0;
+    std::int64_t uses = 0;  // spans of the batch in it, for the announced counts
+    Chunk chunk;            // set by acquire(), released by fill()
+  };
+  Fields fields;
+  std::vector<std::pair<std::int64_t, std::int64_t>> located;  // per sample: shard, index in it
+  std::vector<Span> spans;
+  std::vector<Unit> units;             // in the order of first use
+  std::vector<std::int32_t> slot_of;  // by unit id: its place in units, -1 if unused (array, not hash)
+  bool acquired = false;
+
+  void reset(std::int64_t unit_count) {
+    if (slot_of.size() != static_cast<std::size_t>(unit_count)) slot_of.assign(static_cast<std::size_t>(unit_count), -1);
+    for (const Unit& u : units) slot_of[static_cast<std::size_t>(u.id)] = -1;
+    units.clear();
+    spans.clear();
+    located.clear();
+    acquired = false;
+  }
+  const char* data(std::int64_t id) const {
+    return units[static_cast<std::size_t>(slot_of[static_cast<std::size_t>(id)])].chunk.buffer.get();
+  }
+};
+
+Dataset::Reading::Reading() : state_(std::make_unique<State>()) {}
+Dataset::Reading::~Reading() = default;
+Dataset::Reading::Reading(Reading&&) noexcept = default;
+Dataset::Reading& Dataset::Reading::operator=(Reading&&) noexcept = default;
+
 struct Dataset::Impl {
   DatasetSpec spec;
   std::vector<std::string> files;
@@ -162,7 +194,9 @@ struct Dataset::Impl {
   std::vector<std::int64_t> remaining;
   std::vector<std::vector<std::int64_t>> unit_base;  // per shard, per column
   std::int64_t units = 0;
-  Pinned pinned;
+  // Guards the cache and the announced counts: acquire() and expect() run one at a time.
+  std::mutex mutex;
+  Reading own;  // read_into()'s
   std::atomic<std::int64_t> bytes_read{0}, chunks_read{0}, cache_hits{0};
 
   bool tokens() const { return spec.kind == Kind::tokens; }
@@ -226,7 +260,6 @@ struct Dataset::Impl {
         units += (column.rows + column.unit_rows - 1) / column.unit_rows;
       }
     }
-    pinned.chunks.resize(static_cast<std::size_t>(units));
     for (const auto& shard : shards) {
       firsts.push_back(shard.first);
       for (std::int64_t start = 0; start < shard.samples; start += shard.block)
@@ -363,68 +396,50 @@ struct Dataset::Impl {
     return most;
   }
 
-  // Where one sample's rows of one column lie: from row `offset` of unit `unit` on, running
-  // into the column's next units (numbered consecutively) when they do not fit.
-  struct Span {
-    const Column* column;
-    std::int64_t unit, offset, count;
-  };
-
-  // Rows [first, first + count) of column c in shard s: pins the units that hold them, noting
-  // the missing, and counts one announced use of each, noting those no later sample needs.
-  Span pin(std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t count, std::vector<ChunkKey>& missing,
-           std::vector<ChunkKey>& finished) {
+  // Rows [first, first + count) of column c in shard s: notes each unit they lie in as one use
+  // of the reading's.
+  Span note(Reading::State& r, std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t count) const {
     const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
     const std::int64_t k = first / column.unit_rows;
     const Span span{&column, unit_id(ChunkKey{s, c, k}), first - k * column.unit_rows, count};
     const std::int64_t spanned =
         span.offset + count <= column.unit_rows ? 1 : (span.offset + count - 1) / column.unit_rows + 1;
     for (std::int64_t i = 0; i < spanned; ++i) {
-      const ChunkKey key{s, c, k + i};
       const std::int64_t id = span.unit + i;
-      if (announced) {
-        std::int64_t& left = remaining[static_cast<std::size_t>(id)];
-        if (left > 0 && --left == 0) finished.push_back(key);
+      std::int32_t& slot = r.slot_of[static_cast<std::size_t>(id)];
+      if (slot < 0) {
+        slot = static_cast<std::int32_t>(r.units.size());
+        r.units.push_back({ChunkKey{s, c, k + i}, id, 0, {}});
       }
-      if (pinned.has(id) || std::find(missing.begin(), missing.end(), key) != missing.end()) continue;
-      const auto hit = cache.find(key);
-      if (hit != cache.end()) {
-        ++cache_hits;
-        lru.splice(lru.begin(), lru, hit->second.second);
-        pinned.set(id, hit->second.first);
-      } else {
-        missing.push_back(key);
-      }
+      ++r.units[static_cast<std::size_t>(slot)].uses;
     }
     return span;
   }
 
-  // Reads the missing units, one chunk-aligned hyperslab each.
-  void fetch(const std::vector<ChunkKey>& missing) {
-    for (const ChunkKey& key : missing) {
-      const Column& column = shards[static_cast<std::size_t>(key.shard)].columns[static_cast<std::size_t>(key.column)];
-      const std::int64_t first = key.chunk * column.unit_rows;
-      const std::int64_t count = std::min(column.rows, first + column.unit_rows) - first;
-      const Shard& shard = shards[static_cast<std::size_t>(key.shard)];
-      const std::int64_t address =
-          shard.mapping ? h5::stored_address(column.dataset, column.cached, first, count, column.where) : -1;
-      Chunk chunk;
-      if (address >= 0 && address + count * column.row_bytes <= shard.mapped_bytes) {
-        // Stored exactly as read (no filter, no conversion): the rows are copied into batches
-        // straight from the file's pages, one copy instead of two.
-        chunk = Chunk{std::shared_ptr<char[]>(shard.mapping, shard.mapping.get() + address), count * column.row_bytes};
-      } else {
-        // Every buffer of a column has the full unit size, so any can be reused for any unit.
-        chunk = Chunk{buffers->get(column.unit_rows * column.row_bytes), count * column.row_bytes};
-        h5::read_rows(column.dataset, column.cached, first, count, chunk.buffer.get(), column.where);
-      }
-      bytes_read += chunk.bytes;
-      chunks_read += (count + column.chunk_rows - 1) / column.chunk_rows;
-      pinned.set(unit_id(key), chunk);
-      lru.push_front(key);
-      cache.emplace(key, std::make_pair(chunk, lru.begin()));
-      cache_bytes += chunk.bytes;
+  // Reads one unit, one chunk-aligned hyperslab, into the cache.
+  Chunk fetch(const ChunkKey& key) {
+    const Column& column = shards[static_cast<std::size_t>(key.shard)].columns[static_cast<std::size_t>(key.column)];
+    const std::int64_t first = key.chunk * column.unit_rows;
+    const std::int64_t count = std::min(column.rows, first + column.unit_rows) - first;
+    const Shard& shard = shards[static_cast<std::size_t>(key.shard)];
+    const std::int64_t address =
+        shard.mapping ? h5::stored_address(column.dataset, column.cached, first, count, column.where) : -1;
+    Chunk chunk;
+    if (address >= 0 && address + count * column.row_bytes <= shard.mapped_bytes) {
+      // Stored exactly as read (no filter, no conversion): the rows are copied into batches
+      // straight from the file's pages, one copy instead of two.
+      chunk = Chunk{std::shared_ptr<char[]>(shard.mapping, shard.mapping.get() + address), count * column.row_bytes};
+    } else {
+      // Every buffer of a column has the full unit size, so any can be reused for any unit.
+      chunk = Chunk{buffers->get(column.unit_rows * column.row_bytes), count * column.row_bytes};
+      h5::read_rows(column.dataset, column.cached, first, count, chunk.buffer.get(), column.where);
     }
+    bytes_read += chunk.bytes;
+    chunks_read += (count + column.chunk_rows - 1) / column.chunk_rows;
+    lru.push_front(key);
+    cache.emplace(key, std::make_pair(chunk, lru.begin()));
+    cache_bytes += chunk.bytes;
+    return chunk;
   }
 
   void trim() {
@@ -463,6 +478,7 @@ struct Dataset::Impl {
   }
 
   void expect(const std::vector<std::int64_t>& indices) {
+    std::lock_guard<std::mutex> lock(mutex);
     remaining.assign(static_cast<std::size_t>(units), 0);
     for (const std::int64_t index : indices) {
       const auto [s, local] = locate(index);
@@ -509,13 +525,13 @@ struct Dataset::Impl {
     return span;
   }
 
-  // Copies a pinned span's rows, as raw bytes or widened to int64.
-  void copy(Span span, bool widen, char* out) const {
+  // Copies an acquired span's rows, as raw bytes or widened to int64.
+  static void copy(const Reading::State& r, Span span, bool widen, char* out) {
     const Column& column = *span.column;
     const std::int64_t out_row_bytes = widen ? column.row_elements * 8 : column.row_bytes;
     for (; span.count > 0; ++span.unit, span.offset = 0) {
       const std::int64_t take = std::min(span.count, column.unit_rows - span.offset);
-      const char* source = pinned.data(span.unit) + span.offset * column.row_bytes;
+      const char* source = r.data(span.unit) + span.offset * column.row_bytes;
       if (widen) to_int64(column.cached, source, reinterpret_cast<std::int64_t*>(out), take * column.row_elements);
       else std::memcpy(out, source, static_cast<std::size_t>(take * column.row_bytes));
       out += take * out_row_bytes;
@@ -523,12 +539,12 @@ struct Dataset::Impl {
     }
   }
 
-  // Starts loading a pinned span's rows (up to the end of their first unit) into the CPU cache.
-  // Shuffled rows defeat the hardware prefetcher: copied cold, each waits on memory.
-  void prefetch(const Span& span) const {
+  // Starts loading an acquired span's rows (up to the end of their first unit) into the CPU
+  // cache. Shuffled rows defeat the hardware prefetcher: copied cold, each waits on memory.
+  static void prefetch(const Reading::State& r, const Span& span) {
     constexpr std::uintptr_t line = 64;
     const Column& column = *span.column;
-    const char* begin = pinned.data(span.unit) + span.offset * column.row_bytes;
+    const char* begin = r.data(span.unit) + span.offset * column.row_bytes;
     const char* end = begin + std::min(span.count, column.unit_rows - span.offset) * column.row_bytes;
     for (auto at = reinterpret_cast<std::uintptr_t>(begin) & ~(line - 1); at < reinterpret_cast<std::uintptr_t>(end);
          at += line) {
@@ -539,43 +555,69 @@ struct Dataset::Impl {
     }
   }
 
-  void read_into(const std::vector<std::int64_t>& indices, Batch& out) {
-    h5::quiet();
+  // Where each sample lives (shard, index within it), its rows (a token window, or its wanted
+  // classification columns' rows) and the distinct units they use: no shared state touched.
+  void prepare(const std::vector<std::int64_t>& indices, const Batch& out, Reading::State& r) const {
     const auto n = static_cast<std::int64_t>(indices.size());
     const auto made = [n](const at::Tensor& t, const Field& f) {
       return !t.defined() || (t.size(0) == n && t.scalar_type() == f.dtype && t.is_contiguous());
     };
     if (!made(out.inputs, inputs) || !made(out.targets, targets))
       throw Error("Dataset::read_into: the batch was not made by allocate(" + std::to_string(n) + ")");
-    const Fields fields{out.inputs.defined(), out.targets.defined()};
-    if (!fields.inputs && !fields.targets) return;
-    // Where each sample lives (shard, index within it) and its rows: a token window, or its
-    // wanted classification columns' rows.
-    std::vector<std::pair<std::int64_t, std::int64_t>> located(indices.size());
-    std::vector<Span> spans;
-    spans.reserve(indices.size() * 2);
-    std::vector<ChunkKey> missing, finished;
-    const struct Unpin {
-      Pinned& pinned;
-      ~Unpin() { pinned.clear(); }
-    } unpin{pinned};
+    r.reset(units);
+    r.fields = Fields{out.inputs.defined(), out.targets.defined()};
+    if (!r.fields.inputs && !r.fields.targets) return;
+    r.located.resize(indices.size());
+    r.spans.reserve(indices.size() * 2);
     for (std::size_t p = 0; p < indices.size(); ++p) {
       const auto [s, local] = locate(indices[p]);
-      located[p] = {s, local};
+      r.located[p] = {s, local};
       if (tokens()) {
         // The window's seq_len + 1 tokens give the inputs and, one on, the targets.
-        Span window = pin(s, 0, local * spec.seq_len, spec.seq_len + 1, missing, finished);
+        Span window = note(r, s, 0, local * spec.seq_len, spec.seq_len + 1);
         window.count = spec.seq_len;
-        spans.push_back(window);
+        r.spans.push_back(window);
       } else {
         for (const std::int64_t c : {0, 1})
-          if (wanted(c, fields)) spans.push_back(pin(s, c, local, 1, missing, finished));
+          if (wanted(c, r.fields)) r.spans.push_back(note(r, s, c, local, 1));
       }
     }
-    fetch(missing);
-    // Units no later sample of the epoch needs leave the cache; the batch's pins keep them
-    // until it is copied.
+  }
+
+  // Per distinct unit, not per sample: the announced uses it takes, and its rows from the
+  // cache or the file.
+  void acquire(Reading::State& r) {
+    h5::quiet();
+    std::lock_guard<std::mutex> lock(mutex);
+    std::vector<ChunkKey> finished;
+    for (Reading::State::Unit& u : r.units) {
+      if (announced) {
+        std::int64_t& left = remaining[static_cast<std::size_t>(u.id)];
+        if (left > 0) {
+          left = std::max<std::int64_t>(0, left - u.uses);
+          if (left == 0) finished.push_back(u.key);
+        }
+      }
+      const auto hit = cache.find(u.key);
+      if (hit != cache.end()) {
+        ++cache_hits;
+        lru.splice(lru.begin(), lru, hit->second.second);
+        u.chunk = hit->second.first;
+      } else {
+        u.chunk = fetch(u.key);
+      }
+    }
+    // Units no later sample of the epoch needs leave the cache, and the cache keeps to its
+    // size; the reading holds its own units until fill() has copied them.
     for (const ChunkKey& key : finished) drop(key);
+    trim();
+    r.acquired = true;
+  }
+
+  void fill(Reading::State& r, Batch& out) const {
+    if (!r.fields.inputs && !r.fields.targets) return;
+    if (!r.acquired) throw Error("internal: Dataset::fill before acquire");
+    const auto n = static_cast<std::int64_t>(r.located.size());
     const auto rows = [n](const at::Tensor& t) {
       return t.defined() ? std::pair(static_cast<char*>(t.data_ptr()),
                                      t.numel() / std::max<std::int64_t>(1, n) * static_cast<std::int64_t>(t.element_size()))
@@ -583,27 +625,31 @@ struct Dataset::Impl {
     };
     const auto [in, in_bytes] = rows(out.inputs);
     const auto [tg, tg_bytes] = rows(out.targets);
+    const Fields fields = r.fields;
+    const std::vector<Span>& spans = r.spans;
     // The rows of the sample four places on are requested while this one is copied: four
     // 784-byte rows in flight halved the gather's time on a 47 MB shard (docs/benchmarks.md).
     const std::size_t per_sample = tokens() || !fields.inputs || !fields.targets ? 1 : 2;
     const std::size_t ahead = 4 * per_sample;
-    for (std::size_t i = 0; i < std::min(spans.size(), ahead); ++i) prefetch(spans[i]);
+    for (std::size_t i = 0; i < std::min(spans.size(), ahead); ++i) prefetch(r, spans[i]);
     for (std::size_t i = 0; i < spans.size(); ++i) {
-      if (i + ahead < spans.size()) prefetch(spans[i + ahead]);
+      if (i + ahead < spans.size()) prefetch(r, spans[i + ahead]);
       const auto p = static_cast<std::int64_t>(i / per_sample);
       if (tokens()) {
-        if (fields.inputs) copy(spans[i], true, in + p * in_bytes);
-        if (fields.targets) copy(shifted(spans[i]), true, tg + p * tg_bytes);
+        if (fields.inputs) copy(r, spans[i], true, in + p * in_bytes);
+        if (fields.targets) copy(r, shifted(spans[i]), true, tg + p * tg_bytes);
       } else if (fields.inputs && i % per_sample == 0) {
-        copy(spans[i], false, in + p * in_bytes);
+        copy(r, spans[i], false, in + p * in_bytes);
       } else {
-        copy(spans[i], targets.dtype == c10::kLong, tg + p * tg_bytes);
+        copy(r, spans[i], targets.dtype == c10::kLong, tg + p * tg_bytes);
       }
     }
-    trim();
+    // Copied: the units go back (a buffer the cache dropped meanwhile to the pool).
+    for (Reading::State::Unit& u : r.units) u.chunk = Chunk{};
+    r.acquired = false;
     if (spec.id_limit > 0) {
-      if (tokens() && fields.inputs) check_ids(out.inputs, located, "token");
-      if (fields.targets) check_ids(out.targets, located, tokens() ? "token" : "target");
+      if (tokens() && fields.inputs) check_ids(out.inputs, r.located, "token");
+      if (fields.targets) check_ids(out.targets, r.located, tokens() ? "token" : "target");
     }
   }
 
@@ -683,7 +729,19 @@ Batch Dataset::allocate(std::int64_t n, bool pinned, Fields fields) const {
   return batch;
 }
 
-void Dataset::read_into(const std::vector<std::int64_t>& indices, Batch& out) { impl_->read_into(indices, out); }
+void Dataset::read_into(const std::vector<std::int64_t>& indices, Batch& out) {
+  prepare(indices, out, impl_->own);
+  acquire(impl_->own);
+  fill(impl_->own, out);
+}
+
+void Dataset::prepare(const std::vector<std::int64_t>& indices, const Batch& out, Reading& reading) const {
+  impl_->prepare(indices, out, *reading.state_);
+}
+
+void Dataset::acquire(Reading& reading) { impl_->acquire(*reading.state_); }
+
+void Dataset::fill(Reading& reading, Batch& out) const { impl_->fill(*reading.state_, out); }
 
 Batch Dataset::read(const std::vector<std::int64_t>& indices) {
   Batch batch = allocate(static_cast<std::int64_t>(indices.size()));

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -44,6 +45,15 @@ struct Ready {
 #endif
 };
 
+// A spin-wait hint: lets the other hardware thread of the core run, and saves power.
+inline void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 void check_shares(const std::vector<std::int64_t>& shares, int world) {
   bool ok = shares.size() == static_cast<std::size_t>(world);
   for (std::int64_t share : shares) ok = ok && share >= 1;
@@ -64,15 +74,39 @@ struct Loader::Impl {
   LoaderState position;  // what the consumer has been handed
   double starved = 0;     // seconds next() waited on an empty queue (the consumer's alone)
 
-  std::mutex mutex;
-  std::condition_variable changed;  // the queue or stop changed
-  std::deque<Ready> queue;
+  // One epoch's samples of this rank, computed once by the first worker that needs them.
+  struct EpochOrder {
+    std::int64_t epoch = 0;
+    std::once_flag once;
+    std::vector<std::int64_t> mine;
+  };
+  // A micro-batch a worker has claimed: its place in the read order and in the epoch.
+  struct Job {
+    std::int64_t seq = 0;  // claimed since start(): delivery and acquire() go in this order
+    std::int64_t epoch = 0, step = 0, micro = 0;
+    std::shared_ptr<EpochOrder> order;
+    bool announce = false;  // the first job of start() or of an epoch: expect() its samples
+    Batch batch;            // recycled memory, or undefined (the worker allocates)
+  };
+
+  std::mutex mutex;  // guards everything below it
+  std::condition_variable changed;  // for next(): the queue grew, or holds an error
+  std::condition_variable space;    // for the workers: claiming may go on, or stop
+  std::condition_variable turn;     // for the workers: `acquired` moved on, or stop
+  std::deque<Ready> queue;          // batches in order, for next()
+  std::map<std::int64_t, Ready> done;  // read out of order, waiting for the ones before
   bool stop = false;
+  bool failed = false;  // a worker's error is queued: claim nothing more
+  bool full = false;    // `prefetch` batches claimed and not taken: wait for half of them
+  std::int64_t claimed = 0, delivered = 0, handed = 0;  // batches since start()
+  std::atomic<std::int64_t> acquired{0};  // batches past acquire() since start(), written under mutex
+  LoaderState cursor;  // the next micro-batch to claim
+  std::shared_ptr<EpochOrder> order;  // cursor.epoch's
   // The dataset's counters when the reader began each epoch (guarded by mutex), for stats(epoch).
   std::map<std::int64_t, ReadStats> epoch_start;
-  std::thread reader;
-  // CPU batches handed out before, reused once the consumer has let go of them (the reader
-  // thread's alone): fresh memory would cost a page fault every 4 KiB of every batch.
+  std::vector<std::thread> workers;
+  // CPU batches handed out before, reused once the consumer has let go of them: fresh memory
+  // would cost a page fault every 4 KiB of every batch.
   std::deque<Batch> recycled;
 #ifdef MPITRAIN_HAVE_NCCL
   std::optional<c10::cuda::CUDAStream> copy_stream;
@@ -122,23 +156,30 @@ struct Loader::Impl {
   }
 
   void start(const LoaderState& from) {
-    stop = false;
-    reader = std::thread([this, from] {
-      // Background work: a reader woken by next() must not preempt the training thread on its
-      // core (wake-up preemption), which put the reader's next batch into the step's data wait.
-      // SCHED_BATCH keeps the reader's fair share of the CPU and gives up only that preemption.
-      const sched_param background{};
-      pthread_setschedparam(pthread_self(), SCHED_BATCH, &background);
-      // read_ahead hands its errors to the consumer; what escapes it (no memory left to queue
-      // the error) ends the job with a message instead of std::terminate.
-      try {
-        read_ahead(from.epoch, from.step, from.micro);
-      } catch (const std::exception& e) {
-        runtime::fatal("the data loader's reader thread failed: " + std::string(e.what()));
-      } catch (...) {
-        runtime::fatal("the data loader's reader thread failed with an unknown exception");
-      }
-    });
+    stop = failed = full = false;
+    claimed = delivered = handed = 0;
+    acquired = 0;
+    cursor = from;
+    order.reset();
+    done.clear();
+    for (int w = 0; w < options.workers; ++w) {
+      workers.emplace_back([this] {
+        // Background work: a worker woken by next() must not preempt the training thread on
+        // its core (wake-up preemption), which put the next batch into the step's data wait.
+        // SCHED_BATCH keeps the worker's fair share of the CPU and gives up only that preemption.
+        const sched_param background{};
+        pthread_setschedparam(pthread_self(), SCHED_BATCH, &background);
+        // work() hands its errors to the consumer; what escapes it (no memory left to queue
+        // the error) ends the job with a message instead of std::terminate.
+        try {
+          work();
+        } catch (const std::exception& e) {
+          runtime::fatal("the data loader's reader thread failed: " + std::string(e.what()));
+        } catch (...) {
+          runtime::fatal("the data loader's reader thread failed with an unknown exception");
+        }
+      });
+    }
   }
 
   // Nobody else holds the tensor or its memory: only `recycled` refers to it.
@@ -148,15 +189,13 @@ struct Loader::Impl {
 
   bool reads() const { return options.fields.inputs || options.fields.targets; }
 
-  // The queue length at which a reader that found the queue full starts reading again.
+  // The batches claimed and not taken at which full workers start reading again.
   std::size_t refill_at() const { return static_cast<std::size_t>(options.prefetch / 2); }
   // The queue length at which a next() that found the queue empty goes on.
   std::size_t ready_at() const { return static_cast<std::size_t>(std::max(1, options.prefetch / 2)); }
 
-  Batch make_batch(bool cuda) {
-    if (!reads()) return {};
-    // The caching host allocator reuses pinned memory.
-    if (cuda) return dataset->allocate(options.batch_size, /*pinned=*/true, options.fields);
+  // A batch the consumer let go of (under mutex), or undefined tensors.
+  Batch take_recycled() {
     for (auto it = recycled.begin(); it != recycled.end(); ++it) {
       const at::Tensor& any = it->inputs.defined() ? it->inputs : it->targets;
       if (unused(it->inputs) && unused(it->targets) && any.size(0) == options.batch_size) {
@@ -165,12 +204,12 @@ struct Loader::Impl {
         return batch;
       }
     }
-    return dataset->allocate(options.batch_size, /*pinned=*/false, options.fields);
+    return {};
   }
 
   void remember(const Batch& batch) {
     recycled.push_back(batch);
-    if (recycled.size() > static_cast<std::size_t>(options.prefetch) + 4) recycled.pop_front();
+    if (recycled.size() > static_cast<std::size_t>(options.prefetch + options.workers) + 4) recycled.pop_front();
   }
 
   void halt() {
@@ -178,9 +217,12 @@ struct Loader::Impl {
       std::lock_guard<std::mutex> lock(mutex);
       stop = true;
     }
-    changed.notify_all();
-    if (reader.joinable()) reader.join();
+    space.notify_all();
+    turn.notify_all();
+    for (std::thread& worker : workers) worker.join();
+    workers.clear();
     queue.clear();
+    done.clear();
   }
 
   // The cache holds, for every partition this rank's slices touch, a shuffle window of blocks
@@ -215,75 +257,143 @@ struct Loader::Impl {
     return sampler->order(epoch, begin, begin + options.accumulation * options.batch_size);
   }
 
-  // The reader thread: micro-batch after micro-batch in order, until stopped or an error. Each
-  // epoch it announces its samples to the dataset, whose cache then keeps a block only while a
-  // later sample of this rank needs it.
-  void read_ahead(std::int64_t epoch, std::int64_t step, std::int64_t micro) {
+  // The next micro-batch in read order (under mutex): once `prefetch` are claimed and not
+  // taken, claiming sleeps until next() has taken half of them, then refills in one go: one
+  // wake per prefetch / 2 batches instead of one per batch (each wake is a point where the OS
+  // may hand the training thread's core to someone else).
+  Job claim() {
+    Job job;
+    job.seq = claimed++;
+    job.epoch = cursor.epoch;
+    job.step = cursor.step;
+    job.micro = cursor.micro;
+    job.announce = job.seq == 0 || (cursor.step == 0 && cursor.micro == 0);
+    if (!order || order->epoch != cursor.epoch) {
+      order = std::make_shared<EpochOrder>();
+      order->epoch = cursor.epoch;
+    }
+    job.order = order;
+    if (!options.device.is_cuda() && reads()) job.batch = take_recycled();
+    if (++cursor.micro == options.accumulation) {
+      cursor.micro = 0;
+      if (++cursor.step == sampler->steps_per_epoch()) {
+        cursor.step = 0;
+        ++cursor.epoch;
+      }
+    }
+    if (claimed - handed >= options.prefetch) full = true;
+    return job;
+  }
+
+  // A worker: claims micro-batches in order and reads them, as many at once as there are
+  // workers. Each epoch's first job announces the rank's samples to the dataset, whose cache
+  // then keeps a block only while a later sample of this rank needs it; the dataset takes the
+  // batches' blocks (acquire) in read order, so its counts and cache behave as with one reader,
+  // while the rows are copied (fill) on all workers at once.
+  void work() {
+    const bool cuda = options.device.is_cuda();
     // Read-ahead buffers are host memory (pinned staging on a GPU machine), outside a budget.
     const runtime::UncountedScope host_memory;
-    try {
-      const bool cuda = options.device.is_cuda();
 #ifdef MPITRAIN_HAVE_NCCL
-      // The rank's own device before any CUDA call (pinned buffers, copies): otherwise this
-      // thread's calls create a context on device 0.
-      if (cuda) c10::cuda::set_device(options.device.index());
+    // The rank's own device before any CUDA call (pinned buffers, copies): otherwise this
+    // thread's calls create a context on device 0.
+    if (cuda) c10::cuda::set_device(options.device.index());
 #endif
-      // Micro-batch (step, micro) of this rank is mine[step * width + micro * batch_size, ...).
-      const std::int64_t width = options.accumulation * options.batch_size;
-      std::vector<std::int64_t> mine = my_order(epoch);
-      dataset->expect(std::vector<std::int64_t>(mine.begin() + step * width + micro * options.batch_size, mine.end()));
-      begin_epoch(epoch);
-      for (;;) {
-        {
-          std::unique_lock<std::mutex> lock(mutex);
-          // A full queue sleeps until next() has taken half of it, then refills it in one go:
-          // one wake per prefetch / 2 batches instead of one per batch (each wake is a point
-          // where the OS may hand the training thread's core to someone else).
-          if (queue.size() >= static_cast<std::size_t>(options.prefetch))
-            changed.wait(lock, [&] { return stop || queue.size() <= refill_at(); });
-          if (stop) return;
+    Dataset::Reading reading;
+    const std::int64_t width = options.accumulation * options.batch_size;
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lock(mutex);
+        space.wait(lock, [&] { return stop || failed || !full; });
+        if (stop || failed) return;
+        job = claim();
+      }
+      Ready ready;
+      std::exception_ptr error;
+      // This job's samples: mine[step * width + micro * batch_size, + batch_size).
+      std::int64_t first = 0;
+      try {
+        std::call_once(job.order->once, [&] { job.order->mine = my_order(job.epoch); });
+        first = job.step * width + job.micro * options.batch_size;
+        if (reads()) {
+          if (!job.batch.inputs.defined() && !job.batch.targets.defined())
+            job.batch = dataset->allocate(options.batch_size, /*pinned=*/cuda, options.fields);
+          const auto& mine = job.order->mine;
+          dataset->prepare(std::vector<std::int64_t>(mine.begin() + first, mine.begin() + first + options.batch_size),
+                           job.batch, reading);
         }
-        Ready ready;
-        bool woken = false;
+      } catch (...) {
+        error = std::current_exception();
+      }
+      // The dataset's part in read order; the turn passes on whatever happens. The turn is
+      // usually a few microseconds away (another worker's acquire): waiting for it asleep
+      // would cost a wake-up, as long as a batch's copy on a virtual machine, so spin a while.
+      for (int spin = 0; spin < 4096 && acquired.load(std::memory_order_acquire) != job.seq; ++spin) pause();
+      if (acquired.load(std::memory_order_acquire) != job.seq) {
+        std::unique_lock<std::mutex> lock(mutex);
+        turn.wait(lock, [&] { return stop || acquired.load() == job.seq; });
+        if (stop) return;
+      }
+      if (!error) {
         try {
-          ready.batch = make_batch(cuda);
-          const auto begin = mine.begin() + step * width + micro * options.batch_size;
-          if (reads()) dataset->read_into(std::vector<std::int64_t>(begin, begin + options.batch_size), ready.batch);
-          ready.batch.epoch = epoch;
-          ready.batch.step = step;
-          ready.batch.micro = micro;
-          // On a GPU the batch waits in pinned host memory: next() copies it to the device one
-          // batch ahead, so read-ahead costs host memory, not device memory.
-          if (!cuda && reads()) remember(ready.batch);
-        } catch (const Error& e) {
-          throw Error("data loader, rank " + std::to_string(rank) + ", epoch " + std::to_string(epoch) + " step " +
-                          std::to_string(step) + ": " + e.what(),
-                      e.code());
-        }
-        {
-          std::lock_guard<std::mutex> lock(mutex);
-          queue.push_back(std::move(ready));
-          woken = queue.size() == ready_at();
-        }
-        if (woken) changed.notify_all();
-        if (++micro < options.accumulation) continue;
-        micro = 0;
-        if (++step == sampler->steps_per_epoch()) {
-          step = 0;
-          mine = my_order(++epoch);
-          dataset->expect(mine);
-          begin_epoch(epoch);
+          if (job.announce) {
+            const auto& mine = job.order->mine;
+            dataset->expect(std::vector<std::int64_t>(mine.begin() + first, mine.end()));
+            begin_epoch(job.epoch);
+          }
+          if (reads()) dataset->acquire(reading);
+        } catch (...) {
+          error = std::current_exception();
         }
       }
-    } catch (...) {
-      Ready failure;
-      failure.error = std::current_exception();
       {
         std::lock_guard<std::mutex> lock(mutex);
-        queue.push_back(std::move(failure));
+        acquired.fetch_add(1, std::memory_order_release);
       }
-      changed.notify_all();
+      turn.notify_all();
+      try {
+        if (error) std::rethrow_exception(error);
+        if (reads()) dataset->fill(reading, job.batch);
+      } catch (const Error& e) {
+        error = std::make_exception_ptr(Error("data loader, rank " + std::to_string(rank) + ", epoch " +
+                                                  std::to_string(job.epoch) + " step " + std::to_string(job.step) +
+                                                  ": " + e.what(),
+                                              e.code()));
+      } catch (...) {
+        error = std::current_exception();
+      }
+      ready.batch = std::move(job.batch);
+      ready.batch.epoch = job.epoch;
+      ready.batch.step = job.step;
+      ready.batch.micro = job.micro;
+      ready.error = error;
+      deliver(job.seq, std::move(ready));
     }
+  }
+
+  // Queues a read batch once those before it are queued.
+  void deliver(std::int64_t seq, Ready ready) {
+    bool wake = false;
+    const bool ready_failed = ready.error != nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (ready.error) failed = true;
+      done.emplace(seq, std::move(ready));
+      const std::size_t before = queue.size();
+      for (auto it = done.begin(); it != done.end() && it->first == delivered; it = done.erase(it), ++delivered) {
+        Ready& next = it->second;
+        // On a GPU the batch waits in pinned host memory: next() copies it to the device one
+        // batch ahead, so read-ahead costs host memory, not device memory.
+        if (!next.error && !options.device.is_cuda() && reads()) remember(next.batch);
+        wake = wake || next.error;
+        queue.push_back(std::move(next));
+      }
+      wake = wake || (before < ready_at() && queue.size() >= ready_at());
+    }
+    if (wake) changed.notify_all();
+    // A failed batch stops the other workers from claiming.
+    if (ready_failed) space.notify_all();
   }
 
   // Starts a queued batch's copy to the device, once.
@@ -325,11 +435,11 @@ Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, 
   m.options = options;
   m.rank = rank;
   m.world = world_size;
-  if (options.batch_size < 1 || options.prefetch < 1 || options.accumulation < 1 || world_size < 1 || rank < 0 ||
-      rank >= world_size)
+  if (options.batch_size < 1 || options.prefetch < 1 || options.accumulation < 1 || options.workers < 1 ||
+      world_size < 1 || rank < 0 || rank >= world_size)
     throw Error("data loader: batch_size (" + std::to_string(options.batch_size) + "), accumulation (" +
-                    std::to_string(options.accumulation) + ") and prefetch (" + std::to_string(options.prefetch) +
-                    ") must be >= 1, and rank " + std::to_string(rank) + " must lie in a world of " +
+                    std::to_string(options.accumulation) + "), prefetch (" + std::to_string(options.prefetch) +
+                    ") and workers (" + std::to_string(options.workers) + ") must be >= 1, and rank " + std::to_string(rank) + " must lie in a world of " +
                     std::to_string(world_size),
                 ExitCode::bad_input);
   if (m.options.shares.empty()) m.options.shares.assign(static_cast<std::size_t>(world_size), options.batch_size);
@@ -393,12 +503,14 @@ Batch Loader::next() {
     if (m.queue.front().error) std::rethrow_exception(m.queue.front().error);
     ready = std::move(m.queue.front());
     m.queue.pop_front();
-    refill = m.queue.size() == m.refill_at();
-    // The reader only appends, which leaves queued elements where they are.
+    ++m.handed;
+    // Only the pop that reaches the refill mark wakes the workers (see claim).
+    refill = m.full && m.claimed - m.handed <= static_cast<std::int64_t>(m.refill_at());
+    if (refill) m.full = false;
+    // The workers only append, which leaves queued elements where they are.
     following = m.queue.empty() ? nullptr : &m.queue.front();
   }
-  // Only the pop that reaches the refill mark wakes the reader (see read_ahead).
-  if (refill) m.changed.notify_all();
+  if (refill) m.space.notify_all();
   // On a GPU: this batch's copy (unless it started one call ago), then the next one's, which
   // runs while the caller's step does: two batches on the device, whatever the read-ahead.
   m.to_device(ready);

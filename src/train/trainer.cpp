@@ -638,6 +638,7 @@ struct Trainer::Impl {
       data::LoaderOptions eval_options = loader_options(config.data.eval, false);
       // Between evaluations its read-ahead sits idle in (pinned) host memory: keep it short.
       eval_options.prefetch = std::min(eval_options.prefetch, 2);
+      eval_options.workers = 1;
       eval_loader = open_loader(
           dataset_spec(config, config.data.eval, "eval", task, model->context_length(), model->output_classes()),
           eval_options);
@@ -703,6 +704,7 @@ struct Trainer::Impl {
     options.shuffle_window = config.data.shuffle_window;
     options.cache_bytes = static_cast<std::int64_t>(config.data.cache_mb * (1 << 20));
     options.prefetch = static_cast<int>(config.data.prefetch);
+    options.workers = static_cast<int>(config.data.workers);
     options.device = device;
     // A pipeline stage reads only what it uses; the stages between read nothing (their
     // loaders still keep the position).

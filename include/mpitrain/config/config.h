@@ -74,6 +74,7 @@ struct DataConfig {
   DataKind kind = DataKind::automatic;
   std::int64_t seq_len = 0;
   std::int64_t prefetch = 0;
+  std::int64_t workers = 0;
   bool file_locking = false;
   std::int64_t partitions = 0;
   std::int64_t shuffle_window = 0;

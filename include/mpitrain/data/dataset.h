@@ -25,8 +25,14 @@
 // - Delivered dtypes: classification inputs keep their stored dtype (uint16/uint32 widen to
 //   int32/int64); integer targets and all tokens are int64; float targets keep their dtype.
 //   Tokens: inputs = window[0, seq_len), targets = window[1, seq_len + 1).
-// - Not thread-safe: one thread at a time (the loader's prefetch thread). HDF5 errors while
-//   reading (a damaged chunk) throw runtime::Error naming the file, dataset and rows.
+// - A read in three phases lets several threads read batches at once (the loader's workers):
+//   prepare() finds the blocks a batch's rows lie in and touches nothing shared; acquire()
+//   takes those blocks from the cache or the files and counts their announced uses, one call
+//   at a time inside (HDF5 reads are serial anyway), and must come in the order in which
+//   expect() announced the batches; fill() copies the rows into the batch and may run on many
+//   threads at once. read_into() is the three in a row. expect() and set_cache_bytes() must not
+//   run while another thread is inside acquire(). HDF5 errors while reading (a damaged chunk)
+//   throw runtime::Error naming the file, dataset and rows.
 
 #include <ATen/core/Tensor.h>
 
@@ -75,6 +81,21 @@ struct ReadStats {
 
 class Dataset {
  public:
+  /// One batch's read between prepare() and fill(): the blocks it needs, held until fill()
+  /// has copied them. A reader thread keeps one and reuses it batch after batch.
+  class Reading {
+   public:
+    Reading();
+    ~Reading();
+    Reading(Reading&&) noexcept;
+    Reading& operator=(Reading&&) noexcept;
+
+   private:
+    friend class Dataset;
+    struct State;
+    std::unique_ptr<State> state_;
+  };
+
   explicit Dataset(const DatasetSpec& spec, std::int64_t cache_blocks = 4);
   ~Dataset();
   Dataset(const Dataset&) = delete;
@@ -107,6 +128,11 @@ class Dataset {
   /// Fills the defined ones of out.inputs/targets, rows 0..indices.size()-1, with the samples
   /// named by indices; a dataset that only an undefined tensor needs is not read.
   void read_into(const std::vector<std::int64_t>& indices, Batch& out);
+  /// read_into() in phases (see the contract): which samples and fields (those `out` defines),
+  /// then the blocks, then the copy into `out`, which must be the batch given to prepare().
+  void prepare(const std::vector<std::int64_t>& indices, const Batch& out, Reading& reading) const;
+  void acquire(Reading& reading);
+  void fill(Reading& reading, Batch& out) const;
   Batch read(const std::vector<std::int64_t>& indices);
 
  private:

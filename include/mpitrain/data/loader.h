@@ -1,6 +1,6 @@
 #pragma once
-// The loader: each rank's batches of a dataset of HDF5 shards, read ahead on a background
-// thread and handed over on the training device.
+// The loader: each rank's batches of a dataset of HDF5 shards, read ahead on background
+// threads and handed over on the training device.
 //
 // Contract:
 // - Construction is collective over `comm`: every rank of it constructs its Loader at the same
@@ -34,15 +34,19 @@
 //   tensors can be used at once on the current stream. On CPU they are plain tensors, whose memory the loader
 //   reuses for a later batch once nothing refers to it any more (no tensor, no view): keep a
 //   tensor, not a raw pointer, to data you want to keep.
-// - A background thread (SCHED_BATCH: it never preempts the training thread when woken)
-//   reads at most `prefetch` batches ahead; once the queue is full it sleeps until next() has
-//   taken half of it (prefetch / 2 batches left), then refills it; a next() that finds the
-//   queue empty sleeps until half of it is ready (at least one batch). starved_seconds() is
+// - `workers` background threads (SCHED_BATCH: they never preempt the training thread when
+//   woken) read at most `prefetch` batches ahead, each worker a different batch; once that many
+//   are read or being read they sleep until next() has taken half of them (prefetch / 2 left),
+//   then refill; a next() that finds the queue empty sleeps until half of it is ready (at least
+//   one batch). Batches come out in order and are the same, bit for bit, whatever `workers`;
+//   so are the dataset's counters: workers take their blocks from the dataset in read order
+//   and copy rows in parallel (for uncompressed shards the copy is most of the work; gzip
+//   shards decompress one block at a time, HDF5 being serial). starved_seconds() is
 //   the time next() has waited on an empty queue: the loader's own delay, apart from taking
-//   a ready batch (and any preemption of the caller meanwhile). An error on the thread (a damaged
+//   a ready batch (and any preemption of the caller meanwhile). An error on a worker (a damaged
 //   chunk, a file gone) is rethrown by next() as runtime::Error naming file, dataset, epoch and
 //   step; the loader is unusable afterwards (next() keeps rethrowing it). The destructor stops
-//   and joins the thread, whatever state it is in.
+//   and joins the workers, whatever state they are in.
 // - state() is the position after the last micro-batch next() returned; restore(state) of a
 //   state taken between global batches makes the following next() calls return exactly the
 //   samples an uninterrupted run would have returned after that point, on any world size,
@@ -78,6 +82,7 @@ struct LoaderOptions {
   std::int64_t cache_bytes = 0;     // decompressed-block cache; 0: sized to the shuffle window
   Remainder remainder = Remainder::drop;
   int prefetch = 4;  // batches read ahead, >= 1
+  int workers = 1;   // threads reading batches at once, >= 1
   /// The tensors next() delivers; one not wanted is undefined and its dataset is not read
   /// (a batch of neither only says where the loader is: epoch, step, micro).
   Fields fields;
