@@ -3,6 +3,7 @@
 # batch.global, never on the world size or the micro-batch x accumulation split (docs/data.md):
 #  1. 20 AdamW steps at batch.global 32 give the same weights (fp32, 1e-5 relative per tensor) on
 #     4 ranks x micro-batch 8, 2 ranks x 8 x accumulation 2, 1 rank x 32 and 1 rank x 8 x 4;
+#     and 3 reader threads per rank (data.workers) give exactly the weights of one;
 #  2. a run of 2 ranks x micro-batch 32 resumed at step 10 as 1 rank x 32 x accumulation 2
 #     continues exactly: its step-20 weights equal the uninterrupted 2-rank run's (1e-5) and its
 #     logged losses of steps 11-20 too;
@@ -19,6 +20,9 @@ train 2 "${common[@]}" --set batch.global=32 --set batch.micro_batch=8 --set run
 train 1 "${common[@]}" --set batch.global=32 --set batch.micro_batch=32 --set run.name=np1-m32
 train 1 "${common[@]}" --set batch.global=32 --set batch.micro_batch=8 --set run.name=np1-m8-a4
 for run in np2-m8-a2 np1-m32 np1-m8-a4; do same_weights "$run" np4-m8 1e-5; done
+# Reader threads change nothing: three per rank give the very same batches, hence weights.
+train 2 "${common[@]}" --set batch.global=32 --set batch.micro_batch=8 --set data.workers=3 --set run.name=np2-m8-a2-w3
+same_weights np2-m8-a2-w3 np2-m8-a2 0
 # The split really was the one asked for.
 python3 -c "import json,sys; b=json.load(open(sys.argv[1]))['config']['batch']; assert b['accumulation']==2, b" \
   "$work/runs/np2-m8-a2/checkpoints/step-00000020/trainer.json"
