@@ -19,8 +19,8 @@
 // the loader reads the same order; each rank's counters (decompressed bytes and chunks read,
 // cache hits, for the epoch's own batches) give how much of the data it read against 1/n.
 // A third pass, the shuffled copy, is the bound for any loader of this order: the rank's input
-// rows, already in memory, copied into batch buffers in the loader's order (the rows four ahead
-// requested, as the loader does), with nothing else: no file, no bookkeeping, no thread.
+// rows, already in memory, copied into batch buffers in the loader's order (rows requested
+// ahead as the loader does), with nothing else: no file, no bookkeeping, no thread.
 #include <ATen/ATen.h>
 #include <hdf5.h>
 
@@ -133,23 +133,28 @@ std::vector<char> all_inputs(const data::Dataset& dataset, std::int64_t row_byte
 }
 
 // Copies the rows of `order` from `rows` into `batches` (one after the other, reused) the way
-// the loader's gather does: the rows of the sample four ahead requested while one is copied.
+// the loader's gather does: the rows of the sample 12 ahead requested into L2 and those of the
+// sample 4 ahead into L1 while one is copied.
+template <int Locality>
+void request(const char* from, std::size_t row) {
+  for (std::size_t at = 0; at < row; at += 64) {
+    __builtin_prefetch(from + at, 0, Locality);
+    std::atomic_signal_fence(std::memory_order_seq_cst);  // keeps GCC from deleting the loop
+  }
+}
+
 void shuffled_copy(const std::vector<char>& rows, std::int64_t row_bytes, const std::vector<std::int64_t>& order,
                    std::vector<char>& batches) {
-  constexpr std::size_t ahead = 4;
+  constexpr std::size_t near = 4, far = 12;
   const auto row = static_cast<std::size_t>(row_bytes);
   const std::size_t slots = batches.size() / row;
-  const auto request = [&](std::int64_t sample) {
-    const char* from = rows.data() + static_cast<std::size_t>(sample) * row;
-    for (std::size_t at = 0; at < row; at += 64) {
-      __builtin_prefetch(from + at);
-      std::atomic_signal_fence(std::memory_order_seq_cst);  // keeps GCC from deleting the loop
-    }
-  };
-  for (std::size_t i = 0; i < std::min(order.size(), ahead); ++i) request(order[i]);
+  const auto at = [&](std::size_t i) { return rows.data() + static_cast<std::size_t>(order[i]) * row; };
+  for (std::size_t i = 0; i < std::min(order.size(), far); ++i) request<1>(at(i), row);
+  for (std::size_t i = 0; i < std::min(order.size(), near); ++i) request<3>(at(i), row);
   for (std::size_t i = 0; i < order.size(); ++i) {
-    if (i + ahead < order.size()) request(order[i + ahead]);
-    std::memcpy(batches.data() + (i % slots) * row, rows.data() + static_cast<std::size_t>(order[i]) * row, row);
+    if (i + far < order.size()) request<1>(at(i + far), row);
+    if (i + near < order.size()) request<3>(at(i + near), row);
+    std::memcpy(batches.data() + (i % slots) * row, at(i), row);
   }
 }
 
