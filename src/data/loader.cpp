@@ -96,7 +96,8 @@ struct Loader::Impl {
   std::deque<Ready> queue;          // batches in order, for next()
   std::map<std::int64_t, Ready> done;  // read out of order, waiting for the ones before
   bool stop = false;
-  bool failed = false;  // a worker's error is queued: claim nothing more
+  bool failed = false;  // a worker's read failed: claim nothing more
+  bool error_queued = false;  // that error is in `queue`: next() must not wait for more
   bool full = false;    // `prefetch` batches claimed and not taken: wait for half of them
   std::int64_t claimed = 0, delivered = 0, handed = 0;  // batches since start()
   std::atomic<std::int64_t> acquired{0};  // batches past acquire() since start(), written under mutex
@@ -156,7 +157,7 @@ struct Loader::Impl {
   }
 
   void start(const LoaderState& from) {
-    stop = failed = full = false;
+    stop = failed = error_queued = full = false;
     claimed = delivered = handed = 0;
     acquired = 0;
     cursor = from;
@@ -388,6 +389,7 @@ struct Loader::Impl {
         // On a GPU the batch waits in pinned host memory: next() copies it to the device one
         // batch ahead, so read-ahead costs host memory, not device memory.
         if (!next.error && !options.device.is_cuda() && reads()) remember(next.batch);
+        error_queued = error_queued || next.error;
         wake = wake || next.error;
         queue.push_back(std::move(next));
       }
@@ -498,7 +500,8 @@ Batch Loader::next() {
     std::unique_lock<std::mutex> lock(m.mutex);
     if (m.queue.empty()) {
       const auto start = std::chrono::steady_clock::now();
-      m.changed.wait(lock, [&] { return m.queue.size() >= m.ready_at() || (!m.queue.empty() && m.queue.back().error); });
+      // Batches read after a failed one may follow it in the queue: an error anywhere in it ends the wait.
+      m.changed.wait(lock, [&] { return m.queue.size() >= m.ready_at() || (!m.queue.empty() && m.error_queued); });
       m.starved += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
     // An error stays at the front: the loader cannot go on, and every later call says why.

@@ -485,13 +485,14 @@ TEST_CASE("an error on the prefetch thread reaches next() with its message", "[d
   MPI_Bcast(&damaged, 1, MPI_INT, 0, world().comm());
   REQUIRE(damaged == 1);
   const int n = communicator().size();
-  // With several workers the batches after the damaged one may be read already; next() still
-  // hands out the ones before it, then the error.
+  // With several workers the batches after the damaged one may be read already and queued
+  // behind it; next() still hands out the ones before it, then the error, and does not wait
+  // for half of the read-ahead (4 here) that will never come.
   for (const int workers : {1, 3}) {
     data::LoaderOptions o = options(8 / n);
     o.shuffle = false;  // with one partition, global batch k is chunk k
     o.partitions = 1;
-    o.prefetch = 4;
+    o.prefetch = 8;
     o.workers = workers;
     data::Loader loader(chunked(source), o, communicator().rank(), n, communicator());
     for (int step = 0; step < 5; ++step) CHECK(loader.next().step == step);
