@@ -443,8 +443,8 @@ Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, 
       world_size < 1 || rank < 0 || rank >= world_size)
     throw Error("data loader: batch_size (" + std::to_string(options.batch_size) + "), accumulation (" +
                     std::to_string(options.accumulation) + "), prefetch (" + std::to_string(options.prefetch) +
-                    ") and workers (" + std::to_string(options.workers) + ") must be >= 1, and rank " + std::to_string(rank) + " must lie in a world of " +
-                    std::to_string(world_size),
+                    ") and workers (" + std::to_string(options.workers) + ") must be >= 1, and rank " +
+                    std::to_string(rank) + " must lie in a world of " + std::to_string(world_size),
                 ExitCode::bad_input);
   if (m.options.shares.empty()) m.options.shares.assign(static_cast<std::size_t>(world_size), options.batch_size);
   check_shares(m.options.shares, world_size);
