@@ -153,6 +153,7 @@ struct Dataset::Reading::State {
   std::vector<Span> spans;
   std::vector<Unit> units;             // in the order of first use
   std::vector<std::int32_t> slot_of;  // by unit id: its place in units, -1 if unused (array, not hash)
+  std::vector<const char*> first_rows;  // fill()'s, per span (kept for its memory)
   bool acquired = false;
 
   void reset(std::int64_t unit_count) {
@@ -396,6 +397,16 @@ struct Dataset::Impl {
     return most;
   }
 
+  // One more use of a unit by the reading: its first adds it to the reading's units.
+  [[gnu::always_inline]] static void use(Reading::State& r, const ChunkKey& key, std::int64_t id) {
+    std::int32_t& slot = r.slot_of[static_cast<std::size_t>(id)];
+    if (slot < 0) {
+      slot = static_cast<std::int32_t>(r.units.size());
+      r.units.push_back({key, id, 0, {}});
+    }
+    ++r.units[static_cast<std::size_t>(slot)].uses;
+  }
+
   // Rows [first, first + count) of column c in shard s: notes each unit they lie in as one use
   // of the reading's.
   Span note(Reading::State& r, std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t count) const {
@@ -404,16 +415,24 @@ struct Dataset::Impl {
     const Span span{&column, unit_id(ChunkKey{s, c, k}), first - k * column.unit_rows, count};
     const std::int64_t spanned =
         span.offset + count <= column.unit_rows ? 1 : (span.offset + count - 1) / column.unit_rows + 1;
-    for (std::int64_t i = 0; i < spanned; ++i) {
-      const std::int64_t id = span.unit + i;
-      std::int32_t& slot = r.slot_of[static_cast<std::size_t>(id)];
-      if (slot < 0) {
-        slot = static_cast<std::int32_t>(r.units.size());
-        r.units.push_back({ChunkKey{s, c, k + i}, id, 0, {}});
-      }
-      ++r.units[static_cast<std::size_t>(slot)].uses;
-    }
+    for (std::int64_t i = 0; i < spanned; ++i) use(r, ChunkKey{s, c, k + i}, span.unit + i);
     return span;
+  }
+
+  // note() for a classification sample's one row of a column, which lies in a single unit: the
+  // case of every sample, small enough to be inlined into prepare()'s loop. It appends the
+  // span field by field: a Span built whole and then copied cost a failed store-to-load
+  // forwarding per sample (a stall of a dozen cycles).
+  [[gnu::always_inline]] void row(Reading::State& r, std::int64_t s, std::int64_t c, std::int64_t local) const {
+    const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
+    const std::int64_t k = local / column.unit_rows;
+    const std::int64_t id = unit_base[static_cast<std::size_t>(s)][static_cast<std::size_t>(c)] + k;
+    use(r, ChunkKey{s, c, k}, id);
+    Span& span = r.spans.emplace_back();
+    span.column = &column;
+    span.unit = id;
+    span.offset = local - k * column.unit_rows;
+    span.count = 1;
   }
 
   // Reads one unit, one chunk-aligned hyperslab, into the cache.
@@ -454,11 +473,20 @@ struct Dataset::Impl {
     cache.erase(entry);
   }
 
+  // The shard holding a sample.
+  std::int64_t shard_of(std::int64_t index) const {
+    if (index < 0 || index >= samples) out_of_range(index);
+    if (firsts.size() == 1) return 0;
+    return static_cast<std::int64_t>(std::upper_bound(firsts.begin(), firsts.end(), index) - firsts.begin()) - 1;
+  }
+
+  [[noreturn]] void out_of_range(std::int64_t index) const {
+    throw Error("sample " + std::to_string(index) + " is out of range (the dataset has " + std::to_string(samples) + ")");
+  }
+
   std::pair<std::int64_t, std::int64_t> locate(std::int64_t index) const {
-    if (index < 0 || index >= samples)
-      throw Error("sample " + std::to_string(index) + " is out of range (the dataset has " + std::to_string(samples) + ")");
-    const auto s = static_cast<std::int64_t>(std::upper_bound(firsts.begin(), firsts.end(), index) - firsts.begin()) - 1;
-    return {s, index - shards[static_cast<std::size_t>(s)].first};
+    const std::int64_t s = shard_of(index);
+    return {s, index - firsts[static_cast<std::size_t>(s)]};
   }
 
   // The units one sample's rows lie in: its inputs and targets rows, or its token window.
@@ -481,8 +509,16 @@ struct Dataset::Impl {
     std::lock_guard<std::mutex> lock(mutex);
     remaining.assign(static_cast<std::size_t>(units), 0);
     for (const std::int64_t index : indices) {
-      const auto [s, local] = locate(index);
-      for_each_unit(s, local, [&](const ChunkKey& key) { ++remaining[static_cast<std::size_t>(unit_id(key))]; });
+      const std::int64_t s = shard_of(index);
+      const std::int64_t local = index - firsts[static_cast<std::size_t>(s)];
+      if (tokens()) {
+        for_each_unit(s, local, [&](const ChunkKey& key) { ++remaining[static_cast<std::size_t>(unit_id(key))]; });
+        continue;
+      }
+      // A classification sample: one row in each column, for_each_unit()'s case inlined.
+      const Shard& shard = shards[static_cast<std::size_t>(s)];
+      for (std::size_t c = 0; c < shard.columns.size(); ++c)
+        ++remaining[static_cast<std::size_t>(unit_base[static_cast<std::size_t>(s)][c] + local / shard.columns[c].unit_rows)];
     }
     announced = true;
     for (auto it = lru.begin(); it != lru.end();) {
@@ -539,14 +575,13 @@ struct Dataset::Impl {
     }
   }
 
-  // Starts loading an acquired span's rows (up to the end of their first unit) into the CPU
-  // cache, into L1 (locality 3) or only as far as L2 (1). Shuffled rows defeat the hardware
-  // prefetcher: copied cold, each waits on memory.
+  // Starts loading an acquired span's rows from `begin` (its first row) up to the end of their
+  // first unit into the CPU cache, into L1 (locality 3) or only as far as L2 (1). Shuffled
+  // rows defeat the hardware prefetcher: copied cold, each waits on memory.
   template <int Locality>
-  static void prefetch(const Reading::State& r, const Span& span) {
+  static void prefetch(const char* begin, const Span& span) {
     constexpr std::uintptr_t line = 64;
     const Column& column = *span.column;
-    const char* begin = r.data(span.unit) + span.offset * column.row_bytes;
     const char* end = begin + std::min(span.count, column.unit_rows - span.offset) * column.row_bytes;
     for (auto at = reinterpret_cast<std::uintptr_t>(begin) & ~(line - 1); at < reinterpret_cast<std::uintptr_t>(end);
          at += line) {
@@ -572,16 +607,18 @@ struct Dataset::Impl {
     r.located.resize(indices.size());
     r.spans.reserve(indices.size() * 2);
     for (std::size_t p = 0; p < indices.size(); ++p) {
-      const auto [s, local] = locate(indices[p]);
-      r.located[p] = {s, local};
+      const std::int64_t s = shard_of(indices[p]);
+      const std::int64_t local = indices[p] - firsts[static_cast<std::size_t>(s)];
+      r.located[p].first = s;  // not as a pair: see row()
+      r.located[p].second = local;
       if (tokens()) {
         // The window's seq_len + 1 tokens give the inputs and, one on, the targets.
         Span window = note(r, s, 0, local * spec.seq_len, spec.seq_len + 1);
         window.count = spec.seq_len;
         r.spans.push_back(window);
       } else {
-        for (const std::int64_t c : {0, 1})
-          if (wanted(c, r.fields)) r.spans.push_back(note(r, s, c, local, 1));
+        if (r.fields.inputs) row(r, s, 0, local);
+        if (r.fields.targets) row(r, s, 1, local);
       }
     }
   }
@@ -635,19 +672,29 @@ struct Dataset::Impl {
     // 1.3-1.4x less time on a 47 MB shard (docs/benchmarks.md).
     const std::size_t per_sample = tokens() || !fields.inputs || !fields.targets ? 1 : 2;
     const std::size_t near = 4 * per_sample, far = 12 * per_sample;
-    for (std::size_t i = 0; i < std::min(spans.size(), far); ++i) prefetch<1>(r, spans[i]);
-    for (std::size_t i = 0; i < std::min(spans.size(), near); ++i) prefetch<3>(r, spans[i]);
+    // Each span's first row, found once: the loop below then reads only these and the rows.
+    std::vector<const char*>& first = r.first_rows;
+    first.resize(spans.size());
+    for (std::size_t i = 0; i < spans.size(); ++i)
+      first[i] = r.data(spans[i].unit) + spans[i].offset * spans[i].column->row_bytes;
+    for (std::size_t i = 0; i < std::min(spans.size(), far); ++i) prefetch<1>(first[i], spans[i]);
+    for (std::size_t i = 0; i < std::min(spans.size(), near); ++i) prefetch<3>(first[i], spans[i]);
+    const bool widen_targets = targets.dtype == c10::kLong;
     for (std::size_t i = 0; i < spans.size(); ++i) {
-      if (i + far < spans.size()) prefetch<1>(r, spans[i + far]);
-      if (i + near < spans.size()) prefetch<3>(r, spans[i + near]);
+      if (i + far < spans.size()) prefetch<1>(first[i + far], spans[i + far]);
+      if (i + near < spans.size()) prefetch<3>(first[i + near], spans[i + near]);
       const auto p = static_cast<std::int64_t>(i / per_sample);
+      const Column& column = *spans[i].column;
       if (tokens()) {
         if (fields.inputs) copy(r, spans[i], true, in + p * in_bytes);
         if (fields.targets) copy(r, shifted(spans[i]), true, tg + p * tg_bytes);
       } else if (fields.inputs && i % per_sample == 0) {
-        copy(r, spans[i], false, in + p * in_bytes);
+        // A classification sample's row, in one unit.
+        std::memcpy(in + p * in_bytes, first[i], static_cast<std::size_t>(column.row_bytes));
+      } else if (widen_targets) {
+        to_int64(column.cached, first[i], reinterpret_cast<std::int64_t*>(tg + p * tg_bytes), column.row_elements);
       } else {
-        copy(r, spans[i], targets.dtype == c10::kLong, tg + p * tg_bytes);
+        std::memcpy(tg + p * tg_bytes, first[i], static_cast<std::size_t>(column.row_bytes));
       }
     }
     // Copied: the units go back (a buffer the cache dropped meanwhile to the pool).

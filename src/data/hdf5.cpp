@@ -37,7 +37,14 @@ Handle checked(hid_t id, Handle::Closer close, const std::string& where, const c
 
 }  // namespace
 
-void quiet() { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); }
+void quiet() {
+  // Once per thread: the setting is the thread's own, and setting it takes HDF5's global lock,
+  // which a reader thread would otherwise take for every batch.
+  thread_local bool done = false;
+  if (done) return;
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  done = true;
+}
 
 std::string error_stack() {
   std::vector<std::string> descriptions;
