@@ -505,7 +505,7 @@ struct Dataset::Impl {
     return unit_base[static_cast<std::size_t>(key.shard)][static_cast<std::size_t>(key.column)] + key.chunk;
   }
 
-  void expect(const std::vector<std::int64_t>& indices) {
+  void expect(c10::ArrayRef<std::int64_t> indices) {
     std::lock_guard<std::mutex> lock(mutex);
     remaining.assign(static_cast<std::size_t>(units), 0);
     for (const std::int64_t index : indices) {
@@ -594,7 +594,7 @@ struct Dataset::Impl {
 
   // Where each sample lives (shard, index within it), its rows (a token window, or its wanted
   // classification columns' rows) and the distinct units they use: no shared state touched.
-  void prepare(const std::vector<std::int64_t>& indices, const Batch& out, Reading::State& r) const {
+  void prepare(c10::ArrayRef<std::int64_t> indices, const Batch& out, Reading::State& r) const {
     const auto n = static_cast<std::int64_t>(indices.size());
     const auto made = [n](const at::Tensor& t, const Field& f) {
       return !t.defined() || (t.size(0) == n && t.scalar_type() == f.dtype && t.is_contiguous());
@@ -751,7 +751,7 @@ std::int64_t Dataset::bytes() const {
 std::int64_t Dataset::block_bytes() const { return impl_->block_bytes(); }
 void Dataset::set_cache_bytes(std::int64_t bytes) { impl_->cache_capacity = std::max<std::int64_t>(bytes, 1); }
 std::int64_t Dataset::cache_bytes() const { return impl_->cache_capacity; }
-void Dataset::expect(const std::vector<std::int64_t>& indices) { impl_->expect(indices); }
+void Dataset::expect(c10::ArrayRef<std::int64_t> indices) { impl_->expect(indices); }
 ReadStats Dataset::stats() const { return {impl_->bytes_read, impl_->chunks_read, impl_->cache_hits}; }
 ReadStats Dataset::footprint(const std::vector<std::int64_t>& indices, Fields fields) const {
   return impl_->footprint(indices, fields);
@@ -782,13 +782,13 @@ Batch Dataset::allocate(std::int64_t n, bool pinned, Fields fields) const {
   return batch;
 }
 
-void Dataset::read_into(const std::vector<std::int64_t>& indices, Batch& out) {
+void Dataset::read_into(c10::ArrayRef<std::int64_t> indices, Batch& out) {
   prepare(indices, out, impl_->own);
   acquire(impl_->own);
   fill(impl_->own, out);
 }
 
-void Dataset::prepare(const std::vector<std::int64_t>& indices, const Batch& out, Reading& reading) const {
+void Dataset::prepare(c10::ArrayRef<std::int64_t> indices, const Batch& out, Reading& reading) const {
   impl_->prepare(indices, out, *reading.state_);
 }
 

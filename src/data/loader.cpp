@@ -321,7 +321,7 @@ struct Loader::Impl {
           if (!job.batch.inputs.defined() && !job.batch.targets.defined())
             job.batch = dataset->allocate(options.batch_size, /*pinned=*/cuda, options.fields);
           const auto& mine = job.order->mine;
-          dataset->prepare(std::vector<std::int64_t>(mine.begin() + first, mine.begin() + first + options.batch_size),
+          dataset->prepare(c10::ArrayRef<std::int64_t>(mine.data() + first, static_cast<std::size_t>(options.batch_size)),
                            job.batch, reading);
         }
       } catch (...) {
@@ -342,7 +342,7 @@ struct Loader::Impl {
         try {
           if (job.announce) {
             const auto& mine = job.order->mine;
-            dataset->expect(std::vector<std::int64_t>(mine.begin() + first, mine.end()));
+            dataset->expect(c10::ArrayRef<std::int64_t>(mine).slice(static_cast<std::size_t>(first)));
             begin_epoch(job.epoch);
           }
           if (reads()) dataset->acquire(reading);

@@ -166,8 +166,10 @@ std::vector<std::int64_t> Sampler::stretch(const Sequence& sequence, std::int64_
   std::size_t place = static_cast<std::size_t>(
       std::upper_bound(sequence.begins.begin(), sequence.begins.end(), first % samples_) - sequence.begins.begin() - 1);
   std::int64_t window_begin = 0, blocks_in_window = 0;
+  // (first + i) % samples_, kept by a wrap instead of a division per sample.
+  std::int64_t at = first % samples_;
   for (std::int64_t i = 0; i < length; ++i) {
-    const std::int64_t at = (first + i) % samples_;
+    if (i > 0 && ++at == samples_) at = 0;
     if (i > 0 && at == 0) place = 0;
     else if (place + 1 < sequence.begins.size() && at == sequence.begins[place + 1]) ++place;
     const bool block_start = at == sequence.begins[place];

@@ -35,6 +35,7 @@
 //   throw runtime::Error naming the file, dataset and rows.
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 
 #include <cstdint>
 #include <memory>
@@ -117,7 +118,7 @@ class Dataset {
   void set_cache_bytes(std::int64_t bytes);
   std::int64_t cache_bytes() const;
 
-  void expect(const std::vector<std::int64_t>& indices);
+  void expect(c10::ArrayRef<std::int64_t> indices);
   /// Safe to call from any thread.
   ReadStats stats() const;
   ReadStats footprint(const std::vector<std::int64_t>& indices, Fields fields = {}) const;
@@ -127,10 +128,10 @@ class Dataset {
   Batch allocate(std::int64_t n, bool pinned = false, Fields fields = {}) const;
   /// Fills the defined ones of out.inputs/targets, rows 0..indices.size()-1, with the samples
   /// named by indices; a dataset that only an undefined tensor needs is not read.
-  void read_into(const std::vector<std::int64_t>& indices, Batch& out);
+  void read_into(c10::ArrayRef<std::int64_t> indices, Batch& out);
   /// read_into() in phases (see the contract): which samples and fields (those `out` defines),
   /// then the blocks, then the copy into `out`, which must be the batch given to prepare().
-  void prepare(const std::vector<std::int64_t>& indices, const Batch& out, Reading& reading) const;
+  void prepare(c10::ArrayRef<std::int64_t> indices, const Batch& out, Reading& reading) const;
   void acquire(Reading& reading);
   void fill(Reading& reading, Batch& out) const;
   Batch read(const std::vector<std::int64_t>& indices);
