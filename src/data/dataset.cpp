@@ -710,11 +710,21 @@ struct Dataset::Impl {
   // naming the file and sample, rather than deep inside an embedding or the loss.
   void check_ids(const at::Tensor& ids, const std::vector<std::pair<std::int64_t, std::int64_t>>& located,
                  const char* what) const {
-    const at::Tensor bad = ids.lt(0).logical_or_(ids.ge(spec.id_limit)).reshape({ids.size(0), -1});
-    if (!bad.any().item<bool>()) return;
-    const std::int64_t row = bad.any(1).nonzero()[0][0].item<std::int64_t>();
+    std::int64_t first_bad = -1;  // element index
+    if (ids.scalar_type() == at::kLong) {
+      // A plain scan: the ATen ops of the general case cost several microseconds per batch on
+      // the reader thread, more than the check itself.
+      const std::int64_t* id = ids.data_ptr<std::int64_t>();
+      for (std::int64_t i = 0, n = ids.numel(); i < n && first_bad < 0; ++i)
+        if (id[i] < 0 || id[i] >= spec.id_limit) first_bad = i;
+    } else {
+      const at::Tensor bad = ids.lt(0).logical_or_(ids.ge(spec.id_limit)).flatten();
+      if (bad.any().item<bool>()) first_bad = bad.nonzero()[0][0].item<std::int64_t>();
+    }
+    if (first_bad < 0) return;
+    const std::int64_t row = first_bad / std::max<std::int64_t>(1, ids.numel() / ids.size(0));
     const auto [s, local] = located[static_cast<std::size_t>(row)];
-    const std::int64_t value = ids.reshape({ids.size(0), -1})[row].masked_select(bad[row])[0].item<std::int64_t>();
+    const std::int64_t value = ids.flatten()[first_bad].item<std::int64_t>();
     throw Error(h5::place(shards[static_cast<std::size_t>(s)].path) + ": sample " + std::to_string(local) + " holds " +
                     what + " id " + std::to_string(value) + ", outside [0, " + std::to_string(spec.id_limit) +
                     ") of the model: the shard is damaged or was made for another model (check it with h5shard "

@@ -120,3 +120,36 @@ TEST_CASE("bad input: a manifest that does not match its files, or is not JSON",
   expect_bad([&] { open_classification(dir + "/rows.json"); }, {"rows.json", "does not match", "train-00001-of-00003.h5"});
   expect_bad([&] { open_classification(dir + "/broken.json"); }, {"broken.json", "not valid JSON"});
 }
+
+TEST_CASE("bad input: ids outside the model's range name the file and the sample", "[data]") {
+  const std::string dir = scratch("id-range");
+  if (world().is_root()) {
+    data::ShardOptions options;
+    options.shards = 2;  // 20 rows each
+    const at::Tensor ids = at::arange(40, at::kLong);
+    const at::Tensor inputs = ids.to(at::kFloat).unsqueeze(1);
+    data::write_shards(dir, "long", {{"inputs", inputs}, {"targets", ids}}, options);
+    data::write_shards(dir, "float", {{"inputs", inputs}, {"targets", ids.to(at::kFloat)}}, options);
+    at::Tensor tokens = ids.remainder(10);
+    tokens[25] = 99;  // in the second shard's window 1 (tokens 4-8 of it, at seq_len 4)
+    data::write_shards(dir, "tokens", {{"tokens", tokens}}, options);
+  }
+  world().barrier();
+  // Integer targets (widened to int64) and float ones: the first id >= 30 in the batch is sample
+  // 35, the second shard's sample 15.
+  for (const std::string name : {"long", "float"}) {
+    data::DatasetSpec spec = data::DatasetSpec::classification(dir + "/" + name + ".json");
+    spec.id_limit = 30;
+    data::Dataset dataset(spec);
+    CHECK_NOTHROW(dataset.read({0, 29, 17}));
+    expect_bad([&] { dataset.read({3, 35, 36}); },
+               {name + "-00001-of-00002.h5", "sample 15 holds target id 35, outside [0, 30) of the model",
+                "h5shard verify"});
+  }
+  data::DatasetSpec spec = data::DatasetSpec::token_stream(dir + "/tokens.json", 4);
+  spec.id_limit = 10;
+  data::Dataset dataset(spec);
+  CHECK_NOTHROW(dataset.read({0, 4, 6}));
+  expect_bad([&] { dataset.read({0, 5}); },
+             {"tokens-00001-of-00002.h5", "sample 1 holds token id 99, outside [0, 10) of the model"});
+}
