@@ -397,42 +397,31 @@ struct Dataset::Impl {
     return most;
   }
 
-  // One more use of a unit by the reading: its first adds it to the reading's units.
-  [[gnu::always_inline]] static void use(Reading::State& r, const ChunkKey& key, std::int64_t id) {
-    std::int32_t& slot = r.slot_of[static_cast<std::size_t>(id)];
-    if (slot < 0) {
-      slot = static_cast<std::int32_t>(r.units.size());
-      r.units.push_back({key, id, 0, {}});
-    }
-    ++r.units[static_cast<std::size_t>(slot)].uses;
-  }
-
   // Rows [first, first + count) of column c in shard s: notes each unit they lie in as one use
-  // of the reading's.
-  Span note(Reading::State& r, std::int64_t s, std::int64_t c, std::int64_t first, std::int64_t count) const {
+  // of the reading's, and appends their span to the reading's. Inlined into prepare()'s loop and
+  // written in place field by field: a Span returned and then copied cost a failed
+  // store-to-load forwarding per sample (a stall of a dozen cycles).
+  [[gnu::always_inline]] Span& note(Reading::State& r, std::int64_t s, std::int64_t c, std::int64_t first,
+                                    std::int64_t count) const {
     const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
     const std::int64_t k = first / column.unit_rows;
-    const Span span{&column, unit_id(ChunkKey{s, c, k}), first - k * column.unit_rows, count};
-    const std::int64_t spanned =
-        span.offset + count <= column.unit_rows ? 1 : (span.offset + count - 1) / column.unit_rows + 1;
-    for (std::int64_t i = 0; i < spanned; ++i) use(r, ChunkKey{s, c, k + i}, span.unit + i);
-    return span;
-  }
-
-  // note() for a classification sample's one row of a column, which lies in a single unit: the
-  // case of every sample, small enough to be inlined into prepare()'s loop. It appends the
-  // span field by field: a Span built whole and then copied cost a failed store-to-load
-  // forwarding per sample (a stall of a dozen cycles).
-  [[gnu::always_inline]] void row(Reading::State& r, std::int64_t s, std::int64_t c, std::int64_t local) const {
-    const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
-    const std::int64_t k = local / column.unit_rows;
-    const std::int64_t id = unit_base[static_cast<std::size_t>(s)][static_cast<std::size_t>(c)] + k;
-    use(r, ChunkKey{s, c, k}, id);
     Span& span = r.spans.emplace_back();
     span.column = &column;
-    span.unit = id;
-    span.offset = local - k * column.unit_rows;
-    span.count = 1;
+    span.unit = unit_id(ChunkKey{s, c, k});
+    span.offset = first - k * column.unit_rows;
+    span.count = count;
+    const std::int64_t spanned =
+        span.offset + count <= column.unit_rows ? 1 : (span.offset + count - 1) / column.unit_rows + 1;
+    for (std::int64_t i = 0; i < spanned; ++i) {
+      const std::int64_t id = span.unit + i;
+      std::int32_t& slot = r.slot_of[static_cast<std::size_t>(id)];
+      if (slot < 0) {
+        slot = static_cast<std::int32_t>(r.units.size());
+        r.units.push_back({ChunkKey{s, c, k + i}, id, 0, {}});
+      }
+      ++r.units[static_cast<std::size_t>(slot)].uses;
+    }
+    return span;
   }
 
   // Reads one unit, one chunk-aligned hyperslab, into the cache.
@@ -497,7 +486,10 @@ struct Dataset::Impl {
       const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
       const std::int64_t first = tokens() ? local * spec.seq_len : local;
       const std::int64_t last = tokens() ? first + spec.seq_len + 1 : local + 1;
-      for (std::int64_t k = first / column.unit_rows; k <= (last - 1) / column.unit_rows; ++k) visit(ChunkKey{s, c, k});
+      // A classification row lies in one unit: one division per sample, not two.
+      const std::int64_t k_first = first / column.unit_rows;
+      const std::int64_t k_last = last - 1 == first ? k_first : (last - 1) / column.unit_rows;
+      for (std::int64_t k = k_first; k <= k_last; ++k) visit(ChunkKey{s, c, k});
     }
   }
 
@@ -510,15 +502,8 @@ struct Dataset::Impl {
     remaining.assign(static_cast<std::size_t>(units), 0);
     for (const std::int64_t index : indices) {
       const std::int64_t s = shard_of(index);
-      const std::int64_t local = index - firsts[static_cast<std::size_t>(s)];
-      if (tokens()) {
-        for_each_unit(s, local, [&](const ChunkKey& key) { ++remaining[static_cast<std::size_t>(unit_id(key))]; });
-        continue;
-      }
-      // A classification sample: one row in each column, for_each_unit()'s case inlined.
-      const Shard& shard = shards[static_cast<std::size_t>(s)];
-      for (std::size_t c = 0; c < shard.columns.size(); ++c)
-        ++remaining[static_cast<std::size_t>(unit_base[static_cast<std::size_t>(s)][c] + local / shard.columns[c].unit_rows)];
+      for_each_unit(s, index - firsts[static_cast<std::size_t>(s)],
+                    [&](const ChunkKey& key) { ++remaining[static_cast<std::size_t>(unit_id(key))]; });
     }
     announced = true;
     for (auto it = lru.begin(); it != lru.end();) {
@@ -609,16 +594,14 @@ struct Dataset::Impl {
     for (std::size_t p = 0; p < indices.size(); ++p) {
       const std::int64_t s = shard_of(indices[p]);
       const std::int64_t local = indices[p] - firsts[static_cast<std::size_t>(s)];
-      r.located[p].first = s;  // not as a pair: see row()
+      r.located[p].first = s;  // not as a pair: see note()
       r.located[p].second = local;
       if (tokens()) {
         // The window's seq_len + 1 tokens give the inputs and, one on, the targets.
-        Span window = note(r, s, 0, local * spec.seq_len, spec.seq_len + 1);
-        window.count = spec.seq_len;
-        r.spans.push_back(window);
+        note(r, s, 0, local * spec.seq_len, spec.seq_len + 1).count = spec.seq_len;
       } else {
-        if (r.fields.inputs) row(r, s, 0, local);
-        if (r.fields.targets) row(r, s, 1, local);
+        if (r.fields.inputs) note(r, s, 0, local, 1);
+        if (r.fields.targets) note(r, s, 1, local, 1);
       }
     }
   }

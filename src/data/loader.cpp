@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -97,7 +98,6 @@ struct Loader::Impl {
   std::map<std::int64_t, Ready> done;  // read out of order, waiting for the ones before
   bool stop = false;
   bool failed = false;  // a worker's read failed: claim nothing more
-  bool error_queued = false;  // that error is in `queue`: next() must not wait for more
   bool full = false;    // `prefetch` batches claimed and not taken: wait for half of them
   std::int64_t claimed = 0, delivered = 0, handed = 0;  // batches since start()
   std::atomic<std::int64_t> acquired{0};  // batches past acquire() since start(), written under mutex
@@ -157,7 +157,7 @@ struct Loader::Impl {
   }
 
   void start(const LoaderState& from) {
-    stop = failed = error_queued = full = false;
+    stop = failed = full = false;
     claimed = delivered = handed = 0;
     acquired = 0;
     cursor = from;
@@ -321,7 +321,8 @@ struct Loader::Impl {
           if (!job.batch.inputs.defined() && !job.batch.targets.defined())
             job.batch = dataset->allocate(options.batch_size, /*pinned=*/cuda, options.fields);
           const auto& mine = job.order->mine;
-          dataset->prepare(c10::ArrayRef<std::int64_t>(mine.data() + first, static_cast<std::size_t>(options.batch_size)),
+          dataset->prepare(c10::ArrayRef<std::int64_t>(mine).slice(static_cast<std::size_t>(first),
+                                                                    static_cast<std::size_t>(options.batch_size)),
                            job.batch, reading);
         }
       } catch (...) {
@@ -389,7 +390,6 @@ struct Loader::Impl {
         // On a GPU the batch waits in pinned host memory: next() copies it to the device one
         // batch ahead, so read-ahead costs host memory, not device memory.
         if (!next.error && !options.device.is_cuda() && reads()) remember(next.batch);
-        error_queued = error_queued || next.error;
         wake = wake || next.error;
         queue.push_back(std::move(next));
       }
@@ -501,7 +501,10 @@ Batch Loader::next() {
     if (m.queue.empty()) {
       const auto start = std::chrono::steady_clock::now();
       // Batches read after a failed one may follow it in the queue: an error anywhere in it ends the wait.
-      m.changed.wait(lock, [&] { return m.queue.size() >= m.ready_at() || (!m.queue.empty() && m.error_queued); });
+      m.changed.wait(lock, [&] {
+        return m.queue.size() >= m.ready_at() ||
+               std::any_of(m.queue.begin(), m.queue.end(), [](const Ready& r) { return r.error != nullptr; });
+      });
       m.starved += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
     // An error stays at the front: the loader cannot go on, and every later call says why.
