@@ -60,7 +60,7 @@ struct Options {
   std::vector<int> gzip = {4, 0};
   std::int64_t chunk_bytes = 1 << 20;
   std::int64_t global_batch = 256;
-  int prefetch = 8;  // data.prefetch's default
+  int prefetch = 0;  // data.prefetch's default: what fills 1 MiB, 8 to 64 batches
   int workers = 1;   // data.workers
   std::int64_t window = 4;
   std::int64_t partitions = 16;
@@ -192,6 +192,7 @@ int run(const runtime::World& world, const Options& options) {
   nlohmann::json results = nlohmann::json::array();
   std::vector<std::vector<std::string>> table;
   double worst = std::numeric_limits<double>::infinity(), most_read = 0;
+  int read_ahead = options.prefetch;  // the loader's, once 0 is resolved
   for (const auto& [label, source] : sources) {
     data::LoaderOptions loader_options;
     loader_options.batch_size = options.global_batch / world.size();
@@ -229,12 +230,13 @@ int run(const runtime::World& world, const Options& options) {
       reads = loader.stats(epoch);
     };
     // The shuffled copy: this rank's samples of an epoch in the loader's order, into as many
-    // batch buffers as the loader keeps (prefetch + 4, see loader.cpp).
+    // batch buffers as the loader keeps (its read-ahead + 4, see loader.cpp).
     const std::int64_t input_bytes = stored_bytes(dataset.inputs());
     const std::vector<char> inputs = all_inputs(dataset, input_bytes);
     const std::int64_t begin = world.rank() * loader_options.batch_size;
     const std::vector<std::int64_t> order = loader.sampler().order(0, begin, begin + loader_options.batch_size);
-    std::vector<char> batches(static_cast<std::size_t>((options.prefetch + 4) * loader_options.batch_size * input_bytes));
+    read_ahead = loader.prefetch();
+    std::vector<char> batches(static_cast<std::size_t>((read_ahead + 4) * loader_options.batch_size * input_bytes));
     const auto copy_pass = [&] { shuffled_copy(inputs, input_bytes, order, batches); };
     // Passes alternate, so that a busy moment of a shared machine hits all sides alike.
     std::vector<double> raw_times, loader_times, copy_times;
@@ -270,6 +272,7 @@ int run(const runtime::World& world, const Options& options) {
                        {"source", source},
                        {"samples", dataset.size()},
                        {"stored_bytes_per_sample", stored_per_sample},
+                       {"prefetch", read_ahead},
                        {"raw", figures(raw, dataset.size(), dataset.size() * stored_per_sample)},
                        {"loader", figures(ours, epoch_samples, epoch_samples * stored_per_sample)},
                        {"ratio", ratio},
@@ -287,7 +290,7 @@ int run(const runtime::World& world, const Options& options) {
   }
   if (!world.is_root()) return 0;
   std::cout << "Loader (shuffled, " << options.partitions << " partitions, window " << options.window
-            << " blocks, prefetch " << options.prefetch << ", " << options.workers << " worker(s), global batch " << options.global_batch << " over "
+            << " blocks, prefetch " << read_ahead << ", " << options.workers << " worker(s), global batch " << options.global_batch << " over "
             << world.size() << " ranks) vs raw sequential H5Dread; samples/s and MB/s of all ranks; bytes read by the "
                "busiest rank / (dataset / ranks)\n";
   bench::print_table({"data", "raw samples/s", "raw MB/s", "loader samples/s", "loader MB/s", "ratio",
@@ -336,7 +339,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--partitions", options.partitions, "canonical partitions of the order (data.partitions)")
       ->capture_default_str();
-  app.add_option("--prefetch", options.prefetch, "batches read ahead")->capture_default_str();
+  app.add_option("--prefetch", options.prefetch, "batches read ahead (0: as the loader chooses)")->capture_default_str();
   app.add_option("--workers", options.workers, "reader threads per rank (data.workers)")->capture_default_str();
   app.add_option("--window", options.window, "shuffle window in blocks (0: uniform)")->capture_default_str();
   app.add_option("--reps", options.reps, "timed passes")->capture_default_str();

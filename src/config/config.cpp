@@ -174,10 +174,10 @@ Schema make_settings() {
              "what the shards hold: inputs and class targets, or token ids; auto = from the model"),
       integer("data.seq_len", 0,
               "tokens per sample for token data (0 = the model's context length)", non_negative),
-      integer("data.prefetch", 8,
+      integer("data.prefetch", 0,
               "micro-batches read ahead in the background (refilled when half have been taken; "
-              "the eval loader reads at most 2 ahead)",
-              Range::closed(1, 1024))
+              "0 = as many as hold 1 MiB, at least 8 and at most 64; the eval loader reads at most 2 ahead)",
+              Range::closed(0, 1024))
           .on_resume(Resume::may_change),
       integer("data.workers", 1,
               "threads per rank reading batches at once (copying rows of uncompressed shards in parallel; "

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <deque>
 #include <exception>
+#include <functional>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -189,6 +190,22 @@ struct Loader::Impl {
   }
 
   bool reads() const { return options.fields.inputs || options.fields.targets; }
+
+  // prefetch 0: as many batches as hold 1 MiB, at least 8 and at most 64. Small batches cost
+  // the same thread wake-ups as large ones: half the read-ahead (what a starved next() waits
+  // for) should be enough reading to be worth a wake (~0.5 MiB, 100 us or more), while all of
+  // it stays within a core's L2 cache, so the step finds its batch still cached.
+  int auto_prefetch() const {
+    constexpr std::int64_t target = 1 << 20, fewest = 8, most = 64;
+    const auto bytes = [](const Field& f) {
+      return std::accumulate(f.shape.begin(), f.shape.end(), std::int64_t{1}, std::multiplies<>()) *
+             static_cast<std::int64_t>(c10::elementSize(f.dtype));
+    };
+    const std::int64_t sample = (options.fields.inputs ? bytes(dataset->inputs()) : 0) +
+                                (options.fields.targets ? bytes(dataset->targets()) : 0);
+    const std::int64_t batch = std::max<std::int64_t>(1, options.batch_size * sample);
+    return static_cast<int>(std::clamp(target / batch, fewest, most));
+  }
 
   // The batches claimed and not taken at which full workers start reading again.
   std::size_t refill_at() const { return static_cast<std::size_t>(options.prefetch / 2); }
@@ -439,11 +456,11 @@ Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, 
   m.options = options;
   m.rank = rank;
   m.world = world_size;
-  if (options.batch_size < 1 || options.prefetch < 1 || options.accumulation < 1 || options.workers < 1 ||
+  if (options.batch_size < 1 || options.prefetch < 0 || options.accumulation < 1 || options.workers < 1 ||
       world_size < 1 || rank < 0 || rank >= world_size)
     throw Error("data loader: batch_size (" + std::to_string(options.batch_size) + "), accumulation (" +
-                    std::to_string(options.accumulation) + "), prefetch (" + std::to_string(options.prefetch) +
-                    ") and workers (" + std::to_string(options.workers) + ") must be >= 1, and rank " +
+                    std::to_string(options.accumulation) + ") and workers (" + std::to_string(options.workers) +
+                    ") must be >= 1, prefetch (" + std::to_string(options.prefetch) + ") >= 0, and rank " +
                     std::to_string(rank) + " must lie in a world of " + std::to_string(world_size),
                 ExitCode::bad_input);
   if (m.options.shares.empty()) m.options.shares.assign(static_cast<std::size_t>(world_size), options.batch_size);
@@ -485,6 +502,7 @@ Loader::Loader(const DatasetSpec& spec, const LoaderOptions& options, int rank, 
                 e.code());
   }
   m.size_cache();
+  if (m.options.prefetch == 0) m.options.prefetch = m.auto_prefetch();
   m.position = {0, 0, 0, options.seed, sampling.global_batch, m.sampler->partitions(), m.dataset->size()};
   m.start(m.position);
 }
@@ -587,6 +605,8 @@ void Loader::set_shares(const std::vector<std::int64_t>& shares) {
 }
 
 std::int64_t Loader::batch_size() const { return impl_->options.batch_size; }
+
+int Loader::prefetch() const { return impl_->options.prefetch; }
 
 std::int64_t Loader::steps_per_epoch() const { return impl_->sampler->steps_per_epoch(); }
 std::int64_t Loader::global_batch() const { return impl_->sampler->options().global_batch; }

@@ -637,7 +637,7 @@ struct Trainer::Impl {
     if (!config.data.eval.empty()) {
       data::LoaderOptions eval_options = loader_options(config.data.eval, false);
       // Between evaluations its read-ahead sits idle in (pinned) host memory: keep it short.
-      eval_options.prefetch = std::min(eval_options.prefetch, 2);
+      eval_options.prefetch = eval_options.prefetch == 1 ? 1 : 2;
       eval_options.workers = 1;
       eval_loader = open_loader(
           dataset_spec(config, config.data.eval, "eval", task, model->context_length(), model->output_classes()),

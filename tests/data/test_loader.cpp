@@ -602,6 +602,50 @@ TEST_CASE("a full read-ahead queue wakes the reader only when half of it has bee
   CHECK(loader.starved_seconds() == starved);
 }
 
+TEST_CASE("prefetch 0 reads ahead the micro-batches that hold 1 MiB, at least 8 and at most 64", "[data]") {
+  const int n = communicator().size(), rank = communicator().rank();
+  const std::string dir = scratch("auto-prefetch");
+  if (world().is_root()) {
+    // 4096 B of inputs and an 8-byte target per sample: 4104 B a sample as delivered.
+    data::ShardOptions shards;
+    shards.gzip = 0;
+    data::write_shards(dir, "rows", {{"inputs", at::zeros({256, 1024}, at::kFloat)}, {"targets", at::arange(256)}},
+                       shards);
+  }
+  world().barrier();
+  const auto spec = data::DatasetSpec::classification(dir + "/rows.json");
+  const auto chosen = [&](std::int64_t batch, data::Fields fields) {
+    data::LoaderOptions o = options(batch);
+    o.prefetch = 0;
+    o.fields = fields;
+    return data::Loader(spec, o, rank, n, communicator()).prefetch();
+  };
+  const data::Fields both{true, true}, targets{false, true};
+  CHECK(chosen(2, both) == 64);       // 8208 B a batch: 127 would fit
+  CHECK(chosen(4, both) == 63);       // 1 MiB / 16416 B = 63.9
+  CHECK(chosen(8, both) == 31);       // 1 MiB / 32832 B = 31.9
+  CHECK(chosen(64, both) == 8);       // 3 would fit
+  CHECK(chosen(64, targets) == 64);   // 512 B a batch: only the fields delivered count
+  data::LoaderOptions o = options(4);
+  o.prefetch = 5;
+  CHECK(data::Loader(spec, o, rank, n, communicator()).prefetch() == 5);
+
+  // What it chose is the read-ahead: the reader fills 31 batches, sleeps, and is woken when
+  // half of them (15 left) have been taken.
+  o = options(8);
+  o.prefetch = 0;
+  data::Loader loader(spec, o, rank, n, communicator());
+  REQUIRE(loader.prefetch() == 31);
+  const long full = reader_asleep();
+  for (int i = 0; i < 15; ++i) loader.next();
+  CHECK(reader_asleep() == full);
+  loader.next();
+  CHECK(reader_asleep() > full);
+  const double starved = loader.starved_seconds();
+  for (int i = 0; i < 31; ++i) loader.next();
+  CHECK(loader.starved_seconds() == starved);
+}
+
 TEST_CASE("next() on an empty queue sleeps until half of the read-ahead is ready", "[data]") {
   const auto my_sleeps = [] { return proc_field("/proc/thread-self/status", "voluntary_ctxt_switches"); };
   const int n = communicator().size();

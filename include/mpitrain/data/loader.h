@@ -81,7 +81,7 @@ struct LoaderOptions {
   std::int64_t partitions = 16;     // canonical partitions, see Sampler
   std::int64_t cache_bytes = 0;     // decompressed-block cache; 0: sized to the shuffle window
   Remainder remainder = Remainder::drop;
-  int prefetch = 4;  // batches read ahead, >= 1
+  int prefetch = 0;  // batches read ahead, >= 1; 0: as many as hold 1 MiB, 8 to 64 (see prefetch())
   int workers = 1;   // threads reading batches at once, >= 1
   /// The tensors next() delivers; one not wanted is undefined and its dataset is not read
   /// (a batch of neither only says where the loader is: epoch, step, micro).
@@ -104,6 +104,9 @@ class Loader {
   void set_shares(const std::vector<std::int64_t>& shares);
   /// This rank's samples per micro-batch.
   std::int64_t batch_size() const;
+  /// Batches read ahead: options.prefetch, or for 0 what fills 1 MiB with micro-batches of
+  /// the size at construction (the delivered fields' bytes), at least 8 and at most 64.
+  int prefetch() const;
   /// What this rank's reads cost so far.
   ReadStats stats() const;
   /// Seconds next() has waited on an empty queue since the loader was made (consumer's thread).
