@@ -582,6 +582,21 @@ long reader_asleep() {
   }
 }
 
+// Once the reader has filled the read-ahead and gone to sleep: taking batches down to the
+// refill mark (prefetch / 2 left) does not wake it, the next one does, and the queue it then
+// fills again never leaves next() waiting.
+void check_refill(data::Loader& loader) {
+  const int ahead = loader.prefetch();
+  const long full = reader_asleep();
+  for (int i = 0; i < ahead - ahead / 2 - 1; ++i) loader.next();
+  CHECK(reader_asleep() == full);
+  loader.next();
+  CHECK(reader_asleep() > full);
+  const double starved = loader.starved_seconds();
+  for (int i = 0; i < ahead; ++i) loader.next();
+  CHECK(loader.starved_seconds() == starved);
+}
+
 }  // namespace
 
 TEST_CASE("a full read-ahead queue wakes the reader only when half of it has been taken", "[data]") {
@@ -589,17 +604,8 @@ TEST_CASE("a full read-ahead queue wakes the reader only when half of it has bee
   data::LoaderOptions o = options(4 / n);
   o.prefetch = 8;
   data::Loader loader(chunked(fixture("h5py_gzip.h5")), o, communicator().rank(), n, communicator());
-  const long full = reader_asleep();
-  // 8 -> 5 batches ready, above the refill mark of 4: the reader is not woken at all.
-  for (int i = 0; i < 3; ++i) loader.next();
-  CHECK(reader_asleep() == full);
-  // 5 -> 4: woken once, it reads until the queue is full again and sleeps.
-  loader.next();
-  CHECK(reader_asleep() > full);
-  // All 8 batches are ready: taking them never finds the queue empty.
-  const double starved = loader.starved_seconds();
-  for (int i = 0; i < o.prefetch; ++i) loader.next();
-  CHECK(loader.starved_seconds() == starved);
+  // 8 -> 5 batches ready, above the refill mark of 4: the reader is not woken; 5 -> 4 wakes it.
+  check_refill(loader);
 }
 
 TEST_CASE("prefetch 0 reads ahead the micro-batches that hold 1 MiB, at least 8 and at most 64", "[data]") {
@@ -636,14 +642,7 @@ TEST_CASE("prefetch 0 reads ahead the micro-batches that hold 1 MiB, at least 8 
   o.prefetch = 0;
   data::Loader loader(spec, o, rank, n, communicator());
   REQUIRE(loader.prefetch() == 31);
-  const long full = reader_asleep();
-  for (int i = 0; i < 15; ++i) loader.next();
-  CHECK(reader_asleep() == full);
-  loader.next();
-  CHECK(reader_asleep() > full);
-  const double starved = loader.starved_seconds();
-  for (int i = 0; i < 31; ++i) loader.next();
-  CHECK(loader.starved_seconds() == starved);
+  check_refill(loader);
 }
 
 TEST_CASE("next() on an empty queue sleeps until half of the read-ahead is ready", "[data]") {
