@@ -10,7 +10,6 @@
 #include <condition_variable>
 #include <deque>
 #include <exception>
-#include <functional>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -197,12 +196,11 @@ struct Loader::Impl {
   // it stays within a core's L2 cache, so the step finds its batch still cached.
   int auto_prefetch() const {
     constexpr std::int64_t target = 1 << 20, fewest = 8, most = 64;
-    const auto bytes = [](const Field& f) {
-      return std::accumulate(f.shape.begin(), f.shape.end(), std::int64_t{1}, std::multiplies<>()) *
-             static_cast<std::int64_t>(c10::elementSize(f.dtype));
-    };
-    const std::int64_t sample = (options.fields.inputs ? bytes(dataset->inputs()) : 0) +
-                                (options.fields.targets ? bytes(dataset->targets()) : 0);
+    // One sample as next() delivers it: the fields wanted, in their delivered dtypes.
+    const Batch one = dataset->allocate(1, /*pinned=*/false, options.fields);
+    std::int64_t sample = 0;
+    for (const at::Tensor* t : {&one.inputs, &one.targets})
+      if (t->defined()) sample += static_cast<std::int64_t>(t->nbytes());
     const std::int64_t batch = std::max<std::int64_t>(1, options.batch_size * sample);
     return static_cast<int>(std::clamp(target / batch, fewest, most));
   }
