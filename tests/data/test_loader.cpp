@@ -915,6 +915,36 @@ TEST_CASE("each rank reads only the blocks of its partitions, each once per epoc
   CHECK(small.stats(0).chunks_read > epoch.chunks_read);
 }
 
+TEST_CASE("an announced block leaves the cache after its last announced sample, not before", "[data]") {
+  // 4 blocks of 8 samples; inputs only, and a cache of two blocks' inputs (64 bytes each).
+  const std::string source = write_ids(scratch("announce"), 32, 1, 8);
+  const auto reads = [&](bool announce) {
+    data::Dataset dataset(chunked(source));
+    dataset.set_cache_bytes(128);
+    const std::vector<std::int64_t> order = {0, 8, 16, 1};  // blocks 0 and 1, then 2, then 0 again
+    if (announce) dataset.expect(order);
+    std::vector<std::int64_t> got;
+    for (const auto& [first, count] : {std::pair<std::size_t, std::size_t>{0, 2}, {2, 1}, {3, 1}}) {
+      const std::vector<std::int64_t> batch(order.begin() + first, order.begin() + first + count);
+      data::Batch out = dataset.allocate(static_cast<std::int64_t>(count), false, {true, false});
+      dataset.read_into(batch, out);
+      for (std::int64_t i = 0; i < out.inputs.size(0); ++i) got.push_back(out.inputs[i][0].item<std::int64_t>());
+    }
+    CHECK(got == order);
+    return dataset.stats();
+  };
+  // Announced: block 1 leaves after the first batch (its last sample), so block 2 fits beside
+  // block 0, which the last batch finds in the cache.
+  const data::ReadStats announced = reads(true);
+  CHECK(announced.chunks_read == 3);
+  CHECK(announced.cache_hits == 1);
+  CHECK(announced.bytes_read == 3 * 64);
+  // Not announced: block 2 pushes out the least recently used, block 0, which is read again.
+  const data::ReadStats unannounced = reads(false);
+  CHECK(unannounced.chunks_read == 4);
+  CHECK(unannounced.cache_hits == 0);
+}
+
 TEST_CASE("several workers deliver the batches, reads and cache hits of one", "[data][mpi]") {
   const int n = communicator().size(), rank = communicator().rank();
   for (const int gzip : {1, 0}) {  // decompressed into the cache; copied from the file's pages
