@@ -186,8 +186,6 @@ struct Dataset::Reading::State {
     if (slot_of.size() != static_cast<std::size_t>(unit_count)) slot_of.assign(static_cast<std::size_t>(unit_count), -1);
     for (const Unit& u : units) slot_of[static_cast<std::size_t>(u.id)] = -1;
     units.clear();
-    spans.clear();
-    located.clear();
     acquired = false;
   }
   const char* data(std::int64_t id) const {
@@ -426,15 +424,14 @@ struct Dataset::Impl {
     return most;
   }
 
-  // Rows [first, first + count) of column c in shard s: notes each unit they lie in as one use
-  // of the reading's, and appends their span to the reading's. Inlined into prepare()'s loop and
-  // written in place field by field: a Span returned and then copied cost a failed
-  // store-to-load forwarding per sample (a stall of a dozen cycles).
-  [[gnu::always_inline]] Span& note(Reading::State& r, std::int64_t s, std::int64_t c, std::int64_t first,
-                                    std::int64_t count) const {
+  // Rows [first, first + count) of column c in shard s: notes each unit they lie in as one of
+  // the reading's, and writes their span. Inlined into prepare()'s loop and written in place
+  // field by field: a Span returned and then copied cost a failed store-to-load forwarding per
+  // sample (a stall of a dozen cycles), and an append per span a call.
+  [[gnu::always_inline]] void note(Reading::State& r, Span& span, std::int64_t s, std::int64_t c, std::int64_t first,
+                                   std::int64_t count) const {
     const Column& column = shards[static_cast<std::size_t>(s)].columns[static_cast<std::size_t>(c)];
     const std::int64_t k = column.unit_of(first);
-    Span& span = r.spans.emplace_back();
     span.column = &column;
     span.unit = unit_id(ChunkKey{s, c, k});
     span.offset = first - k * column.unit_rows;
@@ -449,7 +446,6 @@ struct Dataset::Impl {
         r.units.push_back({ChunkKey{s, c, k + i}, id, {}});
       }
     }
-    return span;
   }
 
   // Reads one unit, one chunk-aligned hyperslab, into the cache.
@@ -621,20 +617,26 @@ struct Dataset::Impl {
     r.reset(units);
     r.samples = n;
     r.fields = Fields{out.inputs.defined(), out.targets.defined()};
-    if (!r.fields.inputs && !r.fields.targets) return;
-    r.located.resize(indices.size());
-    r.spans.reserve(indices.size() * 2);
-    for (std::size_t p = 0; p < indices.size(); ++p) {
+    // A token window is one span; a classification sample has one per field read; nothing is
+    // read for no field. The vectors keep their size from batch to batch (overwritten, not
+    // cleared and appended to).
+    const std::size_t fields = (r.fields.inputs ? 1 : 0) + (r.fields.targets ? 1 : 0);
+    const std::size_t per_sample = tokens() ? std::min<std::size_t>(fields, 1) : fields;
+    r.located.resize(per_sample == 0 ? 0 : indices.size());
+    r.spans.resize(indices.size() * per_sample);
+    Span* span = r.spans.data();
+    for (std::size_t p = 0; p < r.located.size(); ++p) {
       const std::int64_t s = shard_of(indices[p]);
       const std::int64_t local = indices[p] - firsts[static_cast<std::size_t>(s)];
       r.located[p].first = s;  // not as a pair: see note()
       r.located[p].second = local;
       if (tokens()) {
         // The window's seq_len + 1 tokens give the inputs and, one on, the targets.
-        note(r, s, 0, local * spec.seq_len, spec.seq_len + 1).count = spec.seq_len;
+        note(r, *span, s, 0, local * spec.seq_len, spec.seq_len + 1);
+        span++->count = spec.seq_len;
       } else {
-        if (r.fields.inputs) note(r, s, 0, local, 1);
-        if (r.fields.targets) note(r, s, 1, local, 1);
+        if (r.fields.inputs) note(r, *span++, s, 0, local, 1);
+        if (r.fields.targets) note(r, *span++, s, 1, local, 1);
       }
     }
   }
