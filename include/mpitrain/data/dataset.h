@@ -27,9 +27,9 @@
 //   Tokens: inputs = window[0, seq_len), targets = window[1, seq_len + 1).
 // - A read in three phases lets several threads read batches at once (the loader's workers):
 //   prepare() finds the blocks a batch's rows lie in and touches nothing shared; acquire()
-//   takes those blocks from the cache or the files and counts their announced uses, one call
-//   at a time inside (HDF5 reads are serial anyway), and must come in the order in which
-//   expect() announced the batches; fill() copies the rows into the batch and may run on many
+//   takes those blocks from the cache or the files and moves the announcement on by the
+//   batch's samples, one call at a time inside (HDF5 reads are serial anyway), and must come
+//   in the order in which expect() announced the batches; fill() copies the rows into the batch and may run on many
 //   threads at once. read_into() is the three in a row. expect() and set_cache_bytes() must not
 //   run while another thread is inside acquire(). HDF5 errors while reading (a damaged chunk)
 //   throw runtime::Error naming the file, dataset and rows.
